@@ -1,0 +1,7 @@
+"""`python -m dli` is the `dli` command."""
+
+import sys
+
+from dli.cli import main
+
+sys.exit(main())

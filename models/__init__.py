@@ -1,0 +1,1 @@
+"""Models, losses and metrics of the paper."""

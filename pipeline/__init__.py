@@ -1,0 +1,1 @@
+"""Data path: manifest -> split -> DLI plan -> DALI decode/augment -> injection -> batch."""

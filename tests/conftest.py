@@ -1,0 +1,37 @@
+"""Shared fixtures and markers: GPU and real-data tests skip with a reason when absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MT_ROOT = Path(os.environ.get("DLI_MT_ROOT", REPO.parent / "shared" / "data" / "magnetic-tiles"))
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine (GPU tests run on the lent device)")
+    skip_mt = pytest.mark.skip(reason=f"Magnetic Tile data not found at {MT_ROOT} (set DLI_MT_ROOT)")
+    has_gpu = cuda_available()
+    has_mt = (MT_ROOT / "MT_Free").is_dir()
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+        if "realdata" in item.keywords and not has_mt:
+            item.add_marker(skip_mt)
+
+
+@pytest.fixture(scope="session")
+def mt_root() -> Path:
+    """Root of the real Magnetic Tile data (tests using it are marked `realdata`)."""
+    return MT_ROOT
