@@ -1,0 +1,156 @@
+"""The CuPy kernels agree with their NumPy twins, and torch CUDA tensors pass through without copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from dli.kernels import poisson
+from dli.kernels.morphology import dilate
+from dli.kernels.paste import paste
+from dli.kernels.poisson import poisson_blend
+from dli.kernels.xp import as_array, as_tensor
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    return pytest.importorskip("cupy")
+
+
+def blend_case(n: int = 6, c: int = 1, size: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shape = (n, c, size, size)
+    target = (0.45 + 0.2 * ndimage.gaussian_filter(rng.random(shape), (0, 0, 4, 4))).astype(np.float32)
+    source = (0.25 + ndimage.gaussian_filter(rng.random(shape), (0, 0, 1, 1))).astype(np.float32)
+    noise = ndimage.gaussian_filter(rng.random((n, size, size)), (0, size / 12, size / 12))
+    mask = noise > np.quantile(noise, 0.75, axis=(1, 2), keepdims=True)
+    mask[0] = False  # one image with nothing to solve
+    mask[1, :, :3] = True  # one touching the border
+    return target, source, mask
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_poisson_cupy_matches_numpy(cupy, mixed: bool, channels: int) -> None:
+    target, source, mask = blend_case(c=channels)
+    expected, expected_info = poisson_blend(target, source, mask, mixed_gradients=mixed)
+    blended, info = poisson_blend(
+        cupy.asarray(target), cupy.asarray(source), cupy.asarray(mask), mixed_gradients=mixed
+    )
+    assert isinstance(blended, cupy.ndarray) and blended.dtype == cupy.float32
+    assert info.all_converged and expected_info.all_converged
+    assert relative_difference(blended.get(), expected) <= 1e-4
+    outside = ~np.broadcast_to(mask[:, None], target.shape)
+    np.testing.assert_array_equal(blended.get()[outside], target[outside])
+    # The same systems need about the same iterations (float32 rounding differs in the reductions).
+    assert (
+        np.abs(info.iterations - expected_info.iterations).max() <= 0.1 * expected_info.iterations.max() + 2
+    )
+
+
+def test_poisson_fused_kernels_match_plain_cupy_expressions(cupy, monkeypatch) -> None:
+    target, source, mask = (cupy.asarray(a) for a in blend_case(n=4, size=48, seed=1))
+    fused, fused_info = poisson_blend(
+        target.astype(cupy.float64), source.astype(cupy.float64), mask, tol=1e-10
+    )
+    monkeypatch.setattr(poisson, "USE_FUSED_CUDA_KERNELS", False)
+    plain, plain_info = poisson_blend(
+        target.astype(cupy.float64), source.astype(cupy.float64), mask, tol=1e-10
+    )
+    cupy.testing.assert_allclose(fused, plain, atol=1e-9)
+    np.testing.assert_array_equal(fused_info.converged, plain_info.converged)
+    assert fused_info.steps % poisson.GPU_CHECK_EVERY == 0 or fused_info.steps == fused_info.max_iter
+
+
+def test_poisson_non_convergence_is_reported_on_gpu(cupy) -> None:
+    target, source, mask = (cupy.asarray(a) for a in blend_case(n=3, seed=2))
+    with pytest.warns(poisson.PoissonConvergenceWarning):
+        _, info = poisson_blend(target, source, mask, max_iter=3)
+    assert not info.converged[1:].any()
+    np.testing.assert_array_equal(info.iterations[1:], 3)
+
+
+def paste_case(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    target = rng.random((6, 3, 32, 40), dtype=np.float32)
+    source = rng.random((3, 3, 32, 40), dtype=np.float32)
+    mask = rng.random((3, 32, 40)) > 0.5
+    labels = (rng.random((6, 5, 32, 40)) > 0.9).astype(np.float32)
+    return target, source, mask, labels, np.array([4, -1, 2]), np.array([5, 0, 2])
+
+
+@pytest.mark.parametrize("mask_dtype", [np.bool_, np.uint8, np.float32])
+def test_paste_cupy_matches_numpy_exactly(cupy, mask_dtype) -> None:
+    target, source, mask, labels, class_ids, slots = paste_case()
+    mask = mask.astype(mask_dtype)
+    want_images, want_labels = target.copy(), labels.copy()
+    paste(want_images, source, mask, labels=want_labels, class_ids=class_ids, slots=slots)
+    images, gpu_labels = cupy.asarray(target), cupy.asarray(labels)
+    out = paste(
+        images, cupy.asarray(source), cupy.asarray(mask), labels=gpu_labels, class_ids=class_ids, slots=slots
+    )
+    assert out is images
+    np.testing.assert_array_equal(images.get(), want_images)
+    np.testing.assert_array_equal(gpu_labels.get(), want_labels)
+    plain = cupy.asarray(target)
+    paste(plain, cupy.asarray(source), cupy.asarray(mask), slots=cupy.asarray(slots))
+    np.testing.assert_array_equal(plain.get(), want_images)
+
+
+def test_dilate_cupy_matches_numpy(cupy) -> None:
+    mask = np.random.default_rng(4).random((4, 50, 60)) > 0.98
+    np.testing.assert_array_equal(dilate(cupy.asarray(mask), 2).get(), dilate(mask, 2))
+
+
+def test_torch_cuda_tensors_cross_without_copies(cupy) -> None:
+    images = torch.rand(2, 3, 16, 16, device="cuda")
+    mask = torch.rand(2, 16, 16, device="cuda") > 0.5
+    view = as_array(images)
+    assert isinstance(view, cupy.ndarray) and view.data.ptr == images.data_ptr()
+    mask_view = as_array(mask)
+    assert mask_view.dtype == cupy.bool_ and mask_view.data.ptr == mask.data_ptr()
+    back = as_tensor(view)
+    assert back.data_ptr() == images.data_ptr() and back.device == images.device
+    bool_back = as_tensor(mask_view)
+    assert bool_back.dtype == torch.bool and bool_back.data_ptr() == mask.data_ptr()
+
+
+def test_torch_cuda_in_gives_torch_cuda_out(cupy) -> None:
+    target, source, mask = blend_case(n=3, seed=5)
+    expected, _ = poisson_blend(target, source, mask)
+    t_target, t_source, t_mask = (torch.from_numpy(a).cuda() for a in (target, source, mask))
+    blended, info = poisson_blend(t_target, t_source, t_mask)
+    assert isinstance(blended, torch.Tensor) and blended.device == t_target.device
+    assert info.all_converged
+    assert relative_difference(blended.cpu().numpy(), expected) <= 1e-4
+    dilated = dilate(t_mask, 2)
+    assert (
+        isinstance(dilated, torch.Tensor) and dilated.device == t_mask.device and dilated.dtype == torch.bool
+    )
+
+
+def test_paste_writes_torch_cuda_tensors_in_place(cupy) -> None:
+    target, source, mask, labels, class_ids, slots = paste_case(seed=6)
+    want_images, want_labels = target.copy(), labels.copy()
+    paste(want_images, source, mask, labels=want_labels, class_ids=class_ids, slots=slots)
+    images, gpu_labels = torch.from_numpy(target).cuda(), torch.from_numpy(labels).cuda()
+    pointers = images.data_ptr(), gpu_labels.data_ptr()
+    out = paste(
+        images,
+        torch.from_numpy(source).cuda(),
+        torch.from_numpy(mask).cuda(),
+        labels=gpu_labels,
+        class_ids=torch.from_numpy(class_ids).cuda(),
+        slots=torch.from_numpy(slots).cuda(),
+    )
+    assert out is images and (images.data_ptr(), gpu_labels.data_ptr()) == pointers
+    np.testing.assert_array_equal(images.cpu().numpy(), want_images)
+    np.testing.assert_array_equal(gpu_labels.cpu().numpy(), want_labels)

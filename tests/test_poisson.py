@@ -1,0 +1,337 @@
+"""Batched Poisson blending against a direct sparse solve, its properties, and mask dilation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from dli.kernels.morphology import dilate
+from dli.kernels.poisson import PoissonConvergenceWarning, guidance_field, poisson_blend
+from dli.kernels.xp import as_array, as_tensor
+
+NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def sparse_reference(
+    target: np.ndarray, source: np.ndarray, mask: np.ndarray, mixed: bool = False
+) -> np.ndarray:
+    """One (H, W) channel blended by assembling Pérez et al.'s linear system pixel by pixel and solving it."""
+    unknown = mask.astype(bool).copy()
+    unknown[[0, -1], :] = False
+    unknown[:, [0, -1]] = False
+    pixels = [tuple(p) for p in np.argwhere(unknown)]
+    index = {p: i for i, p in enumerate(pixels)}
+    rows, cols, values = [], [], []
+    rhs = np.zeros(len(pixels))
+    for i, (y, x) in enumerate(pixels):
+        rows.append(i)
+        cols.append(i)
+        values.append(4.0)
+        for dy, dx in NEIGHBOURS:
+            q = (y + dy, x + dx)
+            guidance = source[y, x] - source[q]
+            if mixed and abs(target[y, x] - target[q]) > abs(guidance):
+                guidance = target[y, x] - target[q]
+            rhs[i] += guidance
+            if q in index:
+                rows.append(i)
+                cols.append(index[q])
+                values.append(-1.0)
+            else:
+                rhs[i] += target[q]
+    matrix = scipy.sparse.csr_matrix((values, (rows, cols)), shape=(len(pixels), len(pixels)))
+    out = target.astype(np.float64).copy()
+    if pixels:
+        out[unknown] = scipy.sparse.linalg.spsolve(matrix, rhs)
+    return out
+
+
+def region_error(result: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
+    """Relative L2 error over the mask."""
+    region = mask.astype(bool)
+    return float(np.linalg.norm(result[region] - reference[region]) / np.linalg.norm(reference[region]))
+
+
+def blob_masks(rng: np.random.Generator, n: int, height: int, width: int, level: float = 0.53) -> np.ndarray:
+    """Random smooth blobs, a few per image."""
+    noise = ndimage.gaussian_filter(rng.random((n, height, width)), sigma=(0, height / 16, width / 16))
+    return noise > np.quantile(noise, level, axis=(1, 2), keepdims=True)
+
+
+def textured(rng: np.random.Generator, shape: tuple[int, ...], mean: float) -> np.ndarray:
+    """Smooth shading plus fine grain around `mean`, like a tile surface."""
+    shading = ndimage.gaussian_filter(rng.random(shape), sigma=(0,) * (len(shape) - 2) + (6, 6))
+    grain = ndimage.gaussian_filter(rng.random(shape), sigma=(0,) * (len(shape) - 2) + (1, 1))
+    return mean + 2.0 * (shading - shading.mean()) + 0.5 * (grain - grain.mean())
+
+
+def check_against_reference(target, source, mask, *, mixed: bool = False) -> None:
+    blended, info = poisson_blend(target, source, mask, mixed_gradients=mixed, tol=1e-8)
+    assert info.all_converged, info.summary()
+    assert (info.residuals <= 2e-8).all(), info.summary()
+    for n in range(target.shape[0]):
+        for c in range(target.shape[1]):
+            reference = sparse_reference(target[n, c], source[n, c], mask[n], mixed)
+            assert region_error(blended[n, c], reference, mask[n]) <= 1e-4, (n, c)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["source-gradients", "mixed-gradients"])
+def test_matches_sparse_solve_on_random_blobs(mixed: bool) -> None:
+    rng = np.random.default_rng(1)
+    target, source = rng.random((3, 2, 48, 56)), rng.random((3, 2, 48, 56))
+    check_against_reference(target, source, blob_masks(rng, 3, 48, 56), mixed=mixed)
+
+
+def magnetic_tile_masks(root: Path, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """Per defect class, the largest of its first eight masks, rescaled so its longer side is in `sizes`."""
+    masks = []
+    folders = [f for f in sorted(root.glob("MT_*")) if f.name != "MT_Free"]
+    for folder, size in zip(folders, sizes, strict=True):
+        candidates = []
+        for path in sorted((folder / "Imgs").glob("*.png"))[:8]:
+            with Image.open(path) as image:
+                candidates.append(image.convert("L"))
+        mask = max(candidates, key=lambda m: np.count_nonzero(np.array(m)) / (m.width * m.height))
+        scale = size / max(mask.size)
+        mask = mask.resize((round(mask.width * scale), round(mask.height * scale)), Image.Resampling.NEAREST)
+        masks.append(np.array(mask) > 0)
+    return masks
+
+
+@pytest.mark.realdata
+def test_matches_sparse_solve_on_magnetic_tile_masks(mt_root: Path) -> None:
+    rng = np.random.default_rng(2)
+    masks = magnetic_tile_masks(mt_root, sizes=(64, 96, 128, 192, 256))
+    assert len(masks) == 5 and all(m.any() for m in masks)
+    for mask in masks:
+        shape = (1, 1, *mask.shape)
+        target, source = textured(rng, shape, 0.45), textured(rng, shape, 0.3)
+        check_against_reference(target, source, mask[None])
+
+
+def test_outside_region_is_target_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    target = rng.random((4, 3, 40, 40), dtype=np.float32)
+    source = rng.random((4, 3, 40, 40), dtype=np.float32)
+    mask = blob_masks(rng, 4, 40, 40)
+    mask[0, :, :3] = True  # touches the left border
+    blended, _ = poisson_blend(target, source, mask)
+    assert blended.dtype == np.float32
+    inside = mask.copy()
+    inside[:, [0, -1], :] = False
+    inside[:, :, [0, -1]] = False
+    outside = np.broadcast_to(~inside[:, None], target.shape)
+    np.testing.assert_array_equal(blended[outside], target[outside])
+    assert not np.array_equal(blended[~outside], target[~outside])
+
+
+def test_empty_mask_returns_a_copy_of_target() -> None:
+    rng = np.random.default_rng(4)
+    target = rng.random((2, 1, 16, 16), dtype=np.float32)
+    mask = np.zeros((2, 16, 16), bool)
+    mask[1, 0, :] = True  # only border pixels: nothing to solve either
+    blended, info = poisson_blend(target, rng.random((2, 1, 16, 16), dtype=np.float32), mask)
+    np.testing.assert_array_equal(blended, target)
+    assert blended is not target
+    assert (info.iterations == 0).all() and info.all_converged
+
+
+def test_source_shifted_by_a_constant_reproduces_target() -> None:
+    rng = np.random.default_rng(5)
+    target = rng.random((2, 2, 32, 32))
+    mask = blob_masks(rng, 2, 32, 32)
+    blended, info = poisson_blend(target, target + 0.7, mask, tol=1e-10, x0="zeros")
+    np.testing.assert_allclose(blended, target, atol=1e-8)
+    assert (info.iterations > 0).all()
+    # The default start (source matched to the target on the boundary) is already the answer.
+    blended, info = poisson_blend(target, target + 0.7, mask, tol=1e-10)
+    np.testing.assert_allclose(blended, target, atol=1e-10)
+    assert (info.iterations == 0).all()
+
+
+def test_target_inside_the_region_does_not_matter() -> None:
+    rng = np.random.default_rng(15)
+    target, source = rng.random((3, 1, 32, 32)), rng.random((3, 1, 32, 32))
+    mask = blob_masks(rng, 3, 32, 32)
+    inside = mask.copy()
+    inside[:, [0, -1], :] = False  # mask pixels on the image border are fixed to the target
+    inside[:, :, [0, -1]] = False
+    scrambled = np.where(inside[:, None], rng.normal(size=target.shape), target)
+    blended, info = poisson_blend(target, source, mask, tol=1e-10)
+    again, again_info = poisson_blend(scrambled, source, mask, tol=1e-10)
+    np.testing.assert_allclose(again, blended, atol=1e-9)
+    # Not even the starting guess looks inside: it matches the source to the target on the boundary only.
+    np.testing.assert_array_equal(again_info.iterations, info.iterations)
+
+
+def test_mixed_gradients_never_pick_the_weaker_edge() -> None:
+    rng = np.random.default_rng(6)
+    target, source = rng.normal(size=(2, 3, 20, 24)), rng.normal(size=(2, 3, 20, 24))
+    for gradient, axis in zip(guidance_field(target, source, mixed_gradients=True), (3, 2), strict=True):
+        from_source, from_target = np.diff(source, axis=axis), np.diff(target, axis=axis)
+        assert gradient.shape == from_source.shape
+        np.testing.assert_array_equal(np.abs(gradient), np.maximum(np.abs(from_source), np.abs(from_target)))
+        assert np.all((gradient == from_source) | (gradient == from_target))
+    gx, gy = guidance_field(target, source)
+    np.testing.assert_array_equal(gx, np.diff(source, axis=3))
+    np.testing.assert_array_equal(gy, np.diff(source, axis=2))
+
+
+def test_mask_touching_the_border_keeps_border_pixels_fixed() -> None:
+    rng = np.random.default_rng(7)
+    target, source = rng.random((2, 1, 24, 30)), rng.random((2, 1, 24, 30))
+    mask = np.zeros((2, 24, 30), bool)
+    mask[0] = True  # the whole image: unknowns are the interior
+    mask[1, :10, 20:] = True  # a corner
+    check_against_reference(target, source, mask)
+    blended, _ = poisson_blend(target, source, mask)
+    np.testing.assert_array_equal(blended[..., [0, -1], :], target[..., [0, -1], :])
+    np.testing.assert_array_equal(blended[..., :, [0, -1]], target[..., :, [0, -1]])
+
+
+def test_a_batch_of_64_matches_images_solved_one_by_one() -> None:
+    rng = np.random.default_rng(8)
+    target, source = rng.random((64, 1, 32, 32)), rng.random((64, 1, 32, 32))
+    # Regions from a few pixels to half the image: systems converge at very different steps.
+    mask = np.concatenate([blob_masks(rng, 8, 32, 32, level=level) for level in np.linspace(0.5, 0.995, 8)])
+    batch, batch_info = poisson_blend(target, source, mask, tol=1e-10)
+    assert batch_info.iterations.min() < batch_info.iterations.max() // 2
+    for n in range(0, 64, 5):
+        single, info = poisson_blend(target[n : n + 1], source[n : n + 1], mask[n : n + 1], tol=1e-10)
+        np.testing.assert_allclose(batch[n], single[0], rtol=0, atol=1e-8)
+        assert abs(int(batch_info.iterations[n, 0]) - int(info.iterations[0, 0])) <= 2
+
+
+def test_channels_are_solved_independently() -> None:
+    rng = np.random.default_rng(9)
+    target, source = rng.random((2, 3, 20, 20)), rng.random((2, 3, 20, 20))
+    mask = blob_masks(rng, 2, 20, 20)
+    color, info = poisson_blend(target, source, mask, tol=1e-10)
+    assert info.iterations.shape == (2, 3)
+    for c in range(3):
+        gray, _ = poisson_blend(target[:, c : c + 1], source[:, c : c + 1], mask, tol=1e-10)
+        np.testing.assert_allclose(color[:, c : c + 1], gray, atol=1e-8)
+
+
+def test_default_start_saves_iterations_over_zeros() -> None:
+    rng = np.random.default_rng(10)
+    shape = (6, 1, 64, 64)
+    target, source = textured(rng, shape, 0.45), textured(rng, shape, 0.25)
+    mask = dilate(blob_masks(rng, 6, 64, 64, level=0.8), 2)
+    _, matched = poisson_blend(target.astype(np.float32), source.astype(np.float32), mask)
+    _, zeros = poisson_blend(target.astype(np.float32), source.astype(np.float32), mask, x0="zeros")
+    assert matched.all_converged and zeros.all_converged
+    assert matched.iterations.sum() < zeros.iterations.sum(), (matched.summary(), zeros.summary())
+
+
+@pytest.mark.realdata
+def test_default_start_saves_iterations_on_magnetic_tiles(mt_root: Path) -> None:
+    def read(path: Path, mode: str) -> np.ndarray:
+        with Image.open(path) as image:
+            return np.array(image.convert(mode).resize((96, 96), Image.Resampling.BILINEAR))
+
+    defects = [
+        sorted((f / "Imgs").glob("*.png"))[1] for f in sorted(mt_root.glob("MT_*")) if f.name != "MT_Free"
+    ]
+    free = sorted((mt_root / "MT_Free" / "Imgs").glob("*.jpg"))[: len(defects)]
+    source = np.stack([read(p.with_suffix(".jpg"), "L") for p in defects])[:, None] / np.float32(255)
+    target = np.stack([read(p, "L") for p in free])[:, None] / np.float32(255)
+    mask = dilate(np.stack([read(p, "L") > 0 for p in defects]), 2)
+    _, matched = poisson_blend(target, source, mask)
+    _, zeros = poisson_blend(target, source, mask, x0="zeros")
+    assert matched.iterations.sum() < zeros.iterations.sum(), (matched.summary(), zeros.summary())
+
+
+def test_explicit_start_at_the_solution_needs_no_iterations() -> None:
+    rng = np.random.default_rng(11)
+    target, source = rng.random((2, 1, 24, 24)), rng.random((2, 1, 24, 24))
+    mask = blob_masks(rng, 2, 24, 24)
+    solution, _ = poisson_blend(target, source, mask, tol=1e-12)
+    again, info = poisson_blend(target, source, mask, tol=1e-6, x0=solution)
+    assert (info.iterations == 0).all()
+    np.testing.assert_array_equal(again, solution)
+
+
+def test_non_converged_systems_are_reported() -> None:
+    rng = np.random.default_rng(12)
+    target, source = rng.random((2, 1, 32, 32)), rng.random((2, 1, 32, 32))
+    mask = blob_masks(rng, 2, 32, 32)
+    with pytest.warns(PoissonConvergenceWarning, match="did not converge"):
+        _, info = poisson_blend(target, source, mask, max_iter=2)
+    assert not info.converged.any() and not info.all_converged
+    np.testing.assert_array_equal(info.iterations, 2)
+    assert (info.residuals > 1e-5).all()
+    assert "0/2 systems converged" in info.summary()
+
+
+def test_torch_cpu_tensors_in_give_torch_tensors_out() -> None:
+    rng = np.random.default_rng(13)
+    target = torch.from_numpy(rng.random((2, 1, 20, 20), dtype=np.float32))
+    source = torch.from_numpy(rng.random((2, 1, 20, 20), dtype=np.float32))
+    mask = torch.from_numpy(blob_masks(rng, 2, 20, 20))
+    blended, _ = poisson_blend(target, source, mask)
+    expected, _ = poisson_blend(target.numpy(), source.numpy(), mask.numpy())
+    assert isinstance(blended, torch.Tensor) and blended.dtype == torch.float32
+    np.testing.assert_array_equal(blended.numpy(), expected)
+    # The conversions in both directions are views, not copies.
+    assert as_array(target).ctypes.data == target.data_ptr()
+    assert as_array(mask).dtype == np.bool_ and as_array(mask).ctypes.data == mask.data_ptr()
+    assert as_tensor(expected).data_ptr() == expected.ctypes.data
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (((2, 1, 8, 8), (2, 1, 8, 8), (2, 8, 9)), "mask must be"),
+        (((2, 1, 8, 8), (2, 3, 8, 8), (2, 8, 8)), "target and source"),
+        (((1, 8, 8), (1, 8, 8), (1, 8, 8)), "target and source"),
+    ],
+)
+def test_bad_shapes_are_rejected(shapes, message: str) -> None:
+    target, source, mask = (np.zeros(s, np.float32) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        poisson_blend(target, source, mask)
+
+
+def test_bad_arguments_are_rejected() -> None:
+    images, mask = np.zeros((1, 1, 8, 8), np.float32), np.ones((1, 8, 8), bool)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        poisson_blend(images.astype(np.uint8), images.astype(np.uint8), mask)
+    with pytest.raises(ValueError, match="tol"):
+        poisson_blend(images, images, mask, tol=0)
+    with pytest.raises(ValueError, match="x0"):
+        poisson_blend(images, images, mask, x0="source")
+    with pytest.raises(ValueError, match="x0"):
+        poisson_blend(images, images, mask, x0=np.zeros((1, 1, 8, 7), np.float32))
+
+
+def test_dilate_matches_a_max_pool() -> None:
+    rng = np.random.default_rng(14)
+    mask = rng.random((3, 30, 27)) > 0.97
+    mask[0, 0, 0] = mask[1, -1, 5] = True  # on the border
+    for radius in (1, 2, 4):
+        size = 2 * radius + 1
+        pooled = torch.nn.functional.max_pool2d(
+            torch.from_numpy(mask).float()[:, None], size, stride=1, padding=radius
+        )
+        dilated = dilate(mask, radius)
+        assert dilated.dtype == np.bool_ and dilated.shape == mask.shape
+        np.testing.assert_array_equal(dilated, pooled[:, 0].numpy() > 0)
+    np.testing.assert_array_equal(dilate(mask, 0), mask)
+
+
+def test_dilate_keeps_images_apart_and_accepts_torch() -> None:
+    mask = np.zeros((2, 9, 9), np.uint8)
+    mask[0, 4, 4] = 1
+    dilated = dilate(torch.from_numpy(mask), 2)
+    assert isinstance(dilated, torch.Tensor) and dilated.dtype == torch.uint8
+    assert int(dilated[0].sum()) == 25 and int(dilated[1].sum()) == 0
+    with pytest.raises(ValueError, match="radius"):
+        dilate(mask, -1)
