@@ -1,0 +1,234 @@
+"""The DALI pipeline of the data path: encoded files in, resized and warped images and masks out.
+
+One graph serves training and evaluation, on the CPU or the GPU. Each iteration it receives a
+variable-size batch: the N batch images followed by the K defect sources a DLI plan asked for,
+each with its encoded mask and its 2x3 augmentation matrix (`dli.pipeline.augment`). It holds
+no randomness: every matrix comes from the planner, so a plan replays its batch exactly.
+
+The loader feeds batches ahead with `feed_input` (up to the prefetch depth) and reads outputs
+in the same order, so DALI decodes batch i+1 while batch i is injected and trained on. A tag
+(the batch's serial number) travels through the graph with every sample and is checked on the
+way out, so a batch can never be matched with another batch's plan whatever the prefetch depth.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+except ImportError as error:  # an optional dependency: say which package brings it
+    raise ImportError(
+        "the data path needs NVIDIA DALI: pip install 'dli[cuda12]' (or nvidia-dali-cuda120)"
+    ) from error
+
+from dli.errors import DliError
+from dli.pipeline.imageio import MASK_THRESHOLD
+
+IMAGES, MASKS, MATRICES, TAGS = "images", "masks", "matrices", "tags"
+"""Names of the pipeline's external inputs."""
+
+
+@functools.cache
+def zero_mask_png() -> np.ndarray:
+    """A tiny all-zero grayscale PNG, fed as the mask of defect-free images (resized: all zeros).
+
+    A defect-free image has no label channel, so its mask file (if any) is never read.
+    """
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 0).save(buffer, format="PNG")
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+@pipeline_def(enable_checkpointing=False)
+def decode_augment(size: tuple[int, int], decoder: str, warp: bool, mean: float, std: float):
+    """Decode (GRAY), resize to `size`, warp image and mask by the same matrix, normalize.
+
+    Outputs per sample: the image (H, W, 1) float32 normalized as (x - mean) / std on [0, 1]
+    intensities; the mask (H, W, 1) float32, 1 where the stored value is > `MASK_THRESHOLD`;
+    the tag (1,) int64. Images are resized with antialiased linear interpolation, masks with
+    nearest neighbour so their edges are not blended; the warp uses linear interpolation for
+    images and nearest for masks, with the same matrix, so both stay aligned. Pixels mapped
+    from outside the image repeat its border (DALI's default: no fill value). `decoder` is
+    "cpu" or "mixed" (nvJPEG on the GPU; PNG masks decode on the CPU inside it). Element-wise
+    work is done here, on DALI's threads, rather than on the training loop's.
+    """
+    images = fn.external_source(name=IMAGES, dtype=types.UINT8, ndim=1)
+    masks = fn.external_source(name=MASKS, dtype=types.UINT8, ndim=1)
+    tags = fn.external_source(name=TAGS, dtype=types.INT64, ndim=1)
+    images = fn.decoders.image(images, device=decoder, output_type=types.GRAY)
+    masks = fn.decoders.image(masks, device=decoder, output_type=types.GRAY)
+    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+    masks = fn.resize(masks, size=size, interp_type=types.INTERP_NN)
+    if warp:
+        matrices = fn.external_source(name=MATRICES, dtype=types.FLOAT, ndim=2)
+        images = fn.warp_affine(
+            images, matrix=matrices, size=size, inverse_map=False, interp_type=types.INTERP_LINEAR
+        )
+        masks = fn.warp_affine(
+            masks, matrix=matrices, size=size, inverse_map=False, interp_type=types.INTERP_NN
+        )
+    images = (images - 255.0 * mean) * (1.0 / (255.0 * std))
+    masks = fn.cast(masks > MASK_THRESHOLD, dtype=types.FLOAT)
+    return images, masks, tags
+
+
+@dataclass(frozen=True)
+class Work:
+    """One iteration's input: the files to decode and the matrix of each.
+
+    Attributes:
+        serial: the batch's number in feeding order (the tag checked on output).
+        images: image file of each sample (batch images first, then sources).
+        masks: mask file of each sample, or None for an all-zero mask.
+        matrices: (M, 2, 3) float32 augmentation per sample, or None when the pipeline does not warp.
+    """
+
+    serial: int
+    images: tuple[str, ...]
+    masks: tuple[str | None, ...]
+    matrices: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The pipeline's output for one `Work`, still as DALI tensor lists.
+
+    Attributes:
+        images: M normalized images (H, W, 1) float32.
+        masks: M masks (H, W, 1) float32 in {0, 1}.
+    """
+
+    images: object
+    masks: object
+
+
+def _read_bytes(path: str) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise DliError(f"cannot read {path}: {error}") from None
+
+
+def _reason(error: Exception) -> str:
+    """The line of a DALI error that says what went wrong (it follows "encountered:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else type(error).__name__
+
+
+class DecodePipeline:
+    """A built `decode_augment` pipeline with explicit, ordered feeding and fetching.
+
+    `submit` feeds one `Work` and schedules its run; `fetch` returns the outputs of the oldest
+    submitted work. At most `prefetch` works are in flight. `drain` discards the outputs of
+    works submitted but never fetched (an iteration stopped early), so the next one starts clean.
+
+    Args:
+        size: (H, W) of the outputs.
+        max_batch_size: the most samples one `Work` may hold.
+        warp: whether works carry matrices (training) or images are only resized (evaluation).
+        device_id: None for a CPU pipeline, else the CUDA device to decode and augment on.
+        mean, std: output normalization, on [0, 1] intensities.
+        num_threads: DALI's CPU worker threads.
+        prefetch: the most works in flight at once.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        *,
+        max_batch_size: int,
+        warp: bool,
+        device_id: int | None,
+        mean: float = 0.0,
+        std: float = 1.0,
+        num_threads: int = 2,
+        prefetch: int = 2,
+    ) -> None:
+        self.size, self.warp, self.device_id, self.prefetch = size, warp, device_id, prefetch
+        self.gpu = device_id is not None
+        self._pipe = decode_augment(
+            size=size,
+            decoder="mixed" if self.gpu else "cpu",
+            warp=warp,
+            mean=mean,
+            std=std,
+            batch_size=max_batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            # Prefetching is ours (`submit` ahead, at most `prefetch` in flight). With DALI's own
+            # depth above 1 the first `schedule_run` would run that many iterations at once,
+            # which an explicitly fed pipeline cannot always supply (an epoch of one batch).
+            # The dynamic executor runs every scheduled iteration in the background regardless.
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
+        self._pipe.build()
+        self._in_flight: deque[Work] = deque()
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self._pipe.max_batch_size)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def submit(self, work: Work) -> None:
+        """Feed `work` and schedule its run (reads the files here, decodes asynchronously)."""
+        if len(self._in_flight) >= self.prefetch:
+            raise RuntimeError(f"{len(self._in_flight)} batches already in flight (prefetch {self.prefetch})")
+        if not 0 < len(work) <= self.max_batch_size:
+            raise ValueError(f"a batch of {len(work)} samples does not fit (1..{self.max_batch_size})")
+        if (work.matrices is not None) != self.warp:
+            raise ValueError("matrices must be given exactly when the pipeline warps")
+        # Every file is read before anything is fed, so a missing one leaves the pipeline intact.
+        zero = zero_mask_png()
+        images = [_read_bytes(p) for p in work.images]
+        masks = [zero if p is None else _read_bytes(p) for p in work.masks]
+        self._pipe.feed_input(IMAGES, images)
+        self._pipe.feed_input(MASKS, masks)
+        self._pipe.feed_input(TAGS, [np.array([work.serial], dtype=np.int64)] * len(work))
+        if work.matrices is not None:
+            self._pipe.feed_input(MATRICES, list(np.ascontiguousarray(work.matrices, dtype=np.float32)))
+        self._pipe.schedule_run()
+        self._in_flight.append(work)
+
+    def fetch(self, cuda_stream: object = None) -> tuple[Work, Decoded]:
+        """The oldest submitted work and its outputs (ready on `cuda_stream` for a GPU pipeline)."""
+        if not self._in_flight:
+            raise RuntimeError("nothing submitted to fetch")
+        work = self._in_flight.popleft()
+        try:
+            images, masks, tags = (
+                self._pipe.outputs(cuda_stream=cuda_stream) if self.gpu else self._pipe.outputs()
+            )
+        except RuntimeError as error:
+            raise DliError(
+                f"DALI could not decode one of {', '.join(work.images)} or their masks ({_reason(error)})"
+            ) from None
+        found = {int(np.asarray(t)[0]) for t in tags}
+        if found != {work.serial}:
+            raise RuntimeError(
+                f"pipeline returned batch {sorted(found)} where batch {work.serial} was expected"
+            )
+        return work, Decoded(images, masks)
+
+    def drain(self) -> int:
+        """Fetch and discard every work still in flight; returns how many there were."""
+        count = len(self._in_flight)
+        while self._in_flight:
+            self.fetch()
+        return count

@@ -1,0 +1,411 @@
+"""The training and evaluation loader: manifest in, normalized batches with labels out.
+
+One iteration, in order:
+
+1. the host picks the batch's manifest indices (this epoch's shuffled order, this shard's part);
+2. for training, the planner draws the batch's flips and its DLI plan from a generator seeded
+   by (seed, epoch, shard, batch): labels only, no pixels;
+3. DALI decodes the N batch images and the K planned sources with their masks, resizes them
+   to H x W and warps each by its matrix (`dli.pipeline.dali`), a few batches ahead;
+4. on the training device, label channels are built from the masks, the plan's defects are
+   injected (`dli.pipeline.inject`), and the images are normalized and expanded to 3 channels.
+
+Shuffling, flips and plans are functions of (seed, epoch, shard, batch index) alone, so the same
+seed gives the same plans, and on the CPU the same batches bit for bit; a recorded plan
+replays its batch (`Loader.replay`). A run resumed at epoch e sees exactly the batches an
+uninterrupted run would. The flips are drawn before the plan from the same generator, so runs
+with and without injection see the same images in the same order and orientation.
+
+Sharding follows `torch.utils.data.DistributedSampler`: each epoch's permutation is cut to a
+multiple of the shard count (training, ``drop_last``) or padded by repeating its first images
+(evaluation), then shard s takes every k-th image from position s. Every shard thus has the
+same number of batches; padded evaluation counts up to k - 1 images twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dli.errors import DliError
+from dli.pipeline.augment import Size, defect_augments, random_flips
+from dli.pipeline.batch import Batch
+from dli.pipeline.manifest import FREE, Manifest
+from dli.pipeline.planner import DliConfig, Plan, Planner
+
+MT_MEAN = 0.4319174835105347
+MT_STD = 0.11959978240241884
+"""Magnetic Tile intensity statistics on [0, 1] (the reference implementation's normalization)."""
+
+MIN_IMAGE_SIZE = 16
+FLIP_PROBABILITY = 0.5
+"""Training flips of batch images: horizontal and vertical, each with this probability."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One batch on its way through the pipeline: what was fed and the plan behind it."""
+
+    work: Any  # dli.pipeline.dali.Work
+    indices: np.ndarray
+    plan: Plan | None
+
+
+def _image_size(value: int | tuple[int, int] | Any) -> Size:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        size = (int(value), int(value))
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    ):
+        size = (int(value[0]), int(value[1]))
+    else:
+        raise DliError(f"image size {value!r}: expected an integer or a (height, width) pair")
+    if min(size) < MIN_IMAGE_SIZE:
+        raise DliError(f"image size {value!r}: each side must be >= {MIN_IMAGE_SIZE} pixels")
+    return size
+
+
+def _checked_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DliError(f"{name} {value!r}: must be an integer >= {minimum}")
+    return int(value)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DliError(f"device {device!r}: expected cpu, cuda or cuda:<index>") from None
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type != "cuda":
+        raise DliError(f"device {device!r}: the data path runs on cpu or cuda only")
+    if not torch.cuda.is_available():
+        raise DliError(f"device {device!r}: no CUDA GPU is available on this machine")
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= torch.cuda.device_count():
+        raise DliError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+class Loader:
+    """Batches of one manifest for one shard; iterate once per epoch (see the module docstring).
+
+    Attributes:
+        manifest: the samples (for training also the DLI source pool: its defect images).
+        num_classes, class_names: the defect classes (label channel c = class c).
+        image_size: (H, W) of the output batches.
+        mean, std: per-channel normalization of the 3 output channels (on [0, 1] intensities).
+        planner: the DLI planner, or None when injection is off.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        batch_size: int,
+        image_size: int | tuple[int, int] = 256,
+        train: bool,
+        dli: DliConfig | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        shard_id: int = 0,
+        num_shards: int = 1,
+        drop_last: bool | None = None,
+        num_threads: int = 2,
+        prefetch: int = 2,
+    ) -> None:
+        self.batch_size = _checked_int("batch size", batch_size)
+        self.image_size = _image_size(image_size)
+        self.seed = _checked_int("seed", seed, minimum=0)
+        self.num_shards = _checked_int("number of shards", num_shards)
+        self.shard_id = _checked_int("shard id", shard_id, minimum=0)
+        if self.shard_id >= self.num_shards:
+            raise DliError(f"shard id {shard_id}: must be < the number of shards ({num_shards})")
+        self.num_threads = _checked_int("number of threads", num_threads)
+        self.prefetch = _checked_int("prefetch depth", prefetch)
+        if dli is not None and not train:
+            raise DliError("label injection applies to training only: pass dli=None when train=False")
+        if dli is not None and not isinstance(dli, DliConfig):
+            raise DliError(f"dli must be a DliConfig or None, got {type(dli).__name__}")
+        if len(manifest) == 0:
+            raise DliError(f"dataset {manifest.root} has no images")
+        self.manifest, self.train, self.dli = manifest, bool(train), dli
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
+        self.device = _resolve_device(device)
+        self.num_classes = manifest.num_classes
+        self.class_names = manifest.class_names
+        self.mean = (MT_MEAN,) * 3
+        self.std = (MT_STD,) * 3
+        self.epoch = 0
+        self._class_ids = np.array(manifest.class_ids(), dtype=np.int64)
+        self.planner: Planner | None = None
+        if dli is not None:
+            pool = {c: v for c, v in manifest.indices_by_class().items() if c != FREE}
+            augment = dli.augment if dli.augment is not None else defect_augments(manifest.class_names)
+            if len(augment) != self.num_classes:
+                raise DliError(f"{len(augment)} class augmentations given for {self.num_classes} classes")
+            self.planner = Planner(
+                pool, self.num_classes, dli, self.image_size, augment, manifest.class_names
+            )
+        if len(self) == 0:
+            raise DliError(
+                f"dataset {manifest.root} has {len(manifest)} images: not one full batch of "
+                f"{self.batch_size} per shard over {self.num_shards} shard(s); lower the batch size "
+                "or keep the last batch"
+            )
+        self._pipeline: Any = None
+        self._serial = 0
+        self._active: object | None = None
+
+    # -- epoch layout -------------------------------------------------------------------------------
+
+    def _samples_per_shard(self) -> int:
+        n, k = len(self.manifest), self.num_shards
+        return n // k if self.drop_last else math.ceil(n / k)
+
+    def __len__(self) -> int:
+        """Batches per epoch for this shard."""
+        per_shard = self._samples_per_shard()
+        return per_shard // self.batch_size if self.drop_last else math.ceil(per_shard / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration runs (its shuffle, flips and plans)."""
+        self.epoch = _checked_int("epoch", epoch, minimum=0)
+
+    def shard_order(self, epoch: int | None = None) -> np.ndarray:
+        """Manifest indices this shard visits in `epoch` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.manifest)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
+        total = self._samples_per_shard() * self.num_shards
+        order = order[:total] if total <= n else np.resize(order, total)  # np.resize repeats cyclically
+        return order[self.shard_id :: self.num_shards]
+
+    def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The manifest indices of each batch of `epoch` for this shard."""
+        order = self.shard_order(epoch)
+        return [
+            order[i : i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)
+        ]
+
+    def _plan(self, epoch: int, batch: int, indices: np.ndarray) -> Plan:
+        rng = np.random.default_rng([self.seed, epoch, self.shard_id, batch])
+        flips = random_flips(rng, len(indices), self.image_size, FLIP_PROBABILITY)
+        class_ids = self._class_ids[indices]
+        if self.planner is not None:
+            return self.planner.plan(class_ids, rng, batch_indices=indices, image_matrices=flips)
+        ids = tuple(int(c) for c in class_ids)
+        return Plan(tuple(int(i) for i in indices), ids, ids, (), flips, self.num_classes)
+
+    def plans(self, epoch: int | None = None) -> list[Plan]:
+        """The plan of every batch of `epoch` (training loaders; cheap: no pixels involved)."""
+        if not self.train:
+            raise DliError("evaluation loaders have no plans (no augmentation, no injection)")
+        epoch = self.epoch if epoch is None else epoch
+        return [self._plan(epoch, b, idx) for b, idx in enumerate(self.batch_indices(epoch))]
+
+    # -- pipeline -------------------------------------------------------------------------------------
+
+    def _decode_pipeline(self) -> Any:
+        if self._pipeline is None:
+            try:
+                from dli.pipeline.dali import DecodePipeline
+            except ImportError as error:
+                raise DliError(str(error)) from None
+            self._pipeline = DecodePipeline(
+                self.image_size,
+                max_batch_size=2 * self.batch_size if self.planner is not None else self.batch_size,
+                warp=self.train,
+                device_id=self.device.index if self.device.type == "cuda" else None,
+                mean=self.mean[0],
+                std=self.std[0],
+                num_threads=self.num_threads,
+                prefetch=self.prefetch,
+            )
+        return self._pipeline
+
+    def _item(self, indices: np.ndarray, plan: Plan | None) -> _Item:
+        from dli.pipeline.dali import Work
+
+        samples = self.manifest.samples
+        sources = plan.source_indices if plan is not None else ()
+        batch = [samples[i] for i in indices]
+        images = [s.image for s in batch] + [samples[i].image for i in sources]
+        # A defect-free image has no label channel, so its mask is never read (zeros are fed).
+        masks = [s.mask if s.class_id != FREE else None for s in batch] + [samples[i].mask for i in sources]
+        matrices = None
+        if plan is not None:
+            matrices = np.concatenate([plan.image_matrices, plan.source_matrices()]).astype(np.float32)
+        self._serial += 1
+        work = Work(
+            self._serial,
+            tuple(str(p) for p in images),
+            tuple(None if p is None else str(p) for p in masks),
+            matrices,
+        )
+        return _Item(work, indices, plan)
+
+    def _items(self, epoch: int) -> Iterator[_Item]:
+        for b, indices in enumerate(self.batch_indices(epoch)):
+            yield self._item(indices, self._plan(epoch, b, indices) if self.train else None)
+
+    def _run(self, items: Iterator[_Item], keep_clean: bool) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+        """Feed `items` ahead into DALI, then assemble each batch in order."""
+        pipeline = self._decode_pipeline()
+        token = object()
+        self._active = token
+        pipeline.drain()  # outputs left by an iteration that stopped early
+        pending: deque[_Item] = deque()
+
+        def submit_next() -> None:
+            item = next(items, None)
+            if item is not None:
+                pipeline.submit(item.work)
+                pending.append(item)
+
+        try:
+            for _ in range(self.prefetch):
+                submit_next()
+            while pending:
+                if self._active is not token:
+                    raise RuntimeError("the loader was iterated again while this iteration was running")
+                item = pending.popleft()
+                work, decoded = pipeline.fetch(self._cuda_stream())
+                if work is not item.work:
+                    raise RuntimeError(f"pipeline returned batch {work.serial} for {item.work.serial}")
+                submit_next()  # DALI works on the next batch while this one is assembled and used
+                yield self._assemble(item, decoded, keep_clean)
+        finally:
+            if self._active is token:
+                self._active = None
+                try:
+                    pipeline.drain()
+                except Exception:  # e.g. at interpreter exit, after DALI was torn down
+                    self._pipeline = None  # rebuilt if the loader is iterated again
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One epoch (the one set by `set_epoch`) of batches on the loader's device."""
+        for batch, _ in self._run(self._items(self.epoch), keep_clean=False):
+            yield batch
+
+    def iter_with_clean(self) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """Like iterating, but also yields each batch's images before injection: (N, 1, H, W) in [0, 1]."""
+        for batch, clean in self._run(self._items(self.epoch), keep_clean=True):
+            assert clean is not None
+            yield batch, clean.mul_(self.std[0]).add_(self.mean[0])
+
+    def replay(self, plan: Plan) -> Batch:
+        """The batch a recorded training `plan` produces (identical on the CPU to the original)."""
+        if not self.train:
+            raise DliError("only training batches have plans to replay")
+        item = self._item(np.asarray(plan.batch_indices, dtype=np.int64), plan)
+        batch, _ = next(self._run(iter([item]), keep_clean=False))
+        return batch
+
+    # -- assembly on the device -----------------------------------------------------------------------
+
+    def _cuda_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _to_torch(self, decoded: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """DALI outputs copied into (M, 1, H, W) normalized images and (M, H, W) 0/1 masks on the device."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        height, width = self.image_size
+        count = len(decoded.images)
+        images = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
+        masks = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
+        stream = self._cuda_stream()
+        feed_ndarray(decoded.images.as_tensor(), images, cuda_stream=stream)
+        feed_ndarray(decoded.masks.as_tensor(), masks, cuda_stream=stream)
+        # Channel-last with a single channel has the memory layout of channel-first: views, no copies.
+        return images.view(count, 1, height, width), masks.view(count, height, width)
+
+    def _normalized_range(self) -> tuple[float, float]:
+        """Where [0, 1] intensities land after normalization."""
+        return (0.0 - self.mean[0]) / self.std[0], (1.0 - self.mean[0]) / self.std[0]
+
+    def _assemble(self, item: _Item, decoded: Any, keep_clean: bool) -> tuple[Batch, torch.Tensor | None]:
+        from dli.pipeline.inject import inject, to_device
+
+        images, masks = self._to_torch(decoded)
+        n = len(item.indices)
+        batch_images, sources, source_masks = images[:n], images[n:], masks[n:]
+        before = self._class_ids[item.indices]
+        # Label channel c of image n is its mask when n is of class c: a one-hot product.
+        one_hot = np.zeros((n, self.num_classes), dtype=np.float32)
+        defect = np.flatnonzero(before >= 0)
+        one_hot[defect, before[defect]] = 1.0
+        labels = to_device(one_hot, self.device)[:, :, None, None] * masks[:n, None]
+        clean = batch_images.clone() if keep_clean else None
+        after = before
+        if item.plan is not None and self.dli is not None and item.plan.injections:
+            # Injection is affine-invariant (paste and Poisson alike), so it runs on the normalized
+            # images; only the clamp of Poisson overshoot needs the normalized [0, 1] bounds.
+            inject(
+                batch_images,
+                labels,
+                sources,
+                source_masks,
+                item.plan,
+                self.dli,
+                value_range=self._normalized_range(),
+            )
+            after = np.asarray(item.plan.class_ids_after, dtype=np.int64)
+        class_ids = to_device(after.copy(), self.device)
+        plan = item.plan if self.dli is not None else None
+        return Batch(batch_images.expand(-1, 3, -1, -1).contiguous(), labels, class_ids, plan), clean
+
+    def close(self) -> None:
+        """Release the DALI pipeline (it is rebuilt if the loader is iterated again)."""
+        if self._pipeline is not None:
+            self._pipeline.drain()
+            self._pipeline = None
+            self._active = None
+
+
+def build_loader(
+    manifest: Manifest,
+    *,
+    batch_size: int,
+    image_size: int | tuple[int, int] = 256,
+    train: bool,
+    dli: DliConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    drop_last: bool | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+) -> Loader:
+    """The loader of `manifest` (see `Loader` and the module docstring).
+
+    ``train=True``: a new shuffle every epoch (`Loader.set_epoch`), random flips, injection when
+    `dli` is given, incomplete last batch dropped unless ``drop_last=False``. ``train=False``:
+    manifest order, no augmentation, no injection, last partial batch kept.
+    Raises `DliError` naming any invalid argument.
+    """
+    return Loader(
+        manifest,
+        batch_size=batch_size,
+        image_size=image_size,
+        train=train,
+        dli=dli,
+        seed=seed,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        drop_last=drop_last,
+        num_threads=num_threads,
+        prefetch=prefetch,
+    )

@@ -1,0 +1,311 @@
+"""`dli preview`: a PNG grid of training batches before and after Dynamic Label Injection.
+
+Each batch takes two rows: the augmented batch as decoded (``before``) and the same tensors
+after injection (``after``), both from one loader iteration, so the two rows differ only by the
+injection. Label outlines are drawn in one colour per class; an injected tile gets a frame in
+its class colour and a tag with the class name and method (P = Poisson, CP = cut-paste).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dli.atomic import atomic_write_bytes
+from dli.errors import DliError
+from dli.pipeline.batch import Batch
+from dli.pipeline.planner import FILL_POLICIES, METHOD_CODES, DliConfig, Plan
+
+CLASS_COLOURS: tuple[str, ...] = (
+    "#ff3b30",  # red
+    "#ff9500",  # orange
+    "#ffd60a",  # yellow
+    "#34c759",  # green
+    "#32ade6",  # cyan
+    "#af52de",  # purple
+    "#ff2d92",  # pink
+    "#a2845e",  # brown
+)
+"""Outline colour of class c: `CLASS_COLOURS[c % len]` (readable on gray tiles)."""
+
+TILE_INCHES = 1.75
+DPI = 150
+
+
+def class_colour(class_id: int) -> str:
+    return CLASS_COLOURS[class_id % len(CLASS_COLOURS)]
+
+
+@dataclass(frozen=True)
+class PreviewBatch:
+    """What one batch contributes to the figure, on the host.
+
+    Attributes:
+        before: (N, H, W) images in [0, 1] before injection.
+        after: (N, H, W) images in [0, 1] after injection (de-normalized).
+        labels_before: (N, C, H, W) bool labels before injection.
+        labels_after: (N, C, H, W) bool labels after injection.
+        plan: the batch's plan.
+    """
+
+    before: np.ndarray
+    after: np.ndarray
+    labels_before: np.ndarray
+    labels_after: np.ndarray
+    plan: Plan
+
+    @classmethod
+    def from_batch(cls, batch: Batch, clean: torch.Tensor, mean: float, std: float) -> PreviewBatch:
+        plan = batch.plan
+        if plan is None:
+            raise ValueError("preview needs batches with a plan (a loader with injection)")
+        labels_after = batch.masks.detach().cpu().numpy() > 0
+        labels_before = labels_after.copy()
+        injected = [i.slot for i in plan.injections]
+        labels_before[injected] = False  # injection only adds labels, on slots that had none
+        after = batch.images[:, 0].detach().cpu().numpy() * std + mean
+        return cls(
+            before=clean[:, 0].detach().cpu().numpy(),
+            after=np.clip(after, 0.0, 1.0),
+            labels_before=labels_before,
+            labels_after=labels_after,
+            plan=plan,
+        )
+
+
+def _title(index: int, plan: Plan, class_names: tuple[str, ...]) -> str:
+    before = " ".join(str(int(c)) for c in plan.counts(after=False))
+    after = " ".join(str(int(c)) for c in plan.counts(after=True))
+    methods = [i.method for i in plan.injections]
+    how = ", ".join(f"{methods.count(m)} {code}" for m, code in METHOD_CODES.items() if m in methods)
+    free = sum(1 for c in plan.class_ids_before if c < 0)
+    injected = f"{len(plan.injections)} of {free} defect-free images injected" + (f" ({how})" if how else "")
+    return f"Batch {index + 1}: class counts ({before}) \u2192 ({after})  \u00b7  {injected}"
+
+
+def _draw_tile(ax: object, image: np.ndarray, labels: np.ndarray) -> None:
+    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    for class_id in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
+        ax.contour(
+            labels[class_id].astype(np.float32),
+            levels=[0.5],
+            colors=[class_colour(int(class_id))],
+            linewidths=0.9,
+        )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+_CORNERS: tuple[tuple[float, float, str, str], ...] = (
+    (0.03, 0.97, "left", "top"),
+    (0.97, 0.97, "right", "top"),
+    (0.03, 0.03, "left", "bottom"),
+    (0.97, 0.03, "right", "bottom"),
+)
+
+
+def _free_corner(labels: np.ndarray) -> tuple[float, float, str, str]:
+    """The tile corner whose tag-sized box covers the fewest label pixels (tags never hide a defect)."""
+    height, width = labels.shape[-2:]
+    box_h, box_w = max(1, height // 6), max(1, width // 2)
+    any_label = labels.any(axis=0)
+    boxes = (
+        any_label[:box_h, :box_w],
+        any_label[:box_h, -box_w:],
+        any_label[-box_h:, :box_w],
+        any_label[-box_h:, -box_w:],
+    )
+    return _CORNERS[int(np.argmin([box.sum() for box in boxes]))]
+
+
+def _tag(ax: object, text: str, colour: str, labels: np.ndarray, *, strong: bool) -> None:
+    x, y, ha, va = _free_corner(labels)
+    ax.text(
+        x,
+        y,
+        text,
+        transform=ax.transAxes,
+        va=va,
+        ha=ha,
+        fontsize=7,
+        fontweight="bold" if strong else "normal",
+        color="black" if strong else "white",
+        bbox={
+            "boxstyle": "round,pad=0.2",
+            "facecolor": colour if strong else "black",
+            "alpha": 0.85 if strong else 0.55,
+            "linewidth": 0,
+        },
+    )
+
+
+def render(batches: list[PreviewBatch], class_names: tuple[str, ...], *, subtitle: str = "") -> bytes:
+    """The preview figure as PNG bytes: per batch a title, a ``before`` row and an ``after`` row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    columns = max(len(b.plan) for b in batches)
+    height, width = batches[0].before.shape[1:]
+    # Layout in inches, converted to figure fractions below.
+    tile_w, gap = TILE_INCHES, 0.05
+    tile_h = TILE_INCHES * height / width
+    left_margin, right_margin, header, title_h, block_gap = 0.45, 0.12, 0.62, 0.34, 0.22
+    block_h = title_h + 2 * tile_h + gap + block_gap
+    fig_w = left_margin + columns * (tile_w + gap) - gap + right_margin
+    fig_h = header + len(batches) * block_h
+    figure = Figure(figsize=(fig_w, fig_h), dpi=DPI, facecolor="white")
+    FigureCanvasAgg(figure)
+
+    def at(x: float, y_from_top: float) -> tuple[float, float]:
+        return x / fig_w, 1.0 - y_from_top / fig_h
+
+    for b, batch in enumerate(batches):
+        block_top = header + b * block_h
+        figure.text(
+            *at(fig_w / 2, block_top + title_h / 2),
+            _title(b, batch.plan, class_names),
+            ha="center",
+            va="center",
+            fontsize=9,
+            fontweight="bold",
+        )
+        injected = {i.slot: i for i in batch.plan.injections}
+        rows = ((batch.before, batch.labels_before, "before"), (batch.after, batch.labels_after, "after"))
+        for row, (images, labels, name) in enumerate(rows):
+            row_top = block_top + title_h + row * (tile_h + gap)
+            figure.text(
+                *at(left_margin / 2, row_top + tile_h / 2),
+                name,
+                rotation=90,
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="#444444",
+            )
+            for n in range(len(batch.plan)):
+                x, y = at(left_margin + n * (tile_w + gap), row_top + tile_h)
+                ax = figure.add_axes((x, y, tile_w / fig_w, tile_h / fig_h))
+                _draw_tile(ax, images[n], labels[n])
+                frame, frame_width = "#c8c8c8", 0.6
+                cls = batch.plan.class_ids_before[n]
+                if row == 0 and cls >= 0:
+                    _tag(ax, class_names[cls], class_colour(cls), labels[n], strong=False)
+                if row == 1 and n in injected:
+                    item = injected[n]
+                    frame, frame_width = class_colour(item.class_id), 2.4
+                    text = f"{METHOD_CODES[item.method]} {class_names[item.class_id]}"
+                    _tag(ax, text, frame, labels[n], strong=True)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(frame)
+                    spine.set_linewidth(frame_width)
+    handles = [
+        Line2D([0], [0], color=class_colour(c), linewidth=2.5, label=name)
+        for c, name in enumerate(class_names)
+    ]
+    handles.append(Line2D([0], [0], color="none", label="P = Poisson, CP = cut-paste"))
+    figure.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=at(fig_w / 2, 0.06),
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        handlelength=1.6,
+        title=subtitle or None,
+        title_fontsize=8,
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, facecolor="white")
+    return buffer.getvalue()
+
+
+def preview(
+    data: str | Path | None,
+    out: str | Path,
+    *,
+    batches: int = 2,
+    batch_size: int = 8,
+    image_size: int = 256,
+    seed: int = 0,
+    poisson_prob: float = 0.5,
+    fill: str = "all-free",
+    epoch: int = 0,
+) -> list[Plan]:
+    """Write the preview PNG of the first `batches` training batches of `data`; returns their plans.
+
+    The whole dataset is the training set here (its defect images are the injection pool).
+    `data` None means the bundled synthetic dataset.
+    """
+    from dli.pipeline.loader import build_loader
+    from dli.pipeline.manifest import read_dataset, validate
+
+    if batches < 1:
+        raise DliError(f"--batches {batches}: must be >= 1")
+    if data is None:
+        from dli.pipeline.synth import default_dataset
+
+        data = default_dataset()
+    manifest = read_dataset(data)
+    validate(manifest)
+    loader = build_loader(
+        manifest,
+        batch_size=batch_size,
+        image_size=image_size,
+        train=True,
+        dli=DliConfig(poisson_prob=poisson_prob, fill=fill),  # type: ignore[arg-type]
+        seed=seed,
+        num_threads=2,
+        prefetch=1,
+    )
+    loader.set_epoch(epoch)
+    shown: list[PreviewBatch] = []
+    for batch, clean in loader.iter_with_clean():
+        shown.append(PreviewBatch.from_batch(batch, clean, loader.mean[0], loader.std[0]))
+        if len(shown) == batches:
+            break
+    loader.close()
+    subtitle = (
+        f"{Path(str(data)).name}  \u00b7  seed {seed}, epoch {epoch}  \u00b7  poisson_prob {poisson_prob:g}, "
+        f"fill {fill}  \u00b7  {image_size}\u00b2, flips on"
+    )
+    atomic_write_bytes(out, render(shown, manifest.class_names, subtitle=subtitle))
+    return [b.plan for b in shown]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, default=None, help="dataset folder or CSV; unset: the bundled synthetic data"
+    )
+    parser.add_argument("--out", type=Path, default=Path("preview.png"), help="PNG file to write")
+    parser.add_argument("--batches", type=int, default=2, help="number of batches to show")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square training images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of shuffling, flips and injection plans")
+    parser.add_argument("--epoch", type=int, default=0, help="epoch whose batches are shown")
+    parser.add_argument(
+        "--poisson-prob", type=float, default=0.5, help="probability of Poisson blending (else cut-paste)"
+    )
+    parser.add_argument("--fill", choices=FILL_POLICIES, default="all-free", help="which free slots to fill")
+
+
+def run(args: argparse.Namespace) -> int:
+    plans = preview(
+        args.data,
+        args.out,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        seed=args.seed,
+        poisson_prob=args.poisson_prob,
+        fill=args.fill,
+        epoch=args.epoch,
+    )
+    injected = sum(len(p.injections) for p in plans)
+    print(f"wrote {args.out}: {len(plans)} batch(es), {injected} injection(s)")
+    return 0

@@ -1,0 +1,92 @@
+"""The data path on a GPU: nvJPEG decoding, CuPy injection kernels, outputs on the device, CPU agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from dli.pipeline.loader import MT_MEAN, MT_STD, build_loader
+from dli.pipeline.manifest import Manifest
+from dli.pipeline.planner import DliConfig
+from dli.pipeline.synth import generate
+
+pytestmark = pytest.mark.gpu
+
+SIZE = 96
+# nvJPEG and libjpeg-turbo may round IDCT and upsampling differently: a few levels of 255 at most.
+JPEG_TOLERANCE = 6 / 255 / MT_STD  # in normalized units
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return generate(
+        tmp_path_factory.mktemp("gpu") / "synth", images=48, seed=11, size_range=((80, 140), (80, 160))
+    )
+
+
+def loaders(manifest: Manifest, **kwargs: object) -> tuple[list, list]:
+    options: dict[str, object] = {"batch_size": 8, "image_size": SIZE, "train": True, "seed": 3}
+    options.update(kwargs)
+    cpu = list(build_loader(manifest, device="cpu", **options))  # type: ignore[arg-type]
+    gpu = list(build_loader(manifest, device="cuda", **options))  # type: ignore[arg-type]
+    return cpu, gpu
+
+
+def test_gpu_batches_live_on_the_device_and_agree_with_the_cpu(synthetic: Manifest) -> None:
+    cpu, gpu = loaders(synthetic, dli=DliConfig(poisson_prob=0.5))
+    assert len(cpu) == len(gpu) == len(synthetic) // 8
+    methods = set()
+    for c, g in zip(cpu, gpu, strict=True):
+        assert (
+            g.images.device.type == "cuda"
+            and g.masks.device.type == "cuda"
+            and g.class_ids.device.type == "cuda"
+        )
+        assert g.images.shape == c.images.shape and g.images.dtype == torch.float32
+        assert c.plan.to_dict() == g.plan.to_dict(), "plans are drawn on the host: identical on both paths"
+        torch.testing.assert_close(g.class_ids.cpu(), c.class_ids, rtol=0, atol=0)
+        g_images, g_masks = g.images.cpu(), g.masks.cpu()
+        # Masks: PNG decoding and nearest-neighbour warps agree up to edge pixels.
+        assert (g_masks != c.masks).float().mean() < 0.002
+        difference = (g_images - c.images).abs()
+        assert (
+            difference.mean() < JPEG_TOLERANCE / 4
+            and torch.quantile(difference.flatten(), 0.999) < JPEG_TOLERANCE
+        )
+        for item in c.plan.injections:
+            methods.add(item.method)
+            label = c.masks[item.slot, item.class_id].bool().numpy()
+            region = (
+                ndimage.binary_dilation(label, np.ones((5, 5), bool)) if item.method == "poisson" else label
+            )
+            inside = torch.from_numpy(region)
+            # The injected region agrees like the rest of the image does.
+            assert difference[item.slot, 0][inside].mean() < JPEG_TOLERANCE / 2, item.to_dict()
+        pixels = g.images * MT_STD + MT_MEAN
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert methods == {"poisson", "paste"}
+
+
+def test_gpu_evaluation_batches(synthetic: Manifest) -> None:
+    cpu, gpu = loaders(synthetic, train=False)
+    assert [len(b) for b in gpu] == [8] * 6
+    for c, g in zip(cpu, gpu, strict=True):
+        assert g.plan is None and g.images.is_cuda
+        assert (g.masks.cpu() != c.masks).float().mean() < 0.002
+        assert (g.images.cpu() - c.images).abs().mean() < JPEG_TOLERANCE / 4
+
+
+def test_gpu_loader_is_reproducible(synthetic: Manifest) -> None:
+    first = list(
+        build_loader(synthetic, batch_size=8, image_size=SIZE, train=True, dli=DliConfig(), device="cuda")
+    )
+    second = list(
+        build_loader(synthetic, batch_size=8, image_size=SIZE, train=True, dli=DliConfig(), device="cuda")
+    )
+    for a, b in zip(first, second, strict=True):
+        assert a.plan.to_dict() == b.plan.to_dict()
+        torch.testing.assert_close(a.masks, b.masks, rtol=0, atol=0)
+        # GPU reductions may add in another order: Poisson results agree to the solver's tolerance.
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-3)
