@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,9 @@ class Loader:
         image_size: (H, W) of the output batches.
         mean, std: per-channel normalization of the 3 output channels (on [0, 1] intensities).
         planner: the DLI planner, or None when injection is off.
+
+    `donors` (training with DLI): manifest indices allowed as injection sources; default every
+    defect image of the manifest.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Loader:
         drop_last: bool | None = None,
         num_threads: int = 2,
         prefetch: int = 2,
+        donors: Collection[int] | None = None,
     ) -> None:
         self.batch_size = _checked_int("batch size", batch_size)
         self.image_size = _image_size(image_size)
@@ -149,7 +153,14 @@ class Loader:
         self._class_ids = np.array(manifest.class_ids(), dtype=np.int64)
         self.planner: Planner | None = None
         if dli is not None:
-            pool = {c: v for c, v in manifest.indices_by_class().items() if c != FREE}
+            # A defect image whose mask is empty would inject nothing yet count as its class:
+            # callers pass `donors` (e.g. from `validate(...).mask_fractions > 0`) to leave such out.
+            allowed = None if donors is None else set(donors)
+            pool = {
+                c: [i for i in v if allowed is None or i in allowed]
+                for c, v in manifest.indices_by_class().items()
+                if c != FREE
+            }
             augment = dli.augment if dli.augment is not None else defect_augments(manifest.class_names)
             if len(augment) != self.num_classes:
                 raise DliError(f"{len(augment)} class augmentations given for {self.num_classes} classes")
@@ -387,6 +398,7 @@ def build_loader(
     drop_last: bool | None = None,
     num_threads: int = 2,
     prefetch: int = 2,
+    donors: Collection[int] | None = None,
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -408,4 +420,5 @@ def build_loader(
         drop_last=drop_last,
         num_threads=num_threads,
         prefetch=prefetch,
+        donors=donors,
     )

@@ -202,6 +202,18 @@ def test_empty_class_warns_once(synthetic: Manifest) -> None:
     assert all(i.class_id != 3 for p in plans for i in p.injections)  # type: ignore[union-attr]
 
 
+def test_donors_restrict_the_injection_sources(synthetic: Manifest) -> None:
+    """Images left out of `donors` (e.g. defect images with an empty mask) are never injected."""
+    defects = [i for i, s in enumerate(synthetic.samples) if s.class_id != FREE]
+    excluded = set(defects[::2])
+    donors = [i for i in defects if i not in excluded]
+    plans = [p for epoch in range(3) for p in train_loader(synthetic, donors=donors).plans(epoch)]
+    used = {i.source for p in plans for i in p.injections}
+    assert used and used <= set(donors)
+    everyone = [p for epoch in range(3) for p in train_loader(synthetic).plans(epoch)]
+    assert {i.source for p in everyone for i in p.injections} & excluded
+
+
 def test_arguments_are_validated(synthetic: Manifest) -> None:
     cases = [
         ({"batch_size": 0}, "batch size 0"),
