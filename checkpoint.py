@@ -1,0 +1,157 @@
+"""Checkpoints: atomic writes, safe loads, and everything needed to resume a run exactly.
+
+A checkpoint is a plain dict of tensors and primitive containers, so it loads with
+`torch.load(weights_only=True)` (no arbitrary code runs when a checkpoint is opened). It is
+written to a temp file and renamed into place, so a run killed mid-save keeps the previous one.
+RNG states (torch CPU and CUDA, NumPy, Python) are stored as tensors and primitives.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dli.atomic import atomic_save
+from dli.errors import DliError
+
+FORMAT = "dli-checkpoint"
+VERSION = 1
+REQUIRED_KEYS: tuple[str, ...] = ("model", "model_info", "config")
+"""Keys every dli checkpoint holds (training checkpoints hold more: optimizer, RNG, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What it takes to rebuild a trained model and feed it like training did.
+
+    Attributes:
+        encoder: registry name (`dli.models.unet.ENCODERS`).
+        class_names: defect classes, index = output channel.
+        image_size: square input side the model was trained at.
+        mean, std: per-channel normalization applied to images scaled to [0, 1].
+    """
+
+    encoder: str
+    class_names: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        return cls(
+            encoder=str(data["encoder"]),
+            class_names=tuple(data["class_names"]),
+            image_size=int(data["image_size"]),
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+        )
+
+
+def model_from_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model of a checkpoint (a path, or a dict from `load_checkpoint`), in eval mode."""
+    from dli.models.unet import build_model
+
+    if isinstance(checkpoint, Mapping):
+        document, name = checkpoint, "checkpoint"
+    else:
+        document, name = load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
+    try:
+        info = ModelInfo.from_dict(document["model_info"])
+        model, _ = build_model(info.encoder, len(info.class_names), pretrained=False)
+        model.load_state_dict(document["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError, DliError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DliError(f"{name} does not hold a usable model: {first_line}") from None
+    return model.to(device).eval(), info
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside `torch.compile` and `DistributedDataParallel` wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Write `payload` (plus format tags) to `path` atomically."""
+    document = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_save(path, lambda handle: torch.save(document, handle))
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a dli checkpoint with `weights_only=True`; `DliError` naming the file if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DliError(f"checkpoint not found: {path}")
+    try:
+        document = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        kind = type(error).__name__
+        raise DliError(
+            f"cannot read checkpoint {path}: corrupt, truncated or not a PyTorch file ({kind})"
+        ) from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise DliError(f"not a dli checkpoint: {path}")
+    if document.get("version", 0) > VERSION:
+        raise DliError(
+            f"checkpoint {path} has format version {document['version']}; this dli reads <= {VERSION}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in document]
+    if missing:
+        raise DliError(f"checkpoint {path} lacks {', '.join(missing)}")
+    return document
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The torch (CPU and every CUDA device), NumPy and Python RNG states, as tensors/primitives."""
+    version, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # noqa: NPY002 - the global RNG itself
+    python_version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": version,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": python_version, "state": list(python_state), "gauss": python_gauss},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what `capture_rng_state` returned."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    np_state = state["numpy"]
+    np.random.set_state(  # noqa: NPY002 - the global RNG itself
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss"]))

@@ -1,0 +1,223 @@
+"""The configuration of one training run: every `dli train` flag as a dataclass field.
+
+`TrainConfig` is what `dli.train.train` takes. Fields left `None` are resolved by `resolved()`:
+without `--data` the run uses the bundled synthetic dataset and a short schedule
+(`QUICK_SCHEDULE`), with `--data` the paper's (`PAPER_SCHEDULE`). The resolved config, plus
+what happened at run time (pretrained weights, versions, device), is written to the run folder
+as `config.yaml` (the way timm saves `args.yaml`) and stored in every checkpoint, so a run can
+be resumed, evaluated and reproduced from its folder alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dli.errors import DliError
+from dli.pipeline.planner import FILL_POLICIES
+
+METHODS: tuple[str, ...] = ("bce", "focal", "balanced", "wce", "dli")
+"""Training methods: four losses without injection, and `dli` (BCE + Dice on injected batches)."""
+
+FILLS: tuple[str, ...] = FILL_POLICIES
+"""How DLI chooses which defect-free images of a batch receive a defect."""
+
+SPLITS: tuple[str, ...] = ("stratified", "reference")
+"""Named train/validation splits; `--split` also takes a folder of split CSVs."""
+
+SPLIT_CSV_NAMES: tuple[tuple[str, str], ...] = (("train_data.csv", "val_data.csv"), ("train.csv", "val.csv"))
+"""File names of a split folder: (train, val), in order of preference."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Epochs, batch size and image size used when the flags leave them unset."""
+
+    epochs: int
+    batch_size: int
+    image_size: int
+
+
+PAPER_SCHEDULE = Schedule(epochs=1000, batch_size=64, image_size=256)
+"""The paper's training schedule (used with `--data`)."""
+
+QUICK_SCHEDULE = Schedule(epochs=3, batch_size=16, image_size=128)
+"""Without `--data`: a short run on the bundled synthetic data (a few minutes on a laptop CPU)."""
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (field `x_y` is flag `--x-y`)."""
+
+    data: str | None = None
+    split: str = "stratified"
+    val_fraction: float = 0.2
+    split_free: bool = False
+    data_fraction: float = 1.0
+    method: str = "dli"
+    poisson_prob: float = 0.5
+    fill: str = "all-free"
+    encoder: str = "l-resnet18"
+    pretrained: bool = True
+    epochs: int | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 1
+    max_steps: int | None = None
+    out: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    num_threads: int = 2
+    progress: bool = True
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raise `DliError` naming the flag and the value. Returns self."""
+        _choice(self, "method", METHODS)
+        _choice(self, "fill", FILLS)
+        from dli.models.unet import ENCODERS
+
+        if self.encoder not in ENCODERS:
+            raise DliError(f"--encoder {self.encoder}: unknown encoder; choose from {', '.join(ENCODERS)}")
+        if self.split not in SPLITS and not Path(self.split).is_dir():
+            raise DliError(
+                f"--split {self.split}: not one of {', '.join(SPLITS)} and not a folder "
+                "(a folder must hold train_data.csv and val_data.csv)"
+            )
+        _in_range(self, "val_fraction", low=0.0, high=1.0, high_inclusive=False)
+        _in_range(self, "data_fraction", low=0.0, high=1.0)
+        _in_range(self, "poisson_prob", low=0.0, high=1.0, low_inclusive=True)
+        _in_range(self, "lr", low=0.0)
+        _in_range(self, "weight_decay", low=0.0, low_inclusive=True)
+        for name in ("epochs", "batch_size", "max_steps"):
+            _positive_int(self, name, optional=True)
+        for name in ("eval_every", "num_threads"):
+            _positive_int(self, name)
+        _positive_int(self, "seed", minimum=0)
+        if self.image_size is not None:
+            _positive_int(self, "image_size", minimum=32)
+            stride = 2 ** ENCODERS[self.encoder].depth
+            if self.image_size % stride:
+                raise DliError(
+                    f"--image-size {self.image_size}: must be a multiple of {stride} "
+                    f"for encoder {self.encoder}"
+                )
+        if not _DEVICE.match(self.device):
+            raise DliError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
+        if self.resume and self.out is None:
+            raise DliError("--resume needs --out RUN (the run folder to continue)")
+        return self
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    @property
+    def quick(self) -> bool:
+        """Whether this is the default short run on bundled synthetic data."""
+        return self.data is None
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the schedule filled in (see the module docstring); `data` stays as given."""
+        schedule = QUICK_SCHEDULE if self.quick else PAPER_SCHEDULE
+        return replace(
+            self,
+            epochs=self.epochs or schedule.epochs,
+            batch_size=self.batch_size or schedule.batch_size,
+            image_size=self.image_size or schedule.image_size,
+        )
+
+    # -- (de)serialisation --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (e.g. a checkpoint's); unknown keys are ignored, missing take defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def explicit(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (the flags a user actually set)."""
+        default = TrainConfig()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+
+def flag(name: str) -> str:
+    """The command-line flag of config field `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def _choice(config: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise DliError(f"{flag(name)} {value}: choose from {', '.join(choices)}")
+
+
+def _in_range(
+    config: TrainConfig,
+    name: str,
+    *,
+    low: float,
+    high: float | None = None,
+    low_inclusive: bool = False,
+    high_inclusive: bool = True,
+) -> None:
+    value = getattr(config, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    above = number and (value >= low if low_inclusive else value > low)
+    below = high is None or (number and (value <= high if high_inclusive else value < high))
+    if above and below:
+        return
+    if high is None:
+        bounds = f"{'>=' if low_inclusive else '>'} {low:g}"
+    else:
+        bounds = f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    raise DliError(f"{flag(name)} {value}: must be {bounds}")
+
+
+def _positive_int(config: TrainConfig, name: str, *, optional: bool = False, minimum: int = 1) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DliError(f"{flag(name)} {value}: must be an integer >= {minimum}")
+
+
+def write_run_config(path: str | Path, config: TrainConfig, runtime: dict[str, Any]) -> None:
+    """Write `config.yaml`: the resolved config, then a `runtime` section (atomic)."""
+    from dli.atomic import atomic_write_text
+
+    document = {**config.to_dict(), "runtime": runtime}
+    atomic_write_text(path, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a `config.yaml` written by `write_run_config`: (config, runtime)."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DliError(f"run config not found: {path}") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise DliError(f"cannot read run config {path}: {error}") from None
+    if not isinstance(document, dict):
+        raise DliError(f"run config {path} is not a mapping")
+    runtime = document.pop("runtime", {}) or {}
+    return TrainConfig.from_dict(document), runtime

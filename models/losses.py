@@ -1,0 +1,200 @@
+"""Segmentation losses of the paper's comparison, on logits, each a pixel term plus soft Dice.
+
+Every method is `0.5 * pixel_term + 0.5 * dice`, with one sigmoid channel per defect class:
+
+- ``bce`` / ``dli``: binary cross-entropy (DLI rebalances the data, not the loss).
+- ``focal``: focal loss (Lin et al. 2017), gamma = 2, per pixel.
+- ``balanced``: class-balanced BCE (Cui et al. 2019): channel c weighted by
+  w_c ∝ (1 - β) / (1 - β^n_c), β = 0.9999, n_c = positive training pixels of class c, the
+  weights scaled to average 1 (so equal counts give plain BCE).
+- ``wce``: weighted BCE, positive pixels of channel c weighted by pos_weight_c = n_neg_c / n_pos_c
+  (negative over positive training pixels of class c), capped at `MAX_POS_WEIGHT`.
+
+Pixel counts come from the training masks (`count_class_pixels`) and are counted at the
+training resolution: an image contributes `fraction_of_defect_pixels * image_size**2` to its
+class and `image_size**2` to the total of every channel, which is what the loss sees per epoch.
+A class without any positive pixel counts as one pixel, so every weight stays finite.
+
+Losses are computed in float32 whatever the autocast dtype (sums over 10^6 pixels lose too
+much in fp16/bf16). The terms are the libraries' own: torch's BCE with logits, torchvision's
+sigmoid focal loss, smp's multilabel soft Dice (per class over the batch, classes absent from
+the batch contribute 0).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+from segmentation_models_pytorch.losses import DiceLoss
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from dli.config import METHODS
+from dli.pipeline.imageio import read_mask
+from dli.pipeline.manifest import FREE, Manifest, Sample
+
+CB_BETA = 0.9999
+"""β of the class-balanced weights (effective number of samples)."""
+
+FOCAL_GAMMA = 2.0
+"""Focusing parameter of the focal loss."""
+
+MAX_POS_WEIGHT = 1000.0
+"""Cap on the weighted-BCE pos_weight: a class covering 1e-5 of the pixels would otherwise weigh
+1e5 and swamp the gradient of every other class."""
+
+
+@dataclass(frozen=True)
+class ClassPixelCounts:
+    """Positive pixels per defect class and pixels per channel, at the training resolution.
+
+    Attributes:
+        positive: defect pixels of each class (index = class id), summed over the training set.
+        total: pixels of one channel over the training set (images x image_size**2).
+    """
+
+    positive: tuple[float, ...]
+    total: float
+
+    @property
+    def negative(self) -> tuple[float, ...]:
+        return tuple(self.total - p for p in self.positive)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"positive": list(self.positive), "total": self.total}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ClassPixelCounts:
+        return cls(tuple(float(p) for p in data["positive"]), float(data["total"]))  # type: ignore[union-attr]
+
+
+def count_class_pixels(
+    manifest: Manifest,
+    image_size: int,
+    *,
+    fractions: Mapping[Sample, float] | None = None,
+    workers: int | None = None,
+) -> ClassPixelCounts:
+    """Count defect pixels per class over `manifest`'s masks (formula in the module docstring).
+
+    `fractions` may give a sample's defect-pixel fraction already measured (e.g. by
+    `dli.pipeline.manifest.validate`); other masks are read with `read_mask`.
+    """
+    known = fractions or {}
+    pixels = float(image_size * image_size)
+
+    def defect_fraction(sample: Sample) -> float:
+        fraction = known.get(sample, math.nan)
+        return fraction if not math.isnan(fraction) else float(read_mask(sample.mask).mean())
+
+    defect = [s for s in manifest.samples if s.class_id != FREE and s.mask is not None]
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PNG decoding releases the GIL
+        measured = list(pool.map(defect_fraction, defect))
+    positive = [0.0] * manifest.num_classes
+    for sample, fraction in zip(defect, measured, strict=True):
+        positive[sample.class_id] += fraction * pixels
+    return ClassPixelCounts(tuple(positive), len(manifest) * pixels)
+
+
+def class_balanced_weights(positive: Sequence[float], beta: float = CB_BETA) -> torch.Tensor:
+    """Cui et al.'s per-class weights (1 - β) / (1 - β^n_c), scaled to average 1."""
+    counts = torch.tensor([max(float(n), 1.0) for n in positive], dtype=torch.float64)
+    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return (weights * len(weights) / weights.sum()).float()
+
+
+def positive_weights(counts: ClassPixelCounts, cap: float = MAX_POS_WEIGHT) -> torch.Tensor:
+    """Weighted-BCE pos_weight per class: negative over positive pixels, capped at `cap`."""
+    ratios = [neg / max(pos, 1.0) for pos, neg in zip(counts.positive, counts.negative, strict=True)]
+    return torch.tensor(ratios, dtype=torch.float32).clamp(max=cap)
+
+
+class FocalLoss(nn.Module):
+    """Mean per-pixel sigmoid focal loss (torchvision's), with optional α balancing."""
+
+    def __init__(self, gamma: float = FOCAL_GAMMA, alpha: float | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.alpha = -1.0 if alpha is None else alpha  # torchvision: alpha < 0 disables it
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sigmoid_focal_loss(logits, targets, alpha=self.alpha, gamma=self.gamma, reduction="mean")
+
+
+class PixelDiceLoss(nn.Module):
+    """`pixel_weight * pixel_loss + dice_weight * soft Dice`, computed in float32.
+
+    `last_terms` keeps the two terms of the latest call (detached tensors, no host sync) for logging.
+    """
+
+    def __init__(self, pixel_loss: nn.Module, *, pixel_weight: float = 0.5, dice_weight: float = 0.5) -> None:
+        super().__init__()
+        self.pixel_loss = pixel_loss
+        self.dice_loss = DiceLoss(mode="multilabel", from_logits=True)
+        self.pixel_weight = pixel_weight
+        self.dice_weight = dice_weight
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(logits.device.type, enabled=False):
+            logits, targets = logits.float(), targets.float()
+            pixel = self.pixel_loss(logits, targets)
+            dice = self.dice_loss(logits, targets)
+        self.last_terms = {"pixel": pixel.detach(), "dice": dice.detach()}
+        return self.pixel_weight * pixel + self.dice_weight * dice
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What `build_loss` built, for the run config."""
+
+    method: str
+    pixel_term: str
+    class_weights: list[float] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def needs_pixel_counts(method: str) -> bool:
+    """Whether `method`'s loss weights classes by their training pixel counts."""
+    return method in ("balanced", "wce")
+
+
+def build_loss(
+    method: str,
+    class_pixel_counts: ClassPixelCounts | None = None,
+    *,
+    cb_beta: float = CB_BETA,
+    focal_gamma: float = FOCAL_GAMMA,
+    max_pos_weight: float = MAX_POS_WEIGHT,
+) -> tuple[PixelDiceLoss, LossSpec]:
+    """The loss of a training method (`METHODS`) and a record of its settings.
+
+    `class_pixel_counts` is required by ``balanced`` and ``wce`` (see `count_class_pixels`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if needs_pixel_counts(method) and class_pixel_counts is None:
+        raise ValueError(f"method {method!r} needs the training set's class pixel counts")
+    if method in ("bce", "dli"):
+        return PixelDiceLoss(nn.BCEWithLogitsLoss()), LossSpec(method, "bce")
+    if method == "focal":
+        return PixelDiceLoss(FocalLoss(focal_gamma)), LossSpec(method, f"focal(gamma={focal_gamma})")
+    assert class_pixel_counts is not None
+    if method == "balanced":
+        weights = class_balanced_weights(class_pixel_counts.positive, cb_beta)
+        # BCEWithLogitsLoss's `weight` scales every element of channel c by w_c; the mean over
+        # equally sized channels is then the weights' average of the per-channel BCE.
+        pixel = nn.BCEWithLogitsLoss(weight=weights.view(-1, 1, 1))
+        return PixelDiceLoss(pixel), LossSpec(method, f"class-balanced bce(beta={cb_beta})", weights.tolist())
+    weights = positive_weights(class_pixel_counts, max_pos_weight)
+    pixel = nn.BCEWithLogitsLoss(pos_weight=weights.view(-1, 1, 1))
+    spec = LossSpec(method, f"weighted bce(max_pos_weight={max_pos_weight})", weights.tolist())
+    return PixelDiceLoss(pixel), spec

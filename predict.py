@@ -1,0 +1,166 @@
+"""`dli predict`: predicted masks and overlays for a folder of images.
+
+For every image `<stem>.<ext>` in `--images` it writes, at the image's original size,
+`<stem>_<class>.png` (0 or 255 per pixel) for each defect class of the checkpoint and
+`<stem>_overlay.png`: the grayscale image with each class's predicted pixels tinted in its colour.
+Images are resized to the training size and normalized as in training; the logits are
+resized back to the original size before the 0.5 threshold, so mask edges follow the
+model's output rather than upscaled blocks.
+
+A folder in the Magnetic Tile layout also holds the ground-truth masks: a `.png` is taken as
+a mask, not an image, when another image has its stem or its stem ends in `_mask`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dli.atomic import atomic_save
+from dli.checkpoint import ModelInfo, model_from_checkpoint
+from dli.errors import DliError
+from dli.models.metrics import THRESHOLD
+from dli.pipeline.imageio import is_image_file, read_gray
+
+OVERLAY_ALPHA = 0.5
+"""Opacity of the class colour over a predicted pixel."""
+
+CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+)
+"""Overlay colour of class c: `CLASS_COLOURS[c % len]` (distinct hues, readable on gray)."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The images of `folder` (not recursive), skipping masks stored beside them; sorted by name."""
+    if not folder.is_dir():
+        raise DliError(f"--images {folder}: not a folder")
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+    )
+    non_png_stems = {p.stem for p in files if p.suffix.lower() != ".png"}
+    images = [
+        p
+        for p in files
+        if p.suffix.lower() != ".png" or (p.stem not in non_png_stems and not p.stem.endswith("_mask"))
+    ]
+    if not images:
+        raise DliError(f"--images {folder}: no images found")
+    clashes = sorted(stem for stem, n in Counter(p.stem for p in images).items() if n > 1)
+    if clashes:
+        raise DliError(f"--images {folder}: several images share the stem(s) {', '.join(clashes)}")
+    return images
+
+
+def preprocess(gray: np.ndarray, info: ModelInfo) -> torch.Tensor:
+    """(3, S, S) float32 input of the model: resized, scaled to [0, 1], normalized as in training."""
+    image = torch.from_numpy(gray).float().div_(255.0)[None, None]
+    size = (info.image_size, info.image_size)
+    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    mean = torch.tensor(info.mean).view(-1, 1, 1)
+    std = torch.tensor(info.std).view(-1, 1, 1)
+    return (image.expand(len(info.mean), -1, -1) - mean) / std
+
+
+def overlay(gray: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: `gray` with each class mask of `masks` (C, H, W bool) tinted in its colour."""
+    out = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
+    for class_id, mask in enumerate(masks):
+        colour = np.array(CLASS_COLOURS[class_id % len(CLASS_COLOURS)], np.float32)
+        out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * colour
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    atomic_save(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
+
+
+def _batches(paths: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(paths), size):
+        yield paths[start : start + size]
+
+
+@torch.no_grad()
+def predict_folder(
+    checkpoint: str | Path,
+    images: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 8,
+    threshold: float = THRESHOLD,
+) -> list[Path]:
+    """Write masks and overlays for every image in `images` to `out`; returns the files written."""
+    from dli.train import amp_dtype_for, resolve_device
+
+    if batch_size < 1:
+        raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
+    if not 0.0 < threshold < 1.0:
+        raise DliError(f"--threshold {threshold}: must be in (0, 1)")
+    paths = list_images(Path(images))
+    torch_device = resolve_device(device)
+    model, info = model_from_checkpoint(checkpoint, device=torch_device)
+    model = model.to(memory_format=torch.channels_last)
+    amp_dtype = amp_dtype_for(torch_device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for group in _batches(paths, batch_size):
+        grays = [read_gray(p) for p in group]
+        inputs = torch.stack([preprocess(g, info) for g in grays]).to(torch_device)
+        with torch.autocast(
+            torch_device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            logits = model(inputs.contiguous(memory_format=torch.channels_last))
+        for path, gray, image_logits in zip(group, grays, logits.float(), strict=True):
+            full = F.interpolate(image_logits[None], size=gray.shape, mode="bilinear", align_corners=False)[0]
+            masks = (torch.sigmoid(full) > threshold).cpu().numpy()
+            for name, mask in zip(info.class_names, masks, strict=True):
+                target = out / f"{path.stem}_{name}.png"
+                _write_png(target, mask.astype(np.uint8) * 255)
+                written.append(target)
+            target = out / f"{path.stem}_overlay.png"
+            _write_png(target, overlay(gray, masks))
+            written.append(target)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    required = {"required": True, "default": argparse.SUPPRESS}
+    parser.add_argument("--checkpoint", **required, help="a best.pt or last.pt written by dli train")
+    parser.add_argument("--images", **required, help="folder of images (jpg, png, bmp, tif)")
+    parser.add_argument(
+        "--out", **required, help="folder for <stem>_<class>.png masks and <stem>_overlay.png"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help="probability above which a pixel is defect"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    written = predict_folder(
+        args.checkpoint,
+        args.images,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0

@@ -1,0 +1,912 @@
+"""`dli train`: train a UNet with BCE + Dice (or a rebalancing loss) on DALI batches, optionally with DLI.
+
+The loop is `train(config) -> RunResult`, callable from other code (experiment grids,
+multi-GPU launchers: pass `rank`/`world_size`; only rank 0 writes, metric counts are summed
+across ranks). Mixed precision is bf16 where the GPU supports it, fp16 with loss scaling
+otherwise, fp32 on CPU; activations are channels-last. A step whose loss is not finite is
+skipped (no optimizer update) and counted.
+
+A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv` and
+`metrics.jsonl` (one record per epoch, rewritten atomically), TensorBoard events in `tb/`,
+`best.pt` (highest validation IoU) and `last.pt` (everything needed to resume: model,
+optimizer, scheduler, scaler, RNG states, epoch, history). `--resume` continues a killed run
+from `last.pt`; the loader's shuffling and injection plans depend only on (seed, epoch), so the
+resumed run sees the same batches as an uninterrupted one.
+
+Run as `dli train`, `python -m dli.train` or `python train.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dli.atomic import atomic_write_text
+from dli.checkpoint import (
+    ModelInfo,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap,
+)
+from dli.config import (
+    FILLS,
+    METHODS,
+    PAPER_SCHEDULE,
+    QUICK_SCHEDULE,
+    SPLIT_CSV_NAMES,
+    SPLITS,
+    TrainConfig,
+    flag,
+    read_run_config,
+    write_run_config,
+)
+from dli.errors import DliError
+from dli.models.losses import ClassPixelCounts, build_loss, count_class_pixels, needs_pixel_counts
+from dli.models.metrics import ConfusionCounter, SegmentationScores, all_reduce_sum, evaluate_model
+from dli.models.unet import ENCODERS, PretrainedStatus, build_model, count_parameters
+from dli.pipeline.manifest import Manifest, Sample
+
+CONFIG_FILE = "config.yaml"
+METRICS_CSV = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"
+CLASS_PIXELS_FILE = "class_pixels.json"
+TENSORBOARD_DIR = "tb"
+BEST = "best.pt"
+LAST = "last.pt"
+
+RUNTIME_FIELDS = frozenset({"out", "resume", "device", "compile", "num_threads", "progress", "eval_every"})
+"""Config fields a resumed run may change: they do not affect the weights it computes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """The training and validation manifests of a run, checked and ready for the loaders.
+
+    Attributes:
+        data_path: the dataset actually used (the bundled synthetic one when `--data` is unset).
+        mask_fractions: defect-pixel fraction of each validated sample (from `validate`), so
+            class pixel counts need not read the masks again.
+    """
+
+    train: Manifest
+    val: Manifest
+    data_path: Path
+    mask_fractions: Mapping[Sample, float] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+
+def load_datasets(
+    data: str | None,
+    split: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    split_free: bool = False,
+    data_fraction: float = 1.0,
+) -> Datasets:
+    """Read, validate and split a dataset as `dli train` does (bad files: one `DliError` listing them).
+
+    `split` is ``stratified`` (seeded, per class), ``reference`` (the published split CSVs under
+    the dataset root) or a folder holding `SPLIT_CSV_NAMES`. `data_fraction` < 1 then keeps that
+    share of every training class.
+    """
+    from dli.pipeline.manifest import read_dataset, validate
+    from dli.pipeline.splits import apply_fraction, reference_split, stratified_split
+
+    if data is None:
+        from dli.pipeline.synth import default_dataset
+
+        data_path = default_dataset()
+    else:
+        data_path = Path(data).absolute()
+    if split == "stratified":
+        manifest = read_dataset(data_path)
+        report = validate(manifest)
+        train, val = stratified_split(manifest, val_fraction=val_fraction, seed=seed, split_free=split_free)
+    else:
+        if split == "reference":
+            train, val = reference_split(data_path)
+        else:
+            train, val = _read_split_folder(Path(split))
+        if train.class_names != val.class_names:
+            raise DliError(
+                f"split {split}: train classes {train.class_names} differ from val {val.class_names}"
+            )
+        manifest = Manifest(train.samples + val.samples, train.class_names, train.root)
+        report = validate(manifest)
+    fractions = dict(zip(manifest.samples, report.mask_fractions.tolist(), strict=True))
+    if data_fraction < 1.0:
+        train = apply_fraction(train, data_fraction, seed=seed)
+    if len(train) == 0 or len(val) == 0:
+        raise DliError(
+            f"split {split} of {data_path} leaves {len(train)} training and {len(val)} validation images"
+        )
+    return Datasets(train, val, data_path, fractions)
+
+
+def _read_split_folder(folder: Path) -> tuple[Manifest, Manifest]:
+    from dli.pipeline.manifest import read_dataset
+
+    for train_name, val_name in SPLIT_CSV_NAMES:
+        if (folder / train_name).is_file() and (folder / val_name).is_file():
+            return read_dataset(folder / train_name), read_dataset(folder / val_name)
+    expected = " or ".join(f"{t} + {v}" for t, v in SPLIT_CSV_NAMES)
+    raise DliError(f"split folder {folder} lacks its CSV files ({expected})")
+
+
+def class_pixel_counts(datasets: Datasets, image_size: int) -> ClassPixelCounts:
+    """Defect pixels per class of the training set (see `dli.models.losses.count_class_pixels`)."""
+    return count_class_pixels(datasets.train, image_size, fractions=datasets.mask_fractions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision.
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """`auto` -> `cuda:<rank>` when a GPU is present, else `cpu`; `DliError` for an absent GPU."""
+    if name == "auto":
+        name = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DliError(f"--device {name}: no CUDA GPU is available")
+        index = device.index if device.index is not None else rank
+        if index >= torch.cuda.device_count():
+            raise DliError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
+def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """Autocast dtype: bf16 on GPUs that support it, else fp16; None (fp32) on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), NumPy's global RNG and Python's `random`."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - libraries may draw from the global RNG
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder.
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Paths of a run's files."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def best(self) -> Path:
+        return self.root / BEST
+
+    @property
+    def last(self) -> Path:
+        return self.root / LAST
+
+    @property
+    def class_pixels(self) -> Path:
+        return self.root / CLASS_PIXELS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    def write_history(self, history: list[dict[str, Any]], class_names: tuple[str, ...]) -> None:
+        """Rewrite `metrics.csv` and `metrics.jsonl` from the whole history (atomic)."""
+        columns = metric_columns(class_names)
+        extra = sorted({k for record in history for k in record} - set(columns))
+        columns += extra
+        lines = [",".join(columns)]
+        for record in history:
+            lines.append(",".join(_csv_value(record.get(c)) for c in columns))
+        atomic_write_text(self.root / METRICS_CSV, "\n".join(lines) + "\n")
+        atomic_write_text(
+            self.root / METRICS_JSONL,
+            "".join(json.dumps(_json_safe(r), sort_keys=False) + "\n" for r in history),
+        )
+
+
+def metric_columns(class_names: tuple[str, ...]) -> list[str]:
+    """Columns of `metrics.csv`, in order."""
+    columns = ["epoch", "step", "lr", "train_loss", "train_iou", "skipped_steps", "images_per_s", "seconds"]
+    columns += ["val_loss", "iou", "f1"]
+    columns += [f"iou/{n}" for n in class_names] + [f"f1/{n}" for n in class_names]
+    return columns
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN becomes null: JSON has no NaN."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def default_run_name(config: TrainConfig) -> str:
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{config.encoder}-{config.method}"
+
+
+def prepare_run_folder(config: TrainConfig) -> RunFolder:
+    """The run folder: new for a fresh run (refusing to overwrite one), existing for `--resume`."""
+    root = Path(config.out) if config.out else Path("runs") / default_run_name(config)
+    folder = RunFolder(root.absolute())
+    if config.resume:
+        if not folder.last.is_file():
+            raise DliError(f"--resume: no {LAST} in {folder.root} to resume from")
+    elif folder.last.exists() or folder.best.exists():
+        raise DliError(
+            f"--out {root}: already holds a run; pass --resume to continue it or choose another folder"
+        )
+    return folder
+
+
+def check_resumable(config: TrainConfig, saved: Mapping[str, Any], path: Path) -> None:
+    """Refuse to resume with settings that would change the computation (flag and values named)."""
+    saved_config = TrainConfig.from_dict(dict(saved))
+    changed = [
+        f"{flag(name)} {getattr(config, name)} (run has {getattr(saved_config, name)})"
+        for name in TrainConfig.__dataclass_fields__
+        if name not in RUNTIME_FIELDS and getattr(config, name) != getattr(saved_config, name)
+    ]
+    if changed:
+        raise DliError(f"cannot resume {path} with changed settings: {'; '.join(changed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in `last.pt` so a resumed run continues exactly."""
+
+    epoch: int = 0
+    step: int = 0
+    skipped_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    best: SegmentationScores | None = None
+    last: SegmentationScores | None = None
+
+    def improves(self, scores: SegmentationScores) -> bool:
+        """Whether `scores` beat the best overall IoU so far (NaN never does)."""
+        return not math.isnan(scores.iou) and (self.best is None or scores.iou > self.best.iou)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_scores": self.best.to_state() if self.best else None,
+            "last_scores": self.last.to_state() if self.last else None,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Progress:
+        best, last = state.get("best_scores"), state.get("last_scores")
+        return cls(
+            epoch=state["epoch"],
+            step=state["step"],
+            skipped_steps=state["skipped_steps"],
+            history=list(state["history"]),
+            best_epoch=state["best_epoch"],
+            best=SegmentationScores.from_state(best) if best else None,
+            last=SegmentationScores.from_state(last) if last else None,
+        )
+
+
+@dataclass
+class RunResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    config: TrainConfig
+    epochs_completed: int
+    steps: int
+    skipped_steps: int
+    best_epoch: int | None
+    best: SegmentationScores | None
+    last: SegmentationScores | None
+    history: list[dict[str, Any]]
+    pretrained: PretrainedStatus
+    seconds: float
+
+    @property
+    def best_iou(self) -> float:
+        return self.best.iou if self.best is not None else math.nan
+
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def _versions() -> dict[str, str]:
+    import segmentation_models_pytorch as smp
+    import timm
+
+    import dli
+
+    versions = {"dli": dli.__version__, "python": platform.python_version(), "torch": str(torch.__version__)}
+    versions |= {"segmentation_models_pytorch": smp.__version__, "timm": timm.__version__}
+    try:
+        import nvidia.dali as dali
+
+        versions["nvidia-dali"] = str(dali.__version__)
+    except ImportError:
+        pass
+    return versions
+
+
+def _device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+class Trainer:
+    """One training run: data, model, optimisation state and run folder, built from a config.
+
+    `fit()` runs the remaining epochs. Construction reads and validates the data first, so a
+    bad dataset fails before anything is written.
+    """
+
+    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> None:
+        from dli.pipeline.loader import build_loader
+        from dli.pipeline.planner import DliConfig
+
+        self.started = time.perf_counter()
+        config = config.validate().resolved()
+        assert config.epochs is not None and config.batch_size is not None and config.image_size is not None
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.writer_rank = rank == 0
+        self.device = resolve_device(config.device, rank)
+        self.amp_dtype = amp_dtype_for(self.device, config.amp)
+
+        self.datasets = load_datasets(
+            config.data,
+            config.split,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            split_free=config.split_free,
+            data_fraction=config.data_fraction,
+        )
+        self.class_names = self.datasets.class_names
+        empty = self.datasets.train.empty_classes()
+        if empty and self.writer_rank:
+            warnings.warn(f"no training image of class(es) {', '.join(empty)}", RuntimeWarning, stacklevel=3)
+
+        self.folder = prepare_run_folder(config)
+        checkpoint = load_checkpoint(self.folder.last) if config.resume else None
+        if checkpoint is not None:
+            check_resumable(config, checkpoint["config"], self.folder.last)
+
+        # Shuffling, flips and injection plans are functions of (seed, epoch) alone.
+        injection = (
+            DliConfig(poisson_prob=config.poisson_prob, fill=config.fill) if config.method == "dli" else None
+        )
+        common = {
+            "batch_size": config.batch_size,
+            "image_size": config.image_size,
+            "seed": config.seed,
+            "device": "cuda" if self.device.type == "cuda" else "cpu",
+            "shard_id": rank,
+            "num_shards": world_size,
+            "num_threads": config.num_threads,
+        }
+        self.train_loader = build_loader(self.datasets.train, train=True, dli=injection, **common)
+        self.val_loader = build_loader(self.datasets.val, train=False, **common)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+
+        self.pixel_counts = self._class_pixel_counts()
+        self.loss_fn, self.loss_spec = build_loss(config.method, self.pixel_counts)
+
+        seed_everything(config.seed)
+        pretrained = config.pretrained and checkpoint is None  # a resumed run loads its own weights
+        self.model, self.pretrained = build_model(
+            config.encoder, len(self.class_names), pretrained=pretrained
+        )
+        self.model = self.model.to(self.device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(1, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.progress = Progress()
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+
+        # What the forward pass runs: the model, maybe wrapped for several GPUs and compiled.
+        self.net: nn.Module = self.model
+        if world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.compile:
+            self.net = torch.compile(self.net)
+
+        self.info = ModelInfo(
+            encoder=config.encoder,
+            class_names=self.class_names,
+            image_size=config.image_size,
+            mean=tuple(self.train_loader.mean),
+            std=tuple(self.train_loader.std),
+        )
+        self.tensorboard: Any = None
+        if self.writer_rank:
+            self._open_run_folder()
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _class_pixel_counts(self) -> ClassPixelCounts | None:
+        if not needs_pixel_counts(self.config.method):
+            return None
+        if self.config.resume and self.folder.class_pixels.is_file():
+            return ClassPixelCounts.from_dict(
+                json.loads(self.folder.class_pixels.read_text(encoding="utf-8"))
+            )
+        return class_pixel_counts(self.datasets, self.config.image_size or 0)
+
+    def _load_state(self, checkpoint: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.progress = Progress.from_state(checkpoint["progress"])
+        self.pretrained = PretrainedStatus(**checkpoint["pretrained"])
+        restore_rng_state(checkpoint["rng"])  # last: building the model above drew from the RNG
+
+    def runtime(self) -> dict[str, Any]:
+        """Facts about this run that the config does not fix (written to `config.yaml`)."""
+        params = count_parameters(self.model)
+        return {
+            "data_path": str(self.datasets.data_path),
+            "class_names": list(self.class_names),
+            "train_counts": self.datasets.train.counts_by_name(),
+            "val_counts": self.datasets.val.counts_by_name(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "device": _device_description(self.device),
+            "world_size": self.world_size,
+            "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
+            "pretrained": self.pretrained.to_dict(),
+            "loss": self.loss_spec.to_dict(),
+            "parameters": {"encoder": params.encoder, "decoder": params.decoder, "head": params.head},
+            "normalization": {"mean": list(self.info.mean), "std": list(self.info.std)},
+            "versions": _versions(),
+            "command": " ".join(sys.argv),
+        }
+
+    def _open_run_folder(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder.root.mkdir(parents=True, exist_ok=True)
+        write_run_config(self.folder.config, self.config, self.runtime())
+        if self.pixel_counts is not None:
+            atomic_write_text(
+                self.folder.class_pixels, json.dumps(self.pixel_counts.to_dict(), indent=2) + "\n"
+            )
+        # On resume, events logged after the checkpoint's epoch (by the killed run) are dropped.
+        purge = self.progress.epoch + 1 if self.progress.epoch else None
+        self.tensorboard = SummaryWriter(str(self.folder.tensorboard), purge_step=purge)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _payload(self, *, resumable: bool) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": unwrap(self.model).state_dict(),
+            "model_info": self.info.to_dict(),
+            "config": self.config.to_dict(),
+            "epoch": self.progress.epoch,
+            "metrics": self.progress.history[-1] if self.progress.history else {},
+        }
+        if resumable:
+            payload |= {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": capture_rng_state(),
+                "progress": self.progress.to_state(),
+                "pretrained": self.pretrained.to_dict(),
+            }
+        return payload
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self, on_epoch_end: EpochCallback | None = None) -> RunResult:
+        """Train the remaining epochs, validating every `eval_every` and at the end."""
+        config, progress = self.config, self.progress
+        assert config.epochs is not None
+        if self.writer_rank:
+            params = count_parameters(self.model)
+            print(
+                f"dli train: {config.encoder} ({params.encoder / 1e6:.2f}M encoder), method {config.method}, "
+                f"{len(self.datasets.train)} train / {len(self.datasets.val)} val images, "
+                f"{config.epochs} epochs x {self.steps_per_epoch} steps on "
+                f"{_device_description(self.device)} -> {self.folder.root}",
+                file=sys.stderr,
+            )
+        try:
+            while progress.epoch < config.epochs and progress.step < self.total_steps:
+                record = self.train_epoch(progress.epoch)
+                progress.epoch += 1
+                last_epoch = progress.epoch == config.epochs or progress.step >= self.total_steps
+                if progress.epoch % config.eval_every == 0 or last_epoch:
+                    record |= self.validate_epoch()
+                progress.history.append(record)
+                if self.writer_rank:
+                    self._write_epoch(record)
+                if on_epoch_end is not None:
+                    on_epoch_end(record)
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            self.train_loader.close()  # DALI pipelines hold worker threads and buffers
+            self.val_loader.close()
+        return RunResult(
+            run_dir=self.folder.root,
+            config=config,
+            epochs_completed=progress.epoch,
+            steps=progress.step,
+            skipped_steps=progress.skipped_steps,
+            best_epoch=progress.best_epoch,
+            best=progress.best,
+            last=progress.last,
+            history=progress.history,
+            pretrained=self.pretrained,
+            seconds=time.perf_counter() - self.started,
+        )
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training loader; returns the epoch's training record."""
+        started = time.perf_counter()
+        self.train_loader.set_epoch(epoch)
+        self.net.train()
+        counter = ConfusionCounter(self.class_names, device=self.device)
+        loss_sum, finite_steps, skipped, images = 0.0, 0, 0, 0
+        bar = self._progress_bar(epoch)
+        for batch in bar if bar is not None else self.train_loader:
+            if self.progress.step >= self.total_steps:
+                break
+            x = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = batch.masks.to(self.device, non_blocking=True)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
+            ):
+                logits = self.net(x)
+            loss = self.loss_fn(logits, y)
+            value = float(loss.detach())  # the step's one host sync: it decides whether to step
+            if self._finite_everywhere(value):
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                loss_sum, finite_steps = loss_sum + value, finite_steps + 1
+            else:
+                skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.progress.step += 1
+            counter.update(logits.detach(), y)
+            images += len(x)
+            if bar is not None:
+                last = self.progress.last
+                bar.set_postfix(
+                    loss=f"{loss_sum / max(finite_steps, 1):.4f}",
+                    val_iou="-" if last is None else f"{100 * last.iou:.1f}",
+                    img_s=f"{images * self.world_size / max(time.perf_counter() - started, 1e-9):.1f}",
+                    refresh=False,
+                )
+        if bar is not None:
+            bar.close()
+        self.progress.skipped_steps += skipped
+        seconds = time.perf_counter() - started
+        return {
+            "epoch": epoch + 1,
+            "step": self.progress.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": _all_mean(loss_sum, finite_steps, self.device),
+            "train_iou": counter.compute().iou,
+            "skipped_steps": skipped,
+            "images_per_s": images * self.world_size / max(seconds, 1e-9),
+            "seconds": seconds,
+        }
+
+    def _finite_everywhere(self, loss: float) -> bool:
+        """Whether the step's loss is finite on every rank (all ranks must skip together)."""
+        if self.world_size == 1:
+            return math.isfinite(loss)
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
+        return all_reduce_sum(bad).item() == 0
+
+    def validate_epoch(self) -> dict[str, Any]:
+        """Score the model on the validation set; keeps `best.pt` when the IoU improves."""
+        evaluation = evaluate_model(
+            self.net,
+            self.val_loader,
+            self.class_names,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            loss_fn=self.loss_fn,
+        )
+        scores, progress = evaluation.scores, self.progress
+        progress.last = scores
+        record = {"val_loss": evaluation.loss, **scores.to_dict()}
+        if progress.improves(scores):
+            progress.best, progress.best_epoch = scores, progress.epoch
+            if self.writer_rank:
+                save_checkpoint(self.folder.best, self._payload(resumable=False) | {"metrics": record})
+        return record
+
+    def _write_epoch(self, record: Mapping[str, Any]) -> None:
+        self.folder.write_history(self.progress.history, self.class_names)
+        save_checkpoint(self.folder.last, self._payload(resumable=True))
+        _log_tensorboard(self.tensorboard, record)
+        _print_epoch(record, self.config.epochs or 0)
+
+    def _progress_bar(self, epoch: int) -> Any:
+        """A tqdm bar over the training loader, or None when quiet or not rank 0."""
+        if not (self.writer_rank and self.config.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            self.train_loader,
+            total=len(self.train_loader),
+            desc=f"epoch {epoch + 1}/{self.config.epochs}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    on_epoch_end: EpochCallback | None = None,
+) -> RunResult:
+    """Train as `config` says and return the best and last validation scores.
+
+    `rank`/`world_size` shard the data across processes of an initialised process group (only
+    rank 0 writes). `on_epoch_end(record)` runs after each epoch's files are written (record =
+    its `metrics.jsonl` line); an exception from it stops the run as a kill would.
+    """
+    return Trainer(config, rank=rank, world_size=world_size).fit(on_epoch_end)
+
+
+def _all_mean(total: float, count: int, device: torch.device) -> float:
+    values = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=device)).tolist()
+    return values[0] / values[1] if values[1] else math.nan
+
+
+def _print_epoch(record: Mapping[str, Any], epochs: int) -> None:
+    line = f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}"
+    line += f", train IoU {100 * record['train_iou']:.2f}%"
+    if "iou" in record:
+        line += f", val IoU {100 * record['iou']:.2f}%, val F1 {100 * record['f1']:.2f}%"
+    line += f", {record['images_per_s']:.1f} img/s"
+    if record["skipped_steps"]:
+        line += f", {record['skipped_steps']} non-finite steps skipped"
+    print(line, file=sys.stderr)
+
+
+def _log_tensorboard(writer: Any, record: Mapping[str, Any]) -> None:
+    if writer is None:
+        return
+    epoch = record["epoch"]
+    names = {
+        "train_loss": "train/loss",
+        "train_iou": "train/iou",
+        "lr": "train/lr",
+        "images_per_s": "train/images_per_s",
+    }
+    names |= {"val_loss": "val/loss", "iou": "val/iou", "f1": "val/f1"}
+    for key, value in record.items():
+        tag = names.get(key) or (f"val/{key}" if "/" in key else None)
+        if tag is not None and isinstance(value, (int, float)) and not math.isnan(value):
+            writer.add_scalar(tag, value, epoch)
+    writer.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `dli train` flags (one per `TrainConfig` field)."""
+    d = TrainConfig()
+    quick, paper = QUICK_SCHEDULE, PAPER_SCHEDULE
+    parser.description = (
+        "Train a UNet for defect segmentation. Without --data: a short run on bundled synthetic data "
+        f"({quick.epochs} epochs, batch {quick.batch_size}, {quick.image_size} px; a few minutes on a laptop "
+        f"CPU). With --data: the paper's schedule ({paper.epochs} epochs, batch {paper.batch_size}, "
+        f"{paper.image_size} px) unless --epochs/--batch-size/--image-size say otherwise."
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", default=d.data, help="dataset folder or CSV; unset: the bundled synthetic data"
+    )
+    data.add_argument(
+        "--split",
+        default=d.split,
+        metavar="|".join(SPLITS) + "|DIR",
+        help="train/val split: seeded per-class split, the published reference split, or a folder of "
+        "train_data.csv + val_data.csv",
+    )
+    data.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction, help="share of each class for validation"
+    )
+    data.add_argument(
+        "--split-free",
+        action=argparse.BooleanOptionalAction,
+        default=d.split_free,
+        help="also split defect-free images (otherwise all train, as in the reference split)",
+    )
+    data.add_argument(
+        "--data-fraction",
+        type=float,
+        default=d.data_fraction,
+        help="share of training images kept (0 < f <= 1)",
+    )
+    data.add_argument(
+        "--image-size",
+        type=int,
+        default=d.image_size,
+        help=f"square training size; unset: {quick.image_size} without --data, {paper.image_size} with it",
+    )
+    data.add_argument("--num-threads", type=int, default=d.num_threads, help="DALI worker threads")
+
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--method",
+        choices=METHODS,
+        default=d.method,
+        help="loss / rebalancing method (dli = BCE+Dice with DLI)",
+    )
+    method.add_argument(
+        "--poisson-prob",
+        type=float,
+        default=d.poisson_prob,
+        help="DLI: probability of Poisson blending per injection (0 = cut-paste only, 1 = Poisson only)",
+    )
+    method.add_argument(
+        "--fill", choices=FILLS, default=d.fill, help="DLI: which defect-free images receive a defect"
+    )
+
+    model = parser.add_argument_group("model and optimisation")
+    model.add_argument("--encoder", default=d.encoder, help=f"one of {', '.join(ENCODERS)}")
+    model.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=d.pretrained,
+        help="start from ImageNet weights (falls back to random init, with a warning, when offline)",
+    )
+    model.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help=f"training epochs; unset: {quick.epochs} without --data, {paper.epochs} with it",
+    )
+    model.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"images per batch; unset: {quick.batch_size} without --data, {paper.batch_size} with it",
+    )
+    model.add_argument(
+        "--lr", type=float, default=d.lr, help="AdamW learning rate (cosine-annealed per step to 0)"
+    )
+    model.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    model.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of the split, shuffling, injection and init"
+    )
+    model.add_argument(
+        "--max-steps",
+        type=int,
+        default=d.max_steps,
+        help="stop after this many steps in all (smoke tests); unset: no limit",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=d.out, help="run folder; unset: runs/<time>-<encoder>-<method>")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    run.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="validate every k epochs (and at the end)"
+    )
+    run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    run.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=d.amp,
+        help="mixed precision on GPU (bf16 or fp16)",
+    )
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show a progress bar"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The `TrainConfig` of parsed flags; with `--resume`, the run's saved config updated by given flags."""
+    given = TrainConfig(**{name: getattr(args, name) for name in TrainConfig.__dataclass_fields__})
+    if not given.resume:
+        return given
+    if given.out is None:
+        raise DliError("--resume needs --out RUN (the run folder to continue)")
+    saved, _ = read_run_config(Path(given.out) / CONFIG_FILE)
+    return replace(saved, **given.explicit())
+
+
+def _one_line_warnings(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"dli train: warning: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dli train`: train, then print the best epoch's per-class table."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings  # a CLI user needs the message, not our source line
+        result = train(config_from_args(args))
+    print(f"run folder: {result.run_dir}")
+    if result.skipped_steps:
+        print(f"{result.skipped_steps} steps skipped for a non-finite loss")
+    if result.best is None:
+        print("no validation IoU was defined (no defect in the validation set was present or predicted)")
+        return 0
+    print(
+        f"best epoch {result.best_epoch} of {result.epochs_completed} (checkpoint {result.run_dir / BEST}):"
+    )
+    print(result.best.table())
+    return 0
+
+
+if __name__ == "__main__":
+    from dli.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
