@@ -129,10 +129,16 @@ class TrainConfig:
         return self.data is None
 
     def resolved(self) -> TrainConfig:
-        """A copy with the schedule filled in (see the module docstring); `data` stays as given."""
+        """A copy with the schedule filled in (see the module docstring) and paths made absolute.
+
+        `data` stays None for the bundled synthetic data, so the run stays a quick run.
+        """
         schedule = QUICK_SCHEDULE if self.quick else PAPER_SCHEDULE
+        split_is_folder = self.split not in SPLITS
         return replace(
             self,
+            data=None if self.data is None else str(Path(self.data).absolute()),
+            split=str(Path(self.split).absolute()) if split_is_folder else self.split,
             epochs=self.epochs or schedule.epochs,
             batch_size=self.batch_size or schedule.batch_size,
             image_size=self.image_size or schedule.image_size,

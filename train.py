@@ -418,6 +418,7 @@ class Trainer:
             warnings.warn(f"no training image of class(es) {', '.join(empty)}", RuntimeWarning, stacklevel=3)
 
         self.folder = prepare_run_folder(config)
+        config = self.config = replace(config, out=str(self.folder.root))  # recorded where it really is
         checkpoint = load_checkpoint(self.folder.last) if config.resume else None
         if checkpoint is not None:
             check_resumable(config, checkpoint["config"], self.folder.last)
