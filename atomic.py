@@ -1,16 +1,49 @@
 """Atomic file writes: a temp file in the same folder, then `os.replace`.
 
 A run killed mid-write leaves the previous checkpoint or result file intact, never a torn one.
+The file gets the mode a plain `open(path, "w")` would give it (0o666 less the umask), or keeps
+the mode of the file it replaces; `tempfile.mkstemp` alone would leave it private (0o600).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+def _umask_at_import() -> int:
+    # os.umask can only be read by setting it, and it is process-wide: do it once, at import.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def _umask() -> int:
+    """The current umask, read without changing it where Linux reports it; else the one at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _final_mode(path: Path) -> int:
+    """The existing file's permission bits, or 0o666 less the umask for a new file."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 @contextmanager
@@ -21,6 +54,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
+            os.chmod(tmp, _final_mode(path))
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

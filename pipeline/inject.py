@@ -10,9 +10,12 @@ source mask dilated by `DliConfig.dilate_radius`, mixed gradients); cut-paste in
 are one `paste` call over theirs. No Python loop runs over images.
 
 Tensors stay where they are: CPU tensors go through the NumPy kernels as zero-copy views, CUDA
-tensors through the CuPy kernels on torch's current stream. The index arrays come from the
-host-side plan, so nothing is read back from the GPU here (the Poisson solver itself checks
-convergence on the host every few iterations).
+tensors through the CuPy kernels on torch's current stream. The index tensors come from the
+host-side plan (copied to the device asynchronously), and dilation and cut-paste read nothing
+back. Poisson injections do: the solver reads its regions' bounding boxes back to size its
+window and iteration bound, checks "all converged" every `GPU_CHECK_EVERY` CG steps, and copies
+its `PoissonInfo` to the host at the end; each such read waits for the work queued before it
+on the stream.
 """
 
 from __future__ import annotations
