@@ -3,23 +3,29 @@
 One iteration, in order:
 
 1. the host picks the batch's manifest indices (this epoch's shuffled order, this shard's part);
-2. for training, the planner draws the batch's flips and its DLI plan from a generator seeded
-   by (seed, epoch, shard, batch): labels only, no pixels;
+2. for training, the planner draws the global batch's flips and its DLI plan from a generator
+   seeded by (seed, epoch, batch): labels only, no pixels; the shard keeps its part of the plan;
 3. DALI decodes the N batch images and the K planned sources with their masks, resizes them
    to H x W and warps each by its matrix (`dli.pipeline.dali`), a few batches ahead;
 4. on the training device, label channels are built from the masks, the plan's defects are
    injected (`dli.pipeline.inject`), and the images are normalized and expanded to 3 channels.
 
-Shuffling, flips and plans are functions of (seed, epoch, shard, batch index) alone, so the same
+Shuffling, flips and plans are functions of (seed, epoch, batch index) alone, so the same
 seed gives the same plans, and on the CPU the same batches bit for bit; a recorded plan
 replays its batch (`Loader.replay`). A run resumed at epoch e sees exactly the batches an
 uninterrupted run would. The flips are drawn before the plan from the same generator, so runs
 with and without injection see the same images in the same order and orientation.
 
-Sharding follows `torch.utils.data.DistributedSampler`: each epoch's permutation is cut to a
-multiple of the shard count (training, ``drop_last``) or padded by repeating its first images
-(evaluation), then shard s takes every k-th image from position s. Every shard thus has the
-same number of batches; padded evaluation counts up to k - 1 images twice.
+Sharding (one shard per process of a multi-GPU run). Training: each epoch's permutation is cut
+into global batches of k x batch_size images; shard s takes every k-th image of a global batch
+from position s, and the same positions of the global batch's plan (`Plan.take`). Every process
+thus plans the whole global batch (cheap: labels only) and decodes and injects only its part; the
+union of the k parts is, image for image, flip for flip and injection for injection, the batch a
+single process with batch size k x batch_size sees, and the rarest-class rule balances the global
+batch the optimizer steps on. Every shard has the same number of batches (the last incomplete
+global batch is dropped). Evaluation: shard s takes images s, s + k, s + 2k, ... of the manifest,
+so every image is scored exactly once; shards differ by at most one image, which is fine because
+evaluation sums its counts across processes once, at the end.
 """
 
 from __future__ import annotations
@@ -167,6 +173,10 @@ class Loader:
             self.planner = Planner(
                 pool, self.num_classes, dli, self.image_size, augment, manifest.class_names
             )
+        if self.train and self.num_shards > 1 and not self.drop_last:
+            # A ragged last global batch could leave some shards without a batch: their processes
+            # would then wait forever for the others' gradients.
+            raise DliError("sharded training drops the last incomplete batch: pass drop_last=None or True")
         if len(self) == 0:
             raise DliError(
                 f"dataset {manifest.root} has {len(manifest)} images: not one full batch of "
@@ -179,50 +189,59 @@ class Loader:
 
     # -- epoch layout -------------------------------------------------------------------------------
 
-    def _samples_per_shard(self) -> int:
-        n, k = len(self.manifest), self.num_shards
-        return n // k if self.drop_last else math.ceil(n / k)
+    @property
+    def global_batch_size(self) -> int:
+        """Images per step over all shards."""
+        return self.batch_size * self.num_shards
 
     def __len__(self) -> int:
         """Batches per epoch for this shard."""
-        per_shard = self._samples_per_shard()
-        return per_shard // self.batch_size if self.drop_last else math.ceil(per_shard / self.batch_size)
+        n = len(self.manifest)
+        if self.train:
+            steps = n / self.global_batch_size
+            return int(steps) if self.drop_last else math.ceil(steps)
+        return math.ceil(len(range(self.shard_id, n, self.num_shards)) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration runs (its shuffle, flips and plans)."""
         self.epoch = _checked_int("epoch", epoch, minimum=0)
 
-    def shard_order(self, epoch: int | None = None) -> np.ndarray:
-        """Manifest indices this shard visits in `epoch` (default: the current one), in order."""
+    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """Training: the manifest indices of each global batch (all shards) of `epoch`."""
+        if not self.train:
+            raise DliError("evaluation loaders have no global batches (each shard scores its own images)")
         epoch = self.epoch if epoch is None else epoch
-        n = len(self.manifest)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
-        total = self._samples_per_shard() * self.num_shards
-        order = order[:total] if total <= n else np.resize(order, total)  # np.resize repeats cyclically
-        return order[self.shard_id :: self.num_shards]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.manifest))
+        size = self.global_batch_size
+        return [order[i : i + size] for i in range(0, len(self) * size, size)]
 
     def batch_indices(self, epoch: int | None = None) -> list[np.ndarray]:
         """The manifest indices of each batch of `epoch` for this shard."""
-        order = self.shard_order(epoch)
-        return [
-            order[i : i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)
-        ]
+        if self.train:
+            return [g[self.shard_id :: self.num_shards] for g in self.global_batches(epoch)]
+        order = np.arange(self.shard_id, len(self.manifest), self.num_shards)
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def _plan(self, epoch: int, batch: int, indices: np.ndarray) -> Plan:
-        rng = np.random.default_rng([self.seed, epoch, self.shard_id, batch])
-        flips = random_flips(rng, len(indices), self.image_size, FLIP_PROBABILITY)
-        class_ids = self._class_ids[indices]
+    def _plan(self, epoch: int, batch: int, global_indices: np.ndarray) -> Plan:
+        """This shard's part of the plan of global batch `batch`."""
+        rng = np.random.default_rng([self.seed, epoch, batch])
+        flips = random_flips(rng, len(global_indices), self.image_size, FLIP_PROBABILITY)
+        class_ids = self._class_ids[global_indices]
         if self.planner is not None:
-            return self.planner.plan(class_ids, rng, batch_indices=indices, image_matrices=flips)
-        ids = tuple(int(c) for c in class_ids)
-        return Plan(tuple(int(i) for i in indices), ids, ids, (), flips, self.num_classes)
+            plan = self.planner.plan(class_ids, rng, batch_indices=global_indices, image_matrices=flips)
+        else:
+            ids = tuple(int(c) for c in class_ids)
+            plan = Plan(tuple(int(i) for i in global_indices), ids, ids, (), flips, self.num_classes)
+        if self.num_shards == 1:
+            return plan
+        return plan.take(range(self.shard_id, len(global_indices), self.num_shards))
 
     def plans(self, epoch: int | None = None) -> list[Plan]:
-        """The plan of every batch of `epoch` (training loaders; cheap: no pixels involved)."""
+        """This shard's plan of every batch of `epoch` (training loaders; cheap: no pixels involved)."""
         if not self.train:
             raise DliError("evaluation loaders have no plans (no augmentation, no injection)")
         epoch = self.epoch if epoch is None else epoch
-        return [self._plan(epoch, b, idx) for b, idx in enumerate(self.batch_indices(epoch))]
+        return [self._plan(epoch, b, g) for b, g in enumerate(self.global_batches(epoch))]
 
     # -- pipeline -------------------------------------------------------------------------------------
 
@@ -266,8 +285,13 @@ class Loader:
         return _Item(work, indices, plan)
 
     def _items(self, epoch: int) -> Iterator[_Item]:
-        for b, indices in enumerate(self.batch_indices(epoch)):
-            yield self._item(indices, self._plan(epoch, b, indices) if self.train else None)
+        if not self.train:
+            for indices in self.batch_indices(epoch):
+                yield self._item(indices, None)
+            return
+        for b, global_indices in enumerate(self.global_batches(epoch)):
+            plan = self._plan(epoch, b, global_indices)
+            yield self._item(np.asarray(plan.batch_indices, dtype=np.int64), plan)
 
     def _run(self, items: Iterator[_Item], keep_clean: bool) -> Iterator[tuple[Batch, torch.Tensor | None]]:
         """Feed `items` ahead into DALI, then assemble each batch in order."""

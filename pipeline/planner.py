@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -163,6 +164,27 @@ class Plan:
         if not self.injections:
             return np.zeros((0, 2, 3), dtype=np.float32)
         return np.stack([i.source_matrix for i in self.injections]).astype(np.float32)
+
+    def take(self, positions: Sequence[int]) -> Plan:
+        """The plan of the sub-batch at `positions` (ascending), injected slots renumbered.
+
+        Several processes each take their part of one plan drawn for the global batch, so the
+        global batch is what it would be in a single process (`dli.pipeline.loader`).
+        """
+        positions = [int(p) for p in positions]
+        if any(b <= a for a, b in pairwise(positions)):
+            raise ValueError(f"positions {positions} must be strictly ascending")
+        if positions and not 0 <= positions[0] <= positions[-1] < len(self):
+            raise ValueError(f"positions {positions} are outside a batch of {len(self)}")
+        slot_of = {p: i for i, p in enumerate(positions)}
+        return Plan(
+            batch_indices=tuple(self.batch_indices[p] for p in positions),
+            class_ids_before=tuple(self.class_ids_before[p] for p in positions),
+            class_ids_after=tuple(self.class_ids_after[p] for p in positions),
+            injections=tuple(replace(i, slot=slot_of[i.slot]) for i in self.injections if i.slot in slot_of),
+            image_matrices=self.image_matrices[positions].copy(),
+            num_classes=self.num_classes,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record of the plan (enough to replay the batch)."""

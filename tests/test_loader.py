@@ -13,7 +13,7 @@ from scipy import ndimage
 from dli.errors import DliError
 from dli.pipeline.loader import MT_MEAN, MT_STD, Loader, build_loader
 from dli.pipeline.manifest import FREE, Manifest, Sample, read_dataset
-from dli.pipeline.planner import DliConfig, EmptyClassWarning
+from dli.pipeline.planner import DliConfig, EmptyClassWarning, Plan
 from dli.pipeline.synth import generate
 
 SIZE = 64
@@ -118,27 +118,32 @@ def test_epoch_length_and_last_batch(synthetic: Manifest) -> None:
 
 
 def test_sharding_is_disjoint_covering_and_balanced(synthetic: Manifest) -> None:
-    for shards, train, drop_last in [(3, True, True), (7, True, True), (4, False, False), (7, False, False)]:
+    # Training: every step, the shards' batches split one global batch of the epoch's permutation.
+    for shards in (1, 3, 7):
         loaders = [
-            build_loader(
-                synthetic,
-                batch_size=4,
-                image_size=SIZE,
-                train=train,
-                shard_id=s,
-                num_shards=shards,
-                drop_last=drop_last,
-            )
+            build_loader(synthetic, batch_size=2, image_size=SIZE, train=True, shard_id=s, num_shards=shards)
             for s in range(shards)
         ]
-        orders = [loader.shard_order(0) for loader in loaders]
         assert len({len(loader) for loader in loaders}) == 1, "shards differ in batch count"
-        assert len({len(o) for o in orders}) == 1
-        seen = np.concatenate(orders)
-        if drop_last:  # a cut permutation: no image twice, at most shards - 1 left out
-            assert len(np.unique(seen)) == len(seen) >= IMAGES - shards + 1
-        else:  # padded: every image at least once, at most shards - 1 twice
-            assert set(seen.tolist()) == set(range(IMAGES)) and len(seen) - IMAGES < shards
+        steps = len(loaders[0])
+        assert steps == IMAGES // (2 * shards)
+        global_batches = loaders[0].global_batches(0)
+        permutation = np.concatenate(global_batches)
+        assert len(np.unique(permutation)) == len(permutation) == steps * 2 * shards
+        for step, global_batch in enumerate(global_batches):
+            parts = [loader.batch_indices(0)[step] for loader in loaders]
+            assert all(len(p) == 2 for p in parts)
+            assert sorted(np.concatenate(parts).tolist()) == sorted(global_batch.tolist())
+    # Evaluation: every image exactly once; shards differ by at most one image.
+    for shards in (1, 4, 7):
+        loaders = [
+            build_loader(synthetic, batch_size=4, image_size=SIZE, train=False, shard_id=s, num_shards=shards)
+            for s in range(shards)
+        ]
+        parts = [np.concatenate(loader.batch_indices()) for loader in loaders]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(IMAGES))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert [len(loader) for loader in loaders] == [len(loader.batch_indices()) for loader in loaders]
     # What the shards yield is what their orders say.
     loaders = [train_loader(synthetic, batch_size=4, shard_id=s, num_shards=3, dli=None) for s in range(3)]
     yielded = [torch.cat([b.class_ids for b in loader]).tolist() for loader in loaders]
@@ -147,15 +152,37 @@ def test_sharding_is_disjoint_covering_and_balanced(synthetic: Manifest) -> None
         assert ids == expected
 
 
+def test_shards_take_their_part_of_the_single_process_plan(synthetic: Manifest) -> None:
+    """k shards of batch b see, together, exactly the batch and plan of one process of batch k*b."""
+    config = DliConfig(poisson_prob=0.5)
+    single = train_loader(synthetic, batch_size=6, dli=config)
+    shards = [train_loader(synthetic, batch_size=2, dli=config, shard_id=s, num_shards=3) for s in range(3)]
+    for epoch in (0, 1):
+        whole = single.plans(epoch)
+        parts = [loader.plans(epoch) for loader in shards]
+        assert len(whole) == len(parts[0]) > 0
+        for step, plan in enumerate(whole):
+            for s, shard_plans in enumerate(parts):
+                assert_same_plan(shard_plans[step], plan.take(range(s, 6, 3)))
+            injected = sum(len(p[step].injections) for p in parts)
+            assert injected == len(plan.injections)
+    with pytest.raises(DliError, match="drops the last incomplete batch"):
+        train_loader(synthetic, batch_size=2, shard_id=0, num_shards=2, drop_last=False)
+
+
+def assert_same_plan(a: Plan, b: Plan) -> None:
+    assert a.to_dict() == b.to_dict()
+
+
 def test_same_seed_same_batches_and_epochs_differ(synthetic: Manifest) -> None:
     first = list(train_loader(synthetic, seed=5, prefetch=1))
     second = list(train_loader(synthetic, seed=5, prefetch=3))
     assert_same_batches(first, second)
     other_seed = train_loader(synthetic, seed=6)
-    assert not np.array_equal(other_seed.shard_order(0), train_loader(synthetic, seed=5).shard_order(0))
+    assert not np.array_equal(other_seed.global_batches(0), train_loader(synthetic, seed=5).global_batches(0))
     loader = train_loader(synthetic, seed=5)
     loader.set_epoch(1)
-    assert not np.array_equal(loader.shard_order(), loader.shard_order(0))
+    assert not np.array_equal(loader.global_batches(), loader.global_batches(0))
     epoch1 = list(loader)
     assert [b.plan.batch_indices for b in epoch1] == [tuple(map(int, i)) for i in loader.batch_indices(1)]
     assert epoch1[0].plan.batch_indices != first[0].plan.batch_indices
@@ -256,8 +283,15 @@ def test_unreadable_files_are_named(synthetic: Manifest, tmp_path: Path) -> None
 def test_real_magnetic_tile_batches(mt_root: Path) -> None:
     from dli.pipeline.splits import reference_split
 
+    from dli.pipeline.manifest import validate
+
     train, _ = reference_split(mt_root)
-    loader = build_loader(train, batch_size=8, image_size=128, train=True, dli=DliConfig(), seed=1)
+    fractions = validate(train).mask_fractions
+    donors = [i for i, s in enumerate(train.samples) if s.class_id != FREE and fractions[i] > 0]
+    assert len(donors) == len(train) - train.class_ids().count(FREE) - 4  # 4 MT_Uneven masks are empty
+    loader = build_loader(
+        train, batch_size=8, image_size=128, train=True, dli=DliConfig(), seed=1, donors=donors
+    )
     assert len(loader) == len(train) // 8
     for k, (batch, clean) in enumerate(loader.iter_with_clean()):
         plan = batch.plan

@@ -216,3 +216,25 @@ def test_plan_log_line_and_validation() -> None:
         DliConfig(fill="most")  # type: ignore[arg-type]
     with pytest.raises(DliError, match="dilate_radius -1"):
         DliConfig(dilate_radius=-1)
+
+
+def test_take_keeps_the_chosen_slots_and_renumbers_their_injections() -> None:
+    rng = np.random.default_rng(4)
+    class_ids = [FREE, 0, FREE, FREE, 1, FREE]
+    pool = {0: [10, 11], 1: [20], 2: [30]}
+    plan = plan_batch(class_ids, pool, rng, DliConfig(), 3, batch_indices=[5, 6, 7, 8, 9, 4])
+    part = plan.take([0, 3, 4])
+    assert part.batch_indices == (5, 8, 9)
+    assert part.class_ids_before == (FREE, FREE, 1)
+    assert part.class_ids_after == tuple(plan.class_ids_after[p] for p in (0, 3, 4))
+    kept = [i for i in plan.injections if i.slot in (0, 3)]
+    assert [i.slot for i in part.injections] == [{0: 0, 3: 1}[i.slot] for i in kept]
+    assert [(i.class_id, i.source, i.method) for i in part.injections] == [
+        (i.class_id, i.source, i.method) for i in kept
+    ]
+    np.testing.assert_array_equal(part.image_matrices, plan.image_matrices[[0, 3, 4]])
+    assert plan.take(range(len(plan))).to_dict() == plan.to_dict()
+    with pytest.raises(ValueError, match="ascending"):
+        plan.take([3, 0])
+    with pytest.raises(ValueError, match="outside"):
+        plan.take([2, 6])
