@@ -16,21 +16,21 @@ class and `image_size**2` to the total of every channel, which is what the loss 
 A class without any positive pixel counts as one pixel, so every weight stays finite.
 
 Losses are computed in float32 whatever the autocast dtype (sums over 10^6 pixels lose too
-much in fp16/bf16). The terms are the libraries' own: torch's BCE with logits, torchvision's
-sigmoid focal loss, smp's multilabel soft Dice (per class over the batch, classes absent from
-the batch contribute 0).
+much in fp16/bf16). The pixel terms are the libraries' own: torch's BCE with logits and
+torchvision's sigmoid focal loss. The soft Dice is smp's multilabel Dice (per class over the
+batch; classes absent from the batch contribute 0), re-stated in `SoftDiceLoss` so that under
+DistributedDataParallel its per-class sums can cover the global batch.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
@@ -127,16 +127,71 @@ class FocalLoss(nn.Module):
         return sigmoid_focal_loss(logits, targets, alpha=self.alpha, gamma=self.gamma, reduction="mean")
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sum_across_processes(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over the processes of the current group, differentiably (itself when alone).
+
+    The backward pass sums the incoming gradients across processes too; after DDP averages the
+    parameter gradients, each process's share of a global statistic gets exactly the gradient a
+    single process computing that statistic would give it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(values)
+    return values
+
+
+class SoftDiceLoss(nn.Module):
+    """Multilabel soft Dice on logits: 1 - 2 sum(p t) / sum(p + t) per class over the batch, averaged
+    over classes, a class with no positive pixel in the batch counting 0 (smp's
+    `DiceLoss(mode="multilabel", from_logits=True)`; a test holds the two equal).
+
+    `reduce` sums the per-class statistics (e.g. `sum_across_processes`) before the ratio, so
+    several processes compute the Dice of their global batch. Dice is not a mean over images,
+    so averaging per-process losses (what DDP does) would not give it; smp's loss has no hook
+    for this, hence this short class.
+    """
+
+    def __init__(self, *, eps: float = 1e-7, reduce: Reduce | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.reduce = reduce
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        probabilities = nn.functional.logsigmoid(logits).exp()  # as smp: stable for large |logits|
+        dims = (0, 2, 3)
+        stats = torch.stack(
+            [(probabilities * targets).sum(dims), (probabilities + targets).sum(dims), targets.sum(dims)]
+        )
+        if self.reduce is not None:
+            stats = self.reduce(stats)
+        intersection, cardinality, positives = stats
+        score = 2.0 * intersection / cardinality.clamp_min(self.eps)
+        return ((1.0 - score) * (positives > 0).to(score.dtype)).mean()
+
+
 class PixelDiceLoss(nn.Module):
     """`pixel_weight * pixel_loss + dice_weight * soft Dice`, computed in float32.
 
     `last_terms` keeps the two terms of the latest call (detached tensors, no host sync) for logging.
     """
 
-    def __init__(self, pixel_loss: nn.Module, *, pixel_weight: float = 0.5, dice_weight: float = 0.5) -> None:
+    def __init__(
+        self,
+        pixel_loss: nn.Module,
+        *,
+        pixel_weight: float = 0.5,
+        dice_weight: float = 0.5,
+        dice_reduce: Reduce | None = None,
+    ) -> None:
         super().__init__()
         self.pixel_loss = pixel_loss
-        self.dice_loss = DiceLoss(mode="multilabel", from_logits=True)
+        self.dice_loss = SoftDiceLoss(reduce=dice_reduce)
         self.pixel_weight = pixel_weight
         self.dice_weight = dice_weight
         self.last_terms: dict[str, torch.Tensor] = {}
@@ -174,27 +229,34 @@ def build_loss(
     cb_beta: float = CB_BETA,
     focal_gamma: float = FOCAL_GAMMA,
     max_pos_weight: float = MAX_POS_WEIGHT,
+    global_batch: bool = False,
 ) -> tuple[PixelDiceLoss, LossSpec]:
     """The loss of a training method (`METHODS`) and a record of its settings.
 
     `class_pixel_counts` is required by ``balanced`` and ``wce`` (see `count_class_pixels`).
+    `global_batch`: the Dice term sums its statistics across the processes of the current
+    group (training under DDP: every process must call the loss once per step).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if needs_pixel_counts(method) and class_pixel_counts is None:
         raise ValueError(f"method {method!r} needs the training set's class pixel counts")
+    dice_reduce = sum_across_processes if global_batch else None
     if method in ("bce", "dli"):
-        return PixelDiceLoss(nn.BCEWithLogitsLoss()), LossSpec(method, "bce")
-    if method == "focal":
-        return PixelDiceLoss(FocalLoss(focal_gamma)), LossSpec(method, f"focal(gamma={focal_gamma})")
-    assert class_pixel_counts is not None
-    if method == "balanced":
+        pixel: nn.Module = nn.BCEWithLogitsLoss()
+        spec = LossSpec(method, "bce")
+    elif method == "focal":
+        pixel, spec = FocalLoss(focal_gamma), LossSpec(method, f"focal(gamma={focal_gamma})")
+    elif method == "balanced":
+        assert class_pixel_counts is not None
         weights = class_balanced_weights(class_pixel_counts.positive, cb_beta)
         # BCEWithLogitsLoss's `weight` scales every element of channel c by w_c; the mean over
         # equally sized channels is then the weights' average of the per-channel BCE.
         pixel = nn.BCEWithLogitsLoss(weight=weights.view(-1, 1, 1))
-        return PixelDiceLoss(pixel), LossSpec(method, f"class-balanced bce(beta={cb_beta})", weights.tolist())
-    weights = positive_weights(class_pixel_counts, max_pos_weight)
-    pixel = nn.BCEWithLogitsLoss(pos_weight=weights.view(-1, 1, 1))
-    spec = LossSpec(method, f"weighted bce(max_pos_weight={max_pos_weight})", weights.tolist())
-    return PixelDiceLoss(pixel), spec
+        spec = LossSpec(method, f"class-balanced bce(beta={cb_beta})", weights.tolist())
+    else:
+        assert class_pixel_counts is not None
+        weights = positive_weights(class_pixel_counts, max_pos_weight)
+        pixel = nn.BCEWithLogitsLoss(pos_weight=weights.view(-1, 1, 1))
+        spec = LossSpec(method, f"weighted bce(max_pos_weight={max_pos_weight})", weights.tolist())
+    return PixelDiceLoss(pixel, dice_reduce=dice_reduce), spec

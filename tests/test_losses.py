@@ -143,3 +143,36 @@ def test_count_class_pixels_at_training_resolution(tmp_path):
     assert counts.positive == (32.0, 32.0)
     assert counts.total == 4 * 64
     assert ClassPixelCounts.from_dict(counts.to_dict()) == counts
+
+
+def test_soft_dice_equals_smp_multilabel_dice_and_its_sums_can_span_several_batches():
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    from dli.models.losses import SoftDiceLoss
+
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 4, 16, 16, generator=generator, dtype=torch.float64) * 3
+    targets = (torch.rand(6, 4, 16, 16, generator=generator, dtype=torch.float64) > 0.8).double()
+    targets[:, 2] = 0  # a class absent from the batch
+    targets[:3, 0] = 0  # a class present in one half only
+    smp_dice = DiceLoss(mode="multilabel", from_logits=True)
+    ours = SoftDiceLoss()(logits, targets)
+    torch.testing.assert_close(ours, smp_dice(logits, targets), rtol=1e-12, atol=1e-12)
+
+    # Two halves whose statistics are summed by `reduce` give the Dice of the whole batch, and
+    # the gradients of the halves are those of the whole.
+    whole = logits.clone().requires_grad_(True)
+    SoftDiceLoss()(whole, targets).backward()
+    halves = [logits[:3].clone().requires_grad_(True), logits[3:].clone().requires_grad_(True)]
+    partial: list[torch.Tensor] = []
+
+    def sum_halves(stats: torch.Tensor) -> torch.Tensor:
+        partial.append(stats)
+        return stats if len(partial) == 1 else partial[0] + stats
+
+    first = SoftDiceLoss(reduce=sum_halves)
+    first(halves[0], targets[:3])  # records the first half's statistics
+    combined = first(halves[1], targets[3:])
+    torch.testing.assert_close(combined, SoftDiceLoss()(logits, targets), rtol=1e-12, atol=1e-12)
+    combined.backward()
+    torch.testing.assert_close(torch.cat([h.grad for h in halves]), whole.grad, rtol=1e-10, atol=1e-12)
