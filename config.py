@@ -164,6 +164,21 @@ class TrainConfig:
             if getattr(self, f.name) != getattr(default, f.name)
         }
 
+    def to_argv(self) -> list[str]:
+        """The `dli train` flags that rebuild this config (only those that differ from the defaults)."""
+        argv: list[str] = []
+        for name, value in self.explicit().items():
+            if isinstance(value, bool):
+                if value or name not in STORE_TRUE_FIELDS:
+                    argv.append(flag(name) if value else "--no-" + flag(name)[2:])
+            else:
+                argv += [flag(name), repr(value) if isinstance(value, float) else str(value)]
+        return argv
+
+
+STORE_TRUE_FIELDS = frozenset({"resume", "compile"})
+"""Boolean fields whose flag only switches on (no `--no-` form)."""
+
 
 def flag(name: str) -> str:
     """The command-line flag of config field `name`."""

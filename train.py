@@ -1,8 +1,7 @@
 """`dli train`: train a UNet with BCE + Dice (or a rebalancing loss) on DALI batches, optionally with DLI.
 
 The loop is `train(config) -> RunResult`, callable from other code (experiment grids,
-multi-GPU launchers: pass `rank`/`world_size`; only rank 0 writes, metric counts are summed
-across ranks). Mixed precision is bf16 where the GPU supports it, fp16 with loss scaling
+multi-GPU launchers). Mixed precision is bf16 where the GPU supports it, fp16 with loss scaling
 otherwise, fp32 on CPU; activations are channels-last. A step whose loss is not finite is
 skipped (no optimizer update) and counted.
 
@@ -12,6 +11,14 @@ A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv
 optimizer, scheduler, scaler, RNG states, epoch, history). `--resume` continues a killed run
 from `last.pt`; the loader's shuffling and injection plans depend only on (seed, epoch), so the
 resumed run sees the same batches as an uninterrupted one.
+
+Several GPUs (`dli train --devices K`, or `torchrun --nproc_per_node=K -m dli.train`; see
+`dli.distributed`): K processes train one model with `DistributedDataParallel`. `--batch-size`
+stays the global batch: each process decodes, plans its part of and injects batch_size / K
+images, and the K parts of a step are exactly the batch one process would see (see
+`dli.pipeline.loader`), so a run's data does not depend on K. Gradients are averaged across
+processes, validation counts summed, and only rank 0 writes files and prints. BatchNorm
+statistics stay per process, as usual with DDP.
 
 Run as `dli train`, `python -m dli.train` or `python train.py`.
 """
@@ -29,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,7 +67,10 @@ from dli.errors import DliError
 from dli.models.losses import ClassPixelCounts, build_loss, count_class_pixels, needs_pixel_counts
 from dli.models.metrics import ConfusionCounter, SegmentationScores, all_reduce_sum, evaluate_model
 from dli.models.unet import ENCODERS, PretrainedStatus, build_model, count_parameters
-from dli.pipeline.manifest import Manifest, Sample
+from dli.pipeline.manifest import FREE, Manifest, Sample
+
+if TYPE_CHECKING:
+    from dli.distributed import ProcessPlace
 
 CONFIG_FILE = "config.yaml"
 METRICS_CSV = "metrics.csv"
@@ -96,6 +106,14 @@ class Datasets:
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.train.class_names
+
+    def donors(self) -> list[int]:
+        """Training indices DLI may take defects from: defect images whose mask is not empty."""
+        return [
+            i
+            for i, s in enumerate(self.train.samples)
+            if s.class_id != FREE and self.mask_fractions.get(s, 1.0) > 0
+        ]
 
 
 def load_datasets(
@@ -392,16 +410,19 @@ class Trainer:
     bad dataset fails before anything is written.
     """
 
-    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, config: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int | None = None
+    ) -> None:
         from dli.pipeline.loader import build_loader
         from dli.pipeline.planner import DliConfig
 
         self.started = time.perf_counter()
         config = config.validate().resolved()
         assert config.epochs is not None and config.batch_size is not None and config.image_size is not None
+        local_batch = check_batch_split(config.batch_size, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.writer_rank = rank == 0
-        self.device = resolve_device(config.device, rank)
+        self.device = resolve_device(config.device, rank if local_rank is None else local_rank)
         self.amp_dtype = amp_dtype_for(self.device, config.amp)
 
         self.datasets = load_datasets(
@@ -417,6 +438,8 @@ class Trainer:
         if empty and self.writer_rank:
             warnings.warn(f"no training image of class(es) {', '.join(empty)}", RuntimeWarning, stacklevel=3)
 
+        if world_size > 1 and config.out is None:
+            config = replace(config, out=_rank0_value(str(Path("runs") / default_run_name(config))))
         self.folder = prepare_run_folder(config)
         config = self.config = replace(config, out=str(self.folder.root))  # recorded where it really is
         checkpoint = load_checkpoint(self.folder.last) if config.resume else None
@@ -428,7 +451,7 @@ class Trainer:
             DliConfig(poisson_prob=config.poisson_prob, fill=config.fill) if config.method == "dli" else None
         )
         common = {
-            "batch_size": config.batch_size,
+            "batch_size": local_batch,
             "image_size": config.image_size,
             "seed": config.seed,
             "device": "cuda" if self.device.type == "cuda" else "cpu",
@@ -436,7 +459,9 @@ class Trainer:
             "num_shards": world_size,
             "num_threads": config.num_threads,
         }
-        self.train_loader = build_loader(self.datasets.train, train=True, dli=injection, **common)
+        self.train_loader = build_loader(
+            self.datasets.train, train=True, dli=injection, donors=self.datasets.donors(), **common
+        )
         self.val_loader = build_loader(self.datasets.val, train=False, **common)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -444,7 +469,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
 
         self.pixel_counts = self._class_pixel_counts()
-        self.loss_fn, self.loss_spec = build_loss(config.method, self.pixel_counts)
+        # Training computes the Dice of the global batch; validation, whose shards differ in
+        # length, scores each process's batches alone (it reports the loss, not trains on it).
+        self.loss_fn, self.loss_spec = build_loss(
+            config.method, self.pixel_counts, global_batch=world_size > 1
+        )
+        self.eval_loss_fn, _ = build_loss(config.method, self.pixel_counts)
 
         seed_everything(config.seed)
         pretrained = config.pretrained and checkpoint is None  # a resumed run loads its own weights
@@ -464,12 +494,15 @@ class Trainer:
             self._load_state(checkpoint)
 
         # What the forward pass runs: the model, maybe wrapped for several GPUs and compiled.
+        # Validation runs the model itself under DDP: each process scores its own shard, with no
+        # collective per batch, so shards of unequal length cannot stall it.
         self.net: nn.Module = self.model
         if world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         if config.compile:
             self.net = torch.compile(self.net)
+        self.eval_net = self.model if world_size > 1 else self.net
 
         self.info = ModelInfo(
             encoder=config.encoder,
@@ -514,6 +547,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "device": _device_description(self.device),
             "world_size": self.world_size,
+            "batch_per_process": self.train_loader.batch_size,
             "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
             "pretrained": self.pretrained.to_dict(),
             "loss": self.loss_spec.to_dict(),
@@ -614,26 +648,25 @@ class Trainer:
         for batch in bar if bar is not None else self.train_loader:
             if self.progress.step >= self.total_steps:
                 break
-            x = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = batch.masks.to(self.device, non_blocking=True)
-            with torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=bool(self.amp_dtype)
-            ):
-                logits = self.net(x)
-            loss = self.loss_fn(logits, y)
-            value = float(loss.detach())  # the step's one host sync: it decides whether to step
-            if self._finite_everywhere(value):
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            value, logits, stepped = train_step(
+                self.net,
+                self.loss_fn,
+                self.optimizer,
+                self.scaler,
+                batch.images,
+                y,
+                amp_dtype=self.amp_dtype,
+                all_finite=self._finite_everywhere,
+            )
+            if stepped:
                 loss_sum, finite_steps = loss_sum + value, finite_steps + 1
             else:
                 skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.progress.step += 1
-            counter.update(logits.detach(), y)
-            images += len(x)
+            counter.update(logits, y)
+            images += len(y)
             if bar is not None:
                 last = self.progress.last
                 bar.set_postfix(
@@ -667,12 +700,12 @@ class Trainer:
     def validate_epoch(self) -> dict[str, Any]:
         """Score the model on the validation set; keeps `best.pt` when the IoU improves."""
         evaluation = evaluate_model(
-            self.net,
+            self.eval_net,
             self.val_loader,
             self.class_names,
             device=self.device,
             amp_dtype=self.amp_dtype,
-            loss_fn=self.loss_fn,
+            loss_fn=self.eval_loss_fn,
         )
         scores, progress = evaluation.scores, self.progress
         progress.last = scores
@@ -706,20 +739,73 @@ class Trainer:
         )
 
 
+def train_step(
+    net: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    amp_dtype: torch.dtype | None,
+    all_finite: Callable[[float], bool] = math.isfinite,
+) -> tuple[float, torch.Tensor, bool]:
+    """One optimisation step as `dli train` takes it: (loss value, detached logits, whether it stepped).
+
+    Channels-last inputs, the forward pass under autocast (`amp_dtype`; None = fp32), the loss
+    in fp32, one host sync on the loss value, and no update when `all_finite(value)` says the
+    loss is not finite (on any process, under DDP). `masks` must already be on the model's device.
+    """
+    device = masks.device
+    x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = net(x)
+    loss = loss_fn(logits, masks)
+    value = float(loss.detach())  # the step's one host sync: it decides whether to step
+    stepped = all_finite(value)
+    if stepped:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return value, logits.detach(), stepped
+
+
 def train(
     config: TrainConfig,
     *,
     rank: int = 0,
     world_size: int = 1,
+    local_rank: int | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> RunResult:
     """Train as `config` says and return the best and last validation scores.
 
-    `rank`/`world_size` shard the data across processes of an initialised process group (only
-    rank 0 writes). `on_epoch_end(record)` runs after each epoch's files are written (record =
-    its `metrics.jsonl` line); an exception from it stops the run as a kill would.
+    `rank`/`world_size` shard the data across the processes of an initialised process group
+    (only rank 0 writes); `local_rank` (default `rank`) picks this process's GPU.
+    `on_epoch_end(record)` runs after each epoch's files are written (record = its
+    `metrics.jsonl` line); an exception from it stops the run as a kill would.
     """
-    return Trainer(config, rank=rank, world_size=world_size).fit(on_epoch_end)
+    trainer = Trainer(config, rank=rank, world_size=world_size, local_rank=local_rank)
+    return trainer.fit(on_epoch_end)
+
+
+def check_batch_split(batch_size: int, world_size: int) -> int:
+    """Images per process of a global batch; `DliError` when the processes cannot share it evenly."""
+    if batch_size % world_size:
+        raise DliError(
+            f"--batch-size {batch_size}: the global batch must be a multiple of the {world_size} processes"
+        )
+    return batch_size // world_size
+
+
+def _rank0_value(value: str) -> str:
+    """Rank 0's `value`, on every process (e.g. the default run folder, named after the time)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _all_mean(total: float, count: int, device: torch.device) -> float:
@@ -863,6 +949,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="processes (one per GPU, or CPU processes with --device cpu) training one model with "
+        "DistributedDataParallel; --batch-size is split among them",
+    )
+    run.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=d.amp,
@@ -890,10 +983,76 @@ def _one_line_warnings(message: Warning | str, category: type[Warning], *_: Any,
 
 
 def run(args: argparse.Namespace) -> int:
-    """`dli train`: train, then print the best epoch's per-class table."""
+    """`dli train`: train, then print the best epoch's per-class table.
+
+    With `--devices K` (K > 1) this process only checks the inputs and launches K training
+    processes; under torchrun (or in one of those) it trains as its rank.
+    """
+    from dli.distributed import ProcessPlace
+
+    config = config_from_args(args)
+    place = ProcessPlace.from_env()
+    if place is None or place.world_size == 1:
+        if args.devices != 1:
+            return launch_processes(config, args.devices)
+        return _train_and_report(config)
+    if args.devices not in (1, place.world_size):
+        raise DliError(f"--devices {args.devices}: this launch has {place.world_size} processes")
+    return _train_as(place, config)
+
+
+def launch_processes(config: TrainConfig, devices: int) -> int:
+    """Check `config` and the data once here, then train in `devices` processes (`dli.distributed`)."""
+    from dli.distributed import launch
+
+    if devices < 1:
+        raise DliError(f"--devices {devices}: must be an integer >= 1")
+    checked = config.validate().resolved()
+    assert checked.batch_size is not None
+    check_batch_split(checked.batch_size, devices)
+    device = resolve_device(checked.device)
+    if device.type == "cuda":
+        if checked.device.startswith("cuda:"):
+            raise DliError(f"--device {checked.device}: --devices K uses GPUs 0..K-1; pass --device cuda")
+        if devices > torch.cuda.device_count():
+            raise DliError(f"--devices {devices}: only {torch.cuda.device_count()} CUDA device(s)")
+    if not checked.resume:
+        prepare_run_folder(checked)  # refuses an existing run before any process starts
+    load_datasets(  # bad data: one error here, not one per process
+        checked.data,
+        checked.split,
+        val_fraction=checked.val_fraction,
+        seed=checked.seed,
+        split_free=checked.split_free,
+        data_fraction=checked.data_fraction,
+    )
+    if checked.out is None:
+        checked = replace(checked, out=str(Path("runs") / default_run_name(checked)))
+    command = [sys.executable, "-m", "dli.train", *checked.to_argv()]
+    return launch(command, devices, cpu=device.type == "cpu")
+
+
+def _train_as(place: ProcessPlace, config: TrainConfig) -> int:
+    """Train as one process of a multi-process run (rank 0 reports; the others stay quiet)."""
+    from dli.distributed import destroy_process_group, init_process_group
+
+    device = resolve_device(config.validate().device, place.local_rank)
+    init_process_group(place, device.type)
+    try:
+        if place.rank != 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # rank 0 already says it
+                train(config, rank=place.rank, world_size=place.world_size, local_rank=place.local_rank)
+            return 0
+        return _train_and_report(config, rank=0, world_size=place.world_size, local_rank=place.local_rank)
+    finally:
+        destroy_process_group()
+
+
+def _train_and_report(config: TrainConfig, **placement: Any) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warnings  # a CLI user needs the message, not our source line
-        result = train(config_from_args(args))
+        result = train(config, **placement)
     print(f"run folder: {result.run_dir}")
     if result.skipped_steps:
         print(f"{result.skipped_steps} steps skipped for a non-finite loss")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import shlex
@@ -69,7 +68,7 @@ from dli.pipeline.inject import inject
 from dli.pipeline.loader import MT_MEAN, MT_STD, Loader, build_loader
 from dli.pipeline.manifest import FREE, Manifest, read_dataset, validate
 from dli.pipeline.planner import DliConfig, Plan
-from dli.train import amp_dtype_for
+from dli.train import amp_dtype_for, train_step
 
 SCHEMA_VERSION = 1
 """Bumped when the JSON layout changes."""
@@ -658,12 +657,11 @@ def _cg_step(bench: Bench, infos: Sequence[PoissonInfo], steps_time: float) -> d
 
 
 class TrainStep:
-    """One `dli train` optimisation step (forward under autocast, BCE + Dice, backward, AdamW).
+    """One `dli train` optimisation step (`dli.train.train_step`: BCE + Dice, AdamW) on a fresh model.
 
-    As the trainer: channels-last inputs, bf16 autocast where the GPU supports it (fp16 with a
-    loss scaler otherwise, fp32 on the CPU), one host sync on the loss value, no update when it
-    is not finite. The learning-rate schedule and metric counting are left out (host work that
-    does not depend on the data path).
+    The trainer's precision (bf16 autocast where the GPU supports it, fp16 with a loss scaler
+    otherwise, fp32 on the CPU). The learning-rate schedule and metric counting are left out
+    (host work that does not depend on the data path).
     """
 
     def __init__(self, encoder: str, num_classes: int, device: torch.device) -> None:
@@ -682,19 +680,10 @@ class TrainStep:
         return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> float:
-        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = masks.to(self.device, non_blocking=True)
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        value = float(loss.detach())
-        if math.isfinite(value):
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        value, _, _ = train_step(
+            self.model, self.loss_fn, self.optimizer, self.scaler, images, y, amp_dtype=self.amp_dtype
+        )
         return value
 
 
