@@ -209,3 +209,20 @@ def test_reference_split_of_magnetic_tile(mt_root):
             "uneven": 21,
             "free": 0,
         }
+        # The 4 MT_Uneven images with an empty mask never serve as injection sources.
+        empty = [s for s in datasets.train.samples if s.class_id >= 0 and datasets.mask_fractions[s] == 0]
+        assert len(empty) == 4
+        donors = datasets.donors()
+        defects = [i for i, s in enumerate(datasets.train.samples) if s.class_id >= 0]
+        assert len(donors) == len(defects) - 4 and set(donors) <= set(defects)
+
+
+def test_injection_sources_leave_out_defect_images_with_empty_masks(data):
+    from dli.train import Datasets, load_datasets
+
+    datasets = load_datasets(str(data), "stratified")
+    defects = [i for i, s in enumerate(datasets.train.samples) if s.class_id >= 0]
+    assert datasets.donors() == defects  # the synthetic masks all have defect pixels
+    emptied = dict(datasets.mask_fractions) | {datasets.train.samples[defects[0]]: 0.0}
+    with_empty = Datasets(datasets.train, datasets.val, datasets.data_path, emptied)
+    assert with_empty.donors() == defects[1:]
