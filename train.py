@@ -165,6 +165,18 @@ def load_datasets(
     return Datasets(train, val, data_path, fractions)
 
 
+def datasets_of(config: TrainConfig) -> Datasets:
+    """`load_datasets` with the settings of a run's config."""
+    return load_datasets(
+        config.data,
+        config.split,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        split_free=config.split_free,
+        data_fraction=config.data_fraction,
+    )
+
+
 def _read_split_folder(folder: Path) -> tuple[Manifest, Manifest]:
     from dli.pipeline.manifest import read_dataset
 
@@ -425,14 +437,7 @@ class Trainer:
         self.device = resolve_device(config.device, rank if local_rank is None else local_rank)
         self.amp_dtype = amp_dtype_for(self.device, config.amp)
 
-        self.datasets = load_datasets(
-            config.data,
-            config.split,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            split_free=config.split_free,
-            data_fraction=config.data_fraction,
-        )
+        self.datasets = datasets_of(config)
         self.class_names = self.datasets.class_names
         empty = self.datasets.train.empty_classes()
         if empty and self.writer_rank:
@@ -1018,14 +1023,7 @@ def launch_processes(config: TrainConfig, devices: int) -> int:
             raise DliError(f"--devices {devices}: only {torch.cuda.device_count()} CUDA device(s)")
     if not checked.resume:
         prepare_run_folder(checked)  # refuses an existing run before any process starts
-    load_datasets(  # bad data: one error here, not one per process
-        checked.data,
-        checked.split,
-        val_fraction=checked.val_fraction,
-        seed=checked.seed,
-        split_free=checked.split_free,
-        data_fraction=checked.data_fraction,
-    )
+    datasets_of(checked)  # bad data: one error here, not one per process
     if checked.out is None:
         checked = replace(checked, out=str(Path("runs") / default_run_name(checked)))
     command = [sys.executable, "-m", "dli.train", *checked.to_argv()]
