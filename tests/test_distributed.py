@@ -185,6 +185,18 @@ def test_dli_train_devices_launches_processes_that_train_one_model(data: Path, t
         "or choose another folder"
     ]
 
+    # torchrun runs the same job: the same weights, bit for bit (gloo on the CPU is deterministic).
+    by_torchrun = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "dli.train", *tiny(data, by_torchrun, epochs=1, poisson_prob=0.0).to_argv()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    ours = torch.load(out / "last.pt", weights_only=False)["model"]
+    theirs = torch.load(by_torchrun / "last.pt", weights_only=False)["model"]
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=0, atol=0, msg=name)
+
 
 def test_config_round_trips_through_flags(tmp_path: Path) -> None:
     import argparse
