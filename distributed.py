@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -103,19 +104,32 @@ def process_env(rank: int, world_size: int, port: int, *, cpu: bool) -> dict[str
     return env
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the launcher (e.g. from a job scheduler)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def launch(command: Sequence[str], processes: int, *, cpu: bool) -> int:
     """Run `command` in `processes` processes of one run; return the run's exit status.
 
     Each process gets its place in its environment (`process_env`). 0 when every process exits
     with 0. When one fails, the others are stopped (SIGTERM, then SIGKILL after `STOP_GRACE_S`)
-    and its status is returned; Ctrl-C stops them all (130).
+    and its status is returned. Ctrl-C (130) or a SIGTERM to the launcher (143) stops them all:
+    no process is left behind to wait forever for the others.
     """
     if processes < 1:
         raise DliError(f"--devices {processes}: must be an integer >= 1")
     port = free_port()
     envs = [process_env(rank, processes, port, cpu=cpu) for rank in range(processes)]
-    children = [subprocess.Popen(list(command), env=env) for env in envs]
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    children: list[subprocess.Popen] = []
     try:
+        for env in envs:
+            children.append(subprocess.Popen(list(command), env=env))
         while True:
             codes = [child.poll() for child in children]
             failed = [code for code in codes if code not in (None, 0)]
@@ -128,6 +142,13 @@ def launch(command: Sequence[str], processes: int, *, cpu: bool) -> int:
     except KeyboardInterrupt:
         _stop(children)
         return 130
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM acts as it would have
+        _stop(children)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(children: Sequence[subprocess.Popen]) -> None:

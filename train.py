@@ -722,8 +722,10 @@ class Trainer:
         return record
 
     def _write_epoch(self, record: Mapping[str, Any]) -> None:
-        self.folder.write_history(self.progress.history, self.class_names)
+        # The checkpoint first: metrics files never list an epoch that `last.pt` lacks, so a run
+        # killed between the two writes resumes from what its metrics say (and rewrites them).
         save_checkpoint(self.folder.last, self._payload(resumable=True))
+        self.folder.write_history(self.progress.history, self.class_names)
         _log_tensorboard(self.tensorboard, record)
         _print_epoch(record, self.config.epochs or 0)
 
@@ -1021,8 +1023,7 @@ def launch_processes(config: TrainConfig, devices: int) -> int:
             raise DliError(f"--device {checked.device}: --devices K uses GPUs 0..K-1; pass --device cuda")
         if devices > torch.cuda.device_count():
             raise DliError(f"--devices {devices}: only {torch.cuda.device_count()} CUDA device(s)")
-    if not checked.resume:
-        prepare_run_folder(checked)  # refuses an existing run before any process starts
+    prepare_run_folder(checked)  # an existing run (or, with --resume, a missing one): one error, here
     datasets_of(checked)  # bad data: one error here, not one per process
     if checked.out is None:
         checked = replace(checked, out=str(Path("runs") / default_run_name(checked)))

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,8 +131,28 @@ class FocalLoss(nn.Module):
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+class _SumAcrossProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient too.
+
+    Written here on the public `dist.all_reduce`: torch's autograd-aware variant in
+    `torch.distributed.nn` is deprecated in favour of a private module.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = values.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return _SumAcrossProcesses.apply(grad)
+
+
 def sum_across_processes(values: torch.Tensor) -> torch.Tensor:
-    """`values` summed over the processes of the current group, differentiably (itself when alone).
+    """`values` summed over the processes of the default group, differentiably (itself when alone).
 
     The backward pass sums the incoming gradients across processes too; after DDP averages the
     parameter gradients, each process's share of a global statistic gets exactly the gradient a
@@ -140,9 +161,7 @@ def sum_across_processes(values: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(values)
+        return _SumAcrossProcesses.apply(values)
     return values
 
 

@@ -9,6 +9,7 @@ Dice term, which are computed on each process's half batch).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -198,6 +199,43 @@ def test_dli_train_devices_launches_processes_that_train_one_model(data: Path, t
         torch.testing.assert_close(theirs[name], tensor, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
+def test_a_terminated_launch_resumes_to_the_uninterrupted_weights(data: Path, tmp_path: Path) -> None:
+    def command(out: Path) -> list[str]:
+        flags = tiny(data, out, epochs=2, poisson_prob=0.5).to_argv()
+        return [sys.executable, "-m", "dli", "train", "--devices", "2", *flags]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = subprocess.run(command(whole), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+
+    launcher = subprocess.Popen(command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (cut / "metrics.jsonl").exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)  # as a job scheduler would
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr
+    written = (cut / "metrics.jsonl").read_text().splitlines()
+    assert len(written) == 1  # stopped during epoch 2, whose records never came
+    time.sleep(2)
+    assert (cut / "metrics.jsonl").read_text().splitlines() == written  # no process left running
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dli", "train", "--out", str(cut), "--resume", "--devices", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    ours = torch.load(cut / "last.pt", weights_only=False)
+    theirs = torch.load(whole / "last.pt", weights_only=False)
+    assert ours["progress"]["step"] == theirs["progress"]["step"] == 2 * STEPS_PER_EPOCH
+    for name, tensor in theirs["model"].items():
+        torch.testing.assert_close(ours["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+
 def test_config_round_trips_through_flags(tmp_path: Path) -> None:
     import argparse
 
@@ -228,6 +266,20 @@ def test_bad_launch_values_fail_in_one_line_before_any_process(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_launch_without_its_checkpoint_fails_once(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dli.config import write_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_config(run / "config.yaml", tiny(data, run), {})  # a run killed before its first epoch
+    assert main(["train", "--out", str(run), "--resume", "--devices", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dli train: error: --resume: no last.pt in {run} to resume from"
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
