@@ -36,6 +36,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from dli.config import METHODS
+from dli.models.metrics import all_reduce_sum
 from dli.pipeline.imageio import read_mask
 from dli.pipeline.manifest import FREE, Manifest, Sample
 
@@ -140,11 +141,7 @@ class _SumAcrossProcesses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, values: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        total = values.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        return all_reduce_sum(values.clone(memory_format=torch.contiguous_format))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
@@ -152,17 +149,13 @@ class _SumAcrossProcesses(torch.autograd.Function):
 
 
 def sum_across_processes(values: torch.Tensor) -> torch.Tensor:
-    """`values` summed over the processes of the default group, differentiably (itself when alone).
+    """`values` summed over the processes of a distributed run, differentiably (a copy when alone).
 
     The backward pass sums the incoming gradients across processes too; after DDP averages the
     parameter gradients, each process's share of a global statistic gets exactly the gradient a
     single process computing that statistic would give it.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _SumAcrossProcesses.apply(values)
-    return values
+    return _SumAcrossProcesses.apply(values)
 
 
 class SoftDiceLoss(nn.Module):

@@ -289,8 +289,7 @@ class Loader:
             for indices in self.batch_indices(epoch):
                 yield self._item(indices, None)
             return
-        for b, global_indices in enumerate(self.global_batches(epoch)):
-            plan = self._plan(epoch, b, global_indices)
+        for plan in self.plans(epoch):
             yield self._item(np.asarray(plan.batch_indices, dtype=np.int64), plan)
 
     def _run(self, items: Iterator[_Item], keep_clean: bool) -> Iterator[tuple[Batch, torch.Tensor | None]]:
