@@ -5,9 +5,14 @@
 A batch is N x 1 x S x S (default 64 x 256²): Magnetic Tile defect images as sources (the defect
 stays where it was), defect-free MT images as targets, and the defects' masks resized to S² and
 dilated by a 5x5 square, as the injection step uses them (synthetic blobs when no MT data). It
-reports CG iterations (median/max over the systems) and the time per batch with the default
-boundary-matched starting guess and from zeros, OpenCV's `seamlessClone` (NORMAL_CLONE) per
-image on the CPU for the same batch, and the bandwidth floor.
+reports PCG iterations (median/max over the systems), the window buckets, the time per batch
+(wall and this process's CPU time) with the default boundary-matched starting guess and from
+zeros, OpenCV's `seamlessClone` per image on the CPU for the same batch (one OpenCV thread;
+NORMAL_CLONE for source gradients, MIXED_CLONE for mixed ones), the memory traffic per batch and
+the bandwidth floor.
+
+The MT data is found as the tests find it: `$DLI_MT_ROOT`, else the `shared/data/magnetic-tiles`
+folder beside the repository; else the benchmark runs on synthetic data (`--data synthetic`).
 
 OpenCV solves a different discretisation, so its pixels are not a reference: it takes the
 source's gradients only inside the mask eroded by three 3x3 erosions (the target's elsewhere in
@@ -16,23 +21,19 @@ defects this moves the result by several gray levels (the table reports the mean
 `tests/test_poisson.py` checks this solver against a direct sparse solve instead. OpenCV also
 needs 3-channel 8-bit images, so it processes the gray images three times over.
 
-Bandwidth floor. A CG step is memory-bound, so it cannot beat the bytes it must move divided by
-the device's bandwidth. Per window pixel of each system and step, the fused GPU kernels move
-11 array elements (stencil + p·Ap: read p, write Ap = 2, neighbours of p come from cache;
-x/r update + r·r: read x, r, p, Ap, write x, r = 6; p update: read r, p, write p = 3) plus one
-byte of the region mask: 45 bytes in float32, and only for systems not yet converged (blocks of
-frozen systems return at once). The NumPy twin's array expressions move 39 elements per pixel
-of every system, temporaries included (157 bytes in float32). `PoissonInfo.traffic_bytes` sums
-this over the steps the solve ran; divided by the steps it is the traffic of one step, and
-divided again by the bandwidth (2 x bytes of a large device-to-device array copy / its time)
-it is the floor per step. The table puts the measured time per step (solve minus setup, over
-the steps) beside it.
+Traffic and floor. `PoissonInfo.traffic_bytes` counts the array elements each PCG step reads and
+writes per window pixel of each system (`words_per_pixel_step`, the transforms included), over
+the steps and systems that ran. Divided by the steps it is the traffic of one step, and divided
+again by the device's copy bandwidth (2 x bytes of a large array copy over its time) it is the
+floor per step; the table puts the measured time per step (solve minus setup, over the steps)
+beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -46,11 +47,11 @@ from PIL import Image
 from scipy import ndimage
 
 from dli.atomic import atomic_write_text
+from dli.bench import magnetic_tile_root
 from dli.errors import DliError
 from dli.kernels.morphology import dilate
 from dli.kernels.poisson import PoissonConvergenceWarning, PoissonInfo, poisson_blend
 
-DEFAULT_DATA = Path("/work/shared/data/magnetic-tiles")
 SYNTHETIC = "synthetic"
 DILATION_RADIUS = 2
 """5x5 square, as the reference implementation grows masks before cloning."""
@@ -61,11 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    found = magnetic_tile_root()
     parser.add_argument(
         "--data",
-        default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else SYNTHETIC,
+        default=str(found) if found is not None else SYNTHETIC,
         help=f"Magnetic Tile root, or {SYNTHETIC!r} for generated tiles and blobs "
-        "(default: the shared MT copy if present, else synthetic)",
+        "(default: $DLI_MT_ROOT, else shared/data/magnetic-tiles beside the repository, else synthetic)",
+    )
+    parser.add_argument(
+        "--gradients",
+        choices=("mixed", "source"),
+        default="mixed",
+        help="guidance field: mixed gradients as injection uses them (default), or the source's",
     )
     parser.add_argument("--tol", type=float, default=1e-5, help="relative residual tolerance (default 1e-5)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is kept")
@@ -124,37 +132,45 @@ def copy_bandwidth(xp: ModuleType, sync: Callable[[], None], nbytes: int = 1 << 
     return 2 * nbytes / float(np.median(times[1:]))
 
 
-def timed(call: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> tuple[float, Any]:
-    """Median wall time of `call` over `repeats` runs after one warm-up, and its last result."""
+def timed(call: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> tuple[float, float, Any]:
+    """Median wall and CPU time (this process, all threads) of `call` over `repeats` runs after a warm-up."""
     result = call()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = call()
         sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return float(np.median(wall)), float(np.median(cpu)), result
 
 
-def opencv_clone(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray, int]:
-    """seamlessClone per image (3-channel, as OpenCV requires): seconds, gray results, failures."""
+def opencv_clone(
+    target: np.ndarray, source: np.ndarray, mask: np.ndarray, *, mixed: bool
+) -> tuple[float, float, np.ndarray, int]:
+    """seamlessClone per image (3-channel, as OpenCV requires), one OpenCV thread.
+
+    Returns wall seconds, CPU seconds, the gray results and the number of failed images.
+    """
     import cv2
 
+    cv2.setNumThreads(1)
+    flag = cv2.MIXED_CLONE if mixed else cv2.NORMAL_CLONE
     sources = [cv2.cvtColor(s, cv2.COLOR_GRAY2BGR) for s in source]
     targets = [cv2.cvtColor(t, cv2.COLOR_GRAY2BGR) for t in target]
     masks = [m.astype(np.uint8) * 255 for m in mask]
     results, failures = target.copy(), 0
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for i, (s, t, m) in enumerate(zip(sources, targets, masks, strict=True)):
         if not m.any():
             continue
         x, y, w, h = cv2.boundingRect(m)
         try:  # the centre of the mask's bounding box puts the source back where it was
-            results[i] = cv2.seamlessClone(s, t, m.copy(), (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)[..., 0]
+            results[i] = cv2.seamlessClone(s, t, m.copy(), (x + w // 2, y + h // 2), flag)[..., 0]
         except cv2.error:
             failures += 1
-    return time.perf_counter() - start, results, failures
+    return time.perf_counter() - start, time.process_time() - start_cpu, results, failures
 
 
 def _array_module(device: str) -> tuple[ModuleType, Callable[[], None]]:
@@ -184,37 +200,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.data == SYNTHETIC:
         target8, source8, mask = synthetic_batch(args.n, args.size, rng)
     else:
+        if not Path(args.data).is_dir():
+            raise DliError(f"--data {args.data}: not a folder (give the MT root or {SYNTHETIC!r})")
         target8, source8, mask = magnetic_tile_batch(Path(args.data), args.n, args.size, rng)
-    data = args.data
     mask = dilate(mask, DILATION_RADIUS)
+    mixed = args.gradients == "mixed"
     xp, sync = _array_module(args.device)
     target = xp.asarray(target8[:, None] / np.float32(255))
     source = xp.asarray(source8[:, None] / np.float32(255))
     region = xp.asarray(mask)
 
     def blend(**options: Any) -> tuple[Any, PoissonInfo]:
-        return poisson_blend(target, source, region, tol=args.tol, **options)
+        return poisson_blend(target, source, region, tol=args.tol, mixed_gradients=mixed, **options)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PoissonConvergenceWarning)
-        setup_s, _ = timed(lambda: blend(max_iter=0), args.repeats, sync)  # everything but the CG steps
-    matched_s, (blended, matched) = timed(blend, args.repeats, sync)
-    zeros_s, (_, zeros) = timed(lambda: blend(x0="zeros"), args.repeats, sync)
+        setup_s, setup_cpu, _ = timed(lambda: blend(max_iter=0), args.repeats, sync)  # all but the steps
+    matched_s, matched_cpu, (blended, matched) = timed(blend, args.repeats, sync)
+    zeros_s, zeros_cpu, (_, zeros) = timed(lambda: blend(x0="zeros"), args.repeats, sync)
 
     bandwidth = copy_bandwidth(xp, sync)
     steps = max(matched.steps, 1)
+    windows = matched.windows
     figures: dict[str, Any] = {
         "config": {
             "n": args.n,
             "size": args.size,
             "device": args.device,
-            "data": data,
+            "data": args.data,
+            "gradients": args.gradients,
             "tol": args.tol,
             "repeats": args.repeats,
             "seed": args.seed,
         },
         "mask_fraction_median": float(np.median(mask.mean(axis=(1, 2)))),
         "window": list(matched.window),
+        "buckets": matched.buckets,
+        "window_pixels": int((windows[:, 0] * windows[:, 1]).sum()),
+        "max_iter": matched.max_iter,
         "iterations": {"boundary_matched_start": _iterations(matched), "zero_start": _iterations(zeros)},
         "all_converged": matched.all_converged and zeros.all_converged,
         "seconds_per_batch": {
@@ -222,21 +245,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "zero_start": zeros_s,
             "setup_only": setup_s,
         },
+        "cpu_seconds_per_batch": {
+            "boundary_matched_start": matched_cpu,
+            "zero_start": zeros_cpu,
+            "setup_only": setup_cpu,
+        },
         "steps": matched.steps,
+        "traffic_bytes_per_batch": matched.traffic_bytes,
         "bandwidth_bytes_per_s": bandwidth,
         "traffic_bytes_per_step": matched.traffic_bytes / steps,
         "floor_seconds_per_step": matched.traffic_bytes / steps / bandwidth,
         "measured_seconds_per_step": max(matched_s - setup_s, 0.0) / steps,
+        "load_average": list(os.getloadavg()),
     }
     if not args.no_opencv:
-        opencv_times, opencv_results, failures = [], None, 0
+        wall, cpu, opencv_results, failures = [], [], None, 0
         for _ in range(args.repeats):
-            seconds, opencv_results, failures = opencv_clone(target8, source8, mask)
-            opencv_times.append(seconds)
+            seconds, cpu_seconds, opencv_results, failures = opencv_clone(target8, source8, mask, mixed=mixed)
+            wall.append(seconds)
+            cpu.append(cpu_seconds)
         ours = np.clip(np.rint(_host(blended)[:, 0] * 255), 0, 255)
         inside = mask & (mask.sum(axis=(1, 2)) > 0)[:, None, None]
         figures["opencv"] = {
-            "seconds_per_batch": float(np.median(opencv_times)),
+            "seconds_per_batch": float(np.median(wall)),
+            "cpu_seconds_per_batch": float(np.median(cpu)),
             "failures": failures,
             "mean_abs_difference_gray_levels": float(np.abs(ours - opencv_results)[inside].mean()),
         }
@@ -249,32 +281,40 @@ def _host(a: Any) -> np.ndarray:
 
 def table(figures: dict[str, Any]) -> str:
     """The figures as a short aligned table."""
-    config, its, secs = figures["config"], figures["iterations"], figures["seconds_per_batch"]
+    config, its = figures["config"], figures["iterations"]
+    secs, cpu = figures["seconds_per_batch"], figures["cpu_seconds_per_batch"]
     lines = [
         f"Poisson blend, {config['n']} x 1 x {config['size']}² on {config['device']} ({config['data']}), "
-        f"tol {config['tol']:g}, window {figures['window'][0]}x{figures['window'][1]}, "
+        f"{config['gradients']} gradients, tol {config['tol']:g}, budget {figures['max_iter']}; "
+        f"{figures['buckets']} window bucket(s) up to {figures['window'][0]}x{figures['window'][1]}, "
+        f"{figures['window_pixels']} window pixels; "
         f"median mask fraction {figures['mask_fraction_median']:.4f}",
-        f"{'':32}{'iterations med/max':>20}{'ms / batch':>14}",
+        f"{'':32}{'iterations med/max':>20}{'ms / batch':>12}{'CPU ms':>10}",
     ]
     for name, key in (
         ("dli, boundary-matched start", "boundary_matched_start"),
         ("dli, zero start", "zero_start"),
     ):
         counts = f"{its[key]['median']:g} / {its[key]['max']}"
-        lines.append(f"{name:32}{counts:>20}{secs[key] * 1e3:>14.2f}")
-    lines.append(f"{'dli, setup only (max_iter=0)':32}{'':>20}{secs['setup_only'] * 1e3:>14.2f}")
+        lines.append(f"{name:32}{counts:>20}{secs[key] * 1e3:>12.1f}{cpu[key] * 1e3:>10.1f}")
+    setup = f"{secs['setup_only'] * 1e3:>12.1f}{cpu['setup_only'] * 1e3:>10.1f}"
+    lines.append(f"{'dli, setup only (max_iter=0)':32}{'':>20}{setup}")
     if "opencv" in figures:
         cv = figures["opencv"]
-        lines.append(f"{'OpenCV seamlessClone (CPU)':32}{'':>20}{cv['seconds_per_batch'] * 1e3:>14.2f}")
+        timing = f"{cv['seconds_per_batch'] * 1e3:>12.1f}{cv['cpu_seconds_per_batch'] * 1e3:>10.1f}"
+        lines.append(f"{'OpenCV seamlessClone (1 thread)':32}{'':>20}{timing}")
+        ratio = cv["cpu_seconds_per_batch"] / max(cpu["boundary_matched_start"], 1e-12)
         lines.append(
-            f"  OpenCV failures {cv['failures']}; mean |dli - OpenCV| inside masks "
-            f"{cv['mean_abs_difference_gray_levels']:.2f} gray levels"
+            f"  OpenCV / dli CPU time {ratio:.2f}; OpenCV failures {cv['failures']}; "
+            f"mean |dli - OpenCV| inside masks {cv['mean_abs_difference_gray_levels']:.2f} gray levels"
         )
     lines.append(
-        f"per CG step: {figures['traffic_bytes_per_step'] / 1e6:.2f} MB moved; "
+        f"traffic {figures['traffic_bytes_per_batch'] / 1e9:.2f} GB per batch, "
+        f"{figures['traffic_bytes_per_step'] / 1e6:.2f} MB per step; "
         f"floor {figures['floor_seconds_per_step'] * 1e6:.1f} us "
         f"at {figures['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; "
-        f"measured {figures['measured_seconds_per_step'] * 1e6:.1f} us ({figures['steps']} steps)"
+        f"measured {figures['measured_seconds_per_step'] * 1e6:.1f} us ({figures['steps']} steps); "
+        "load average {:.1f} {:.1f} {:.1f}".format(*figures["load_average"])
     )
     return "\n".join(lines)
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from dli.bench import MT_FOLDER, magnetic_tile_root
+
 REPO = Path(__file__).resolve().parents[1]
-MT_ROOT = Path(os.environ.get("DLI_MT_ROOT", REPO.parent / "shared" / "data" / "magnetic-tiles"))
+# The benchmarks' lookup: $DLI_MT_ROOT, else shared/ beside the repository (named here for skip messages).
+MT_ROOT = magnetic_tile_root() or Path(os.environ.get("DLI_MT_ROOT") or REPO.parent / MT_FOLDER)
 
 
 def cuda_available() -> bool:
