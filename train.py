@@ -96,12 +96,15 @@ class Datasets:
         data_path: the dataset actually used (the bundled synthetic one when `--data` is unset).
         mask_fractions: defect-pixel fraction of each validated sample (from `validate`), so
             class pixel counts need not read the masks again.
+        mask_boxes: each validated sample's defect bounding box as fractions of its size (from
+            `validate`), so injection can size its Poisson windows on the host.
     """
 
     train: Manifest
     val: Manifest
     data_path: Path
     mask_fractions: Mapping[Sample, float] = field(default_factory=dict)
+    mask_boxes: Mapping[Sample, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -114,6 +117,11 @@ class Datasets:
             for i, s in enumerate(self.train.samples)
             if s.class_id != FREE and self.mask_fractions.get(s, 1.0) > 0
         ]
+
+    def source_boxes(self) -> np.ndarray:
+        """(len(train), 4) defect boxes of the training samples (NaN rows where not measured)."""
+        unknown = (float("nan"),) * 4
+        return np.array([self.mask_boxes.get(s, unknown) for s in self.train.samples], dtype=np.float64)
 
 
 def load_datasets(
@@ -156,13 +164,14 @@ def load_datasets(
         manifest = Manifest(train.samples + val.samples, train.class_names, train.root)
         report = validate(manifest)
     fractions = dict(zip(manifest.samples, report.mask_fractions.tolist(), strict=True))
+    boxes = dict(zip(manifest.samples, map(tuple, report.mask_boxes.tolist()), strict=True))
     if data_fraction < 1.0:
         train = apply_fraction(train, data_fraction, seed=seed)
     if len(train) == 0 or len(val) == 0:
         raise DliError(
             f"split {split} of {data_path} leaves {len(train)} training and {len(val)} validation images"
         )
-    return Datasets(train, val, data_path, fractions)
+    return Datasets(train, val, data_path, fractions, boxes)
 
 
 def datasets_of(config: TrainConfig) -> Datasets:
@@ -465,7 +474,12 @@ class Trainer:
             "num_threads": config.num_threads,
         }
         self.train_loader = build_loader(
-            self.datasets.train, train=True, dli=injection, donors=self.datasets.donors(), **common
+            self.datasets.train,
+            train=True,
+            dli=injection,
+            donors=self.datasets.donors(),
+            source_boxes=self.datasets.source_boxes(),
+            **common,
         )
         self.val_loader = build_loader(self.datasets.val, train=False, **common)
         self.steps_per_epoch = len(self.train_loader)

@@ -114,6 +114,7 @@ class PoissonInfo:
     ) -> None:
         self._fetch: Callable[[], dict[str, np.ndarray]] | None = fetch
         self._host: dict[str, np.ndarray] = {}
+        self._warned = False
         self.windows = windows
         self.steps = steps
         self.buckets = len({tuple(w) for w in windows.tolist() if w[0]})
@@ -164,9 +165,13 @@ class PoissonInfo:
         )
 
     def check(self, stacklevel: int = 2) -> bool:
-        """Warn (`PoissonConvergenceWarning`) unless every system converged; returns whether all did."""
+        """Warn (`PoissonConvergenceWarning`, once per report) unless every system converged.
+
+        Returns whether all did. On the CPU `poisson_blend` checks its report itself.
+        """
         ok = self.all_converged
-        if not ok:
+        if not ok and not self._warned:
+            self._warned = True
             warnings.warn(
                 f"Poisson blend did not converge: {self.summary()}",
                 PoissonConvergenceWarning,

@@ -12,10 +12,11 @@ are one `paste` call over theirs. No Python loop runs over images.
 Tensors stay where they are: CPU tensors go through the NumPy kernels as zero-copy views, CUDA
 tensors through the CuPy kernels on torch's current stream. The index tensors come from the
 host-side plan (copied to the device asynchronously), and dilation and cut-paste read nothing
-back. Poisson injections do: the solver reads its regions' bounding boxes back to size its
-window and iteration bound, checks "all converged" every `GPU_CHECK_EVERY` CG steps, and copies
-its `PoissonInfo` to the host at the end; each such read waits for the work queued before it
-on the stream.
+back. Neither does the Poisson solve when the caller passes the regions' `boxes`, which
+`region_boxes` computes on the host from the plan and each source's defect box measured at
+validation: the solver then runs a fixed iteration budget and its `PoissonInfo` is copied back
+behind the solve, to be checked a batch later (`PoissonInfo.check`). Without `boxes` the solver
+measures the regions on the device, one read-back that waits for the work queued before it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ import torch
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import PoissonInfo, poisson_blend
+from dli.pipeline.augment import Size, as_3x3
 from dli.pipeline.planner import DliConfig, Plan
+
+BOX_MARGIN = 1
+"""Pixels added around a region box computed on the host, against rounding in the warp's sampling."""
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -82,6 +87,47 @@ class InjectionIndex:
         return int(self.paste_items.shape[0])
 
 
+def region_boxes(plan: Plan, source_boxes: np.ndarray, size: Size, dilate_radius: int) -> np.ndarray | None:
+    """Pixel boxes that contain each injection's region in the output grid: (K, 4) int, plan order.
+
+    A source's defect box (`source_boxes[source]`: fractions of its image, far edges exclusive;
+    `ValidationReport.mask_boxes`) is scaled to the resized H x W grid and its corners are mapped
+    by the injection's source matrix; output pixels whose centres fall inside, widened by the
+    dilation radius and `BOX_MARGIN`, hold the region. A box touching the source's edge is
+    extended past it, since the warp repeats edge pixels there. Returns None when some source's
+    box is unknown (NaN), so the solver measures the regions itself. Boxes are inclusive
+    (top, left, bottom, right); top > bottom where the region leaves the image.
+    """
+    if not plan.injections:
+        return np.zeros((0, 4), dtype=np.int64)
+    height, width = size
+    boxes = source_boxes[[i.source for i in plan.injections]]
+    if np.isnan(boxes).any():
+        return None
+    far = 4.0 * max(height, width)  # beyond any edge: where the warp's clamping repeats the edge
+    top = np.where(boxes[:, 0] <= 0, -far, boxes[:, 0] * height)
+    left = np.where(boxes[:, 1] <= 0, -far, boxes[:, 1] * width)
+    bottom = np.where(boxes[:, 2] >= 1, far, boxes[:, 2] * height)
+    right = np.where(boxes[:, 3] >= 1, far, boxes[:, 3] * width)
+    corners = np.stack(  # (K, 3, 4) homogeneous (x, y, 1) of the four corners
+        [
+            np.stack([left, right, left, right], axis=1),
+            np.stack([top, top, bottom, bottom], axis=1),
+            np.ones((len(boxes), 4)),
+        ],
+        axis=1,
+    )
+    mapped = as_3x3(plan.source_matrices())[:, :2] @ corners  # (K, 2, 4) output (x, y)
+    low, high = mapped.min(axis=2), mapped.max(axis=2)
+    # Pixel (i, j) has its centre at (j + 0.5, i + 0.5).
+    pad = dilate_radius + BOX_MARGIN
+    first = np.ceil(low - 0.5) - pad
+    last = np.floor(high - 0.5) + pad
+    limits = np.array([width - 1, height - 1])
+    first, last = np.clip(first, 0, limits), np.clip(last, -1, limits)
+    return np.stack([first[:, 1], first[:, 0], last[:, 1], last[:, 0]], axis=1).astype(np.int64)
+
+
 @contextlib.contextmanager
 def _kernel_stream(device: torch.device) -> Iterator[None]:
     """Make CuPy launch on torch's current stream, so kernel work is ordered with torch's."""
@@ -104,6 +150,7 @@ def inject(
     config: DliConfig,
     *,
     value_range: tuple[float, float] = (0.0, 1.0),
+    boxes: np.ndarray | None = None,
 ) -> PoissonInfo | None:
     """Inject the plan's defects into `images` and set their labels, both in place.
 
@@ -116,13 +163,16 @@ def inject(
         config: blending settings.
         value_range: the images' intensity range (0 and 1 after any normalization): Poisson
             results are clamped to it, as an 8-bit result would be.
+        boxes: optional (K, 4) host boxes of the injections' dilated regions (`region_boxes`),
+            so the Poisson solve reads nothing back from the device.
 
     The label of an injection is the source's own (undilated) mask, whichever the method: for
     Poisson blending the dilated region is only the domain the solver may change, a margin
     that lets the defect's surroundings blend in, not defect. (The reference implementation
     labels the dilated region, which widens every Poisson-injected label by two pixels.)
 
-    Returns the Poisson solver's report, or None when no injection is Poisson.
+    Returns the Poisson solver's report, or None when no injection is Poisson. On the GPU it
+    is read (and warned about, `PoissonInfo.check`) when the caller chooses, e.g. a batch later.
     """
     count = len(plan.injections)
     if sources.shape[0] != count or source_masks.shape[0] != count:
@@ -133,7 +183,12 @@ def inject(
         return None
     if labels.shape[1] != plan.num_classes:
         raise ValueError(f"labels have {labels.shape[1]} channels for a plan of {plan.num_classes} classes")
+    if boxes is not None and np.shape(boxes) != (count, 4):
+        raise ValueError(f"boxes of shape {np.shape(boxes)} for {count} injections")
     index = InjectionIndex.from_plan(plan, images.device)
+    poisson_boxes = None
+    if boxes is not None:
+        poisson_boxes = np.asarray(boxes)[[i.method == "poisson" for i in plan.injections]]
     info = None
     # index_select / index_copy_ rather than advanced indexing: several times faster on the CPU.
     with _kernel_stream(images.device):
@@ -145,6 +200,7 @@ def inject(
                 dilate(masks, config.dilate_radius),
                 mixed_gradients=config.mixed_gradients,
                 tol=config.poisson_tol,
+                boxes=poisson_boxes,
             )
             # The blend may overshoot the intensity range; clamp as an 8-bit result would be.
             images.index_copy_(0, index.poisson_slots, blended.clamp_(*value_range))

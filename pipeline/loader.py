@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from dli.errors import DliError
+from dli.kernels.poisson import PoissonInfo
 from dli.pipeline.augment import Size, defect_augments, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.manifest import FREE, Manifest
@@ -113,7 +114,11 @@ class Loader:
         planner: the DLI planner, or None when injection is off.
 
     `donors` (training with DLI): manifest indices allowed as injection sources; default every
-    defect image of the manifest.
+    defect image of the manifest. `source_boxes` (optional): (len(manifest), 4) defect boxes of
+    the samples as fractions of their size (`ValidationReport.mask_boxes`); with them a Poisson
+    injection reads nothing back from the GPU (`dli.pipeline.inject.region_boxes`). A batch's
+    Poisson report is checked when the next batch is assembled, so a non-converged solve is
+    warned about one batch late instead of making the host wait.
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class Loader:
         num_threads: int = 2,
         prefetch: int = 2,
         donors: Collection[int] | None = None,
+        source_boxes: np.ndarray | None = None,
     ) -> None:
         self.batch_size = _checked_int("batch size", batch_size)
         self.image_size = _image_size(image_size)
@@ -183,6 +189,12 @@ class Loader:
                 f"{self.batch_size} per shard over {self.num_shards} shard(s); lower the batch size "
                 "or keep the last batch"
             )
+        if source_boxes is not None:
+            source_boxes = np.asarray(source_boxes, dtype=np.float64)
+            if source_boxes.shape != (len(manifest), 4):
+                raise DliError(f"source boxes of shape {source_boxes.shape} for {len(manifest)} samples")
+        self.source_boxes = source_boxes
+        self._poisson_report: PoissonInfo | None = None  # the last batch's, checked at the next
         self._pipeline: Any = None
         self._serial = 0
         self._active: object | None = None
@@ -318,6 +330,7 @@ class Loader:
                     raise RuntimeError(f"pipeline returned batch {work.serial} for {item.work.serial}")
                 submit_next()  # DALI works on the next batch while this one is assembled and used
                 yield self._assemble(item, decoded, keep_clean)
+            self._check_poisson_report()  # the epoch's last batch, once it has been used
         finally:
             if self._active is token:
                 self._active = None
@@ -368,8 +381,14 @@ class Loader:
         """Where [0, 1] intensities land after normalization."""
         return (0.0 - self.mean[0]) / self.std[0], (1.0 - self.mean[0]) / self.std[0]
 
+    def _check_poisson_report(self) -> None:
+        """Warn about the previous batch's Poisson solve if it did not converge (its copy is long done)."""
+        if self._poisson_report is not None:
+            report, self._poisson_report = self._poisson_report, None
+            report.check(stacklevel=3)
+
     def _assemble(self, item: _Item, decoded: Any, keep_clean: bool) -> tuple[Batch, torch.Tensor | None]:
-        from dli.pipeline.inject import inject, to_device
+        from dli.pipeline.inject import inject, region_boxes, to_device
 
         images, masks = self._to_torch(decoded)
         n = len(item.indices)
@@ -385,7 +404,11 @@ class Loader:
         if item.plan is not None and self.dli is not None and item.plan.injections:
             # Injection is affine-invariant (paste and Poisson alike), so it runs on the normalized
             # images; only the clamp of Poisson overshoot needs the normalized [0, 1] bounds.
-            inject(
+            self._check_poisson_report()
+            boxes = None
+            if self.source_boxes is not None:
+                boxes = region_boxes(item.plan, self.source_boxes, self.image_size, self.dli.dilate_radius)
+            self._poisson_report = inject(
                 batch_images,
                 labels,
                 sources,
@@ -393,6 +416,7 @@ class Loader:
                 item.plan,
                 self.dli,
                 value_range=self._normalized_range(),
+                boxes=boxes,
             )
             after = np.asarray(item.plan.class_ids_after, dtype=np.int64)
         class_ids = to_device(after.copy(), self.device)
@@ -401,6 +425,7 @@ class Loader:
 
     def close(self) -> None:
         """Release the DALI pipeline (it is rebuilt if the loader is iterated again)."""
+        self._check_poisson_report()
         if self._pipeline is not None:
             self._pipeline.drain()
             self._pipeline = None
@@ -422,6 +447,7 @@ def build_loader(
     num_threads: int = 2,
     prefetch: int = 2,
     donors: Collection[int] | None = None,
+    source_boxes: np.ndarray | None = None,
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -444,4 +470,5 @@ def build_loader(
         num_threads=num_threads,
         prefetch=prefetch,
         donors=donors,
+        source_boxes=source_boxes,
     )

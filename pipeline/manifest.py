@@ -516,6 +516,10 @@ class ValidationReport:
         mask_fractions: (N,) float64, fraction of mask pixels > `MASK_THRESHOLD` per sample;
             0 for a defect-free image without a mask, NaN where not measured (no pixel check
             or unreadable mask).
+        mask_boxes: (N, 4) float64 bounding box of each mask's defect pixels as fractions of
+            its height and width, (top, left, bottom, right) with the far edges exclusive
+            (a box [0, 0, 1, 1] covers the whole image); NaN where not measured or empty.
+            Injection sizes its Poisson windows from them without reading the GPU back.
     """
 
     source: Path
@@ -523,6 +527,7 @@ class ValidationReport:
     warnings: tuple[Problem, ...]
     image_sizes: tuple[tuple[int, int] | None, ...]
     mask_fractions: np.ndarray
+    mask_boxes: np.ndarray
 
     @property
     def ok(self) -> bool:
@@ -538,6 +543,16 @@ class _SampleCheck:
     warnings: list[Problem] = field(default_factory=list)
     size: tuple[int, int] | None = None
     mask_fraction: float = math.nan
+    mask_box: tuple[float, float, float, float] = (math.nan,) * 4
+
+
+def defect_box(defect: np.ndarray) -> tuple[float, float, float, float]:
+    """The box of a (H, W) bool mask's True pixels, as fractions (`ValidationReport.mask_boxes`)."""
+    rows, cols = np.flatnonzero(defect.any(axis=1)), np.flatnonzero(defect.any(axis=0))
+    if rows.size == 0:
+        return (math.nan,) * 4
+    height, width = defect.shape
+    return rows[0] / height, cols[0] / width, (rows[-1] + 1) / height, (cols[-1] + 1) / width
 
 
 def _open_image(path: Path, check_pixels: bool) -> tuple[int, int]:
@@ -577,7 +592,9 @@ def _check_sample(sample: Sample, check_pixels: bool) -> _SampleCheck:
             mask_size = (mask.height, mask.width)
             if check_pixels:
                 pixels = np.asarray(mask if mask.mode == "L" else mask.convert("L"))
-                out.mask_fraction = np.count_nonzero(pixels > MASK_THRESHOLD) / max(1, pixels.size)
+                defect_pixels = pixels > MASK_THRESHOLD
+                out.mask_fraction = np.count_nonzero(defect_pixels) / max(1, pixels.size)
+                out.mask_box = defect_box(defect_pixels)
     except READ_ERRORS as error:
         out.errors.append(Problem(sample.mask, "unreadable mask", str(error)))
         return out
@@ -620,6 +637,7 @@ def validate(
         warnings=tuple(p for c in checks for p in c.warnings),
         image_sizes=tuple(c.size for c in checks),
         mask_fractions=np.array([c.mask_fraction for c in checks], dtype=np.float64),
+        mask_boxes=np.array([c.mask_box for c in checks], dtype=np.float64).reshape(-1, 4),
     )
     if report.warnings:
         _warn(report.warnings, manifest.root)

@@ -1,0 +1,169 @@
+"""Host-side region boxes of a plan's injections: they contain what DALI and the dilation produce.
+
+With them the Poisson solve reads nothing back from the GPU, so they must never cut a region:
+checked against a NumPy model of the resize and warp on random masks and matrices (edge-touching
+masks included), and against the real DALI CPU pipeline through the loader.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from dli.kernels.poisson import PoissonConvergenceWarning
+from dli.pipeline import inject as inject_module
+from dli.pipeline.augment import AffineAugment, apply_affine_numpy, identities
+from dli.pipeline.inject import region_boxes
+from dli.pipeline.loader import build_loader
+from dli.pipeline.manifest import FREE, Manifest, defect_box, validate
+from dli.pipeline.planner import DliConfig, Injection, Plan
+from dli.pipeline.synth import generate
+
+RADIUS = 2
+WILD = AffineAugment(flip_p=0.5, ssr_p=1.0, rotate=40.0, shift=0.25, scale=0.4)
+
+
+def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize as DALI samples it: each output pixel centre read from the source."""
+    (h0, w0), (h, w) = mask.shape, size
+    rows = np.minimum(((np.arange(h) + 0.5) * h0 / h).astype(int), h0 - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * w0 / w).astype(int), w0 - 1)
+    return mask[np.ix_(rows, cols)]
+
+
+def random_mask(rng: np.random.Generator, shape: tuple[int, int], touch_edge: bool) -> np.ndarray:
+    h, w = shape
+    mask = np.zeros(shape, bool)
+    top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    height, width = rng.integers(1, h // 2), rng.integers(1, w // 2)
+    mask[top : top + height, left : left + width] = rng.random((height, width)) > 0.3
+    if touch_edge:
+        mask[:, : rng.integers(1, 4)] |= rng.random((h, 1)) > 0.5  # a break reaching the left edge
+    if not mask.any():
+        mask[top, left] = True
+    return mask
+
+
+def plan_of(matrices: np.ndarray) -> Plan:
+    count = len(matrices)
+    injections = tuple(Injection(k, 0, k, "poisson", matrices[k]) for k in range(count))
+    return Plan(tuple(range(count)), (FREE,) * count, (0,) * count, injections, identities(count), 1)
+
+
+@pytest.mark.parametrize("touch_edge", [False, True], ids=["inside", "touching-the-edge"])
+def test_boxes_contain_every_warped_dilated_region(touch_edge: bool) -> None:
+    rng = np.random.default_rng(0)
+    size = (48, 64)
+    masks = [random_mask(rng, tuple(rng.integers(30, 120, 2)), touch_edge) for _ in range(40)]
+    matrices = np.stack([WILD.sample(rng, size) for _ in masks])
+    boxes = region_boxes(plan_of(matrices), np.array([defect_box(m) for m in masks]), size, RADIUS)
+    assert boxes is not None and boxes.shape == (40, 4)
+    slack = []
+    for mask, matrix, (top, left, bottom, right) in zip(masks, matrices, boxes, strict=True):
+        warped = apply_affine_numpy(resize_nearest(mask, size), matrix, nearest=True)
+        region = ndimage.binary_dilation(warped, np.ones((5, 5), bool)) if warped.any() else warped
+        inside = np.zeros(size, bool)
+        inside[top : bottom + 1, left : right + 1] = True
+        assert not (region & ~inside).any(), "a region pixel lies outside its host-computed box"
+        if region.any():
+            rows, cols = np.nonzero(region)
+            slack.append(max(rows.min() - top, cols.min() - left, bottom - rows.max(), right - cols.max()))
+    if not touch_edge:  # the boxes hug the regions (a rotated box's corners cost a little more)
+        assert np.median(slack) <= 3, slack
+
+
+def test_boxes_are_unknown_when_a_source_was_not_measured() -> None:
+    plan = plan_of(identities(2))
+    boxes = np.array([[0.1, 0.1, 0.5, 0.5], [np.nan] * 4])
+    assert region_boxes(plan, boxes, (32, 32), RADIUS) is None
+    assert region_boxes(plan, boxes[[0, 0]], (32, 32), RADIUS).tolist() == [[0, 0, 18, 18]] * 2
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return generate(
+        tmp_path_factory.mktemp("data") / "synth", images=48, seed=5, size_range=((60, 90), (50, 120))
+    )
+
+
+def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
+    synthetic: Manifest, monkeypatch
+) -> None:
+    report = validate(synthetic)
+    options = {
+        "batch_size": 8,
+        "image_size": 64,
+        "train": True,
+        "dli": DliConfig(poisson_prob=1.0),
+        "seed": 1,
+    }
+    seen: list[np.ndarray | None] = []
+    real_blend = inject_module.poisson_blend
+
+    def recording_blend(*args, **kwargs):
+        seen.append(kwargs.get("boxes"))
+        return real_blend(*args, **kwargs)
+
+    monkeypatch.setattr(inject_module, "poisson_blend", recording_blend)
+    with_boxes = list(build_loader(synthetic, source_boxes=report.mask_boxes, **options))
+    assert seen and all(b is not None for b in seen)
+    checked = 0
+    for batch in with_boxes:
+        boxes = region_boxes(batch.plan, report.mask_boxes, (64, 64), RADIUS)
+        for injection, (top, left, bottom, right) in zip(batch.plan.injections, boxes, strict=True):
+            label = batch.masks[injection.slot, injection.class_id].numpy() > 0
+            region = ndimage.binary_dilation(label, np.ones((5, 5), bool))
+            inside = np.zeros_like(region)
+            inside[top : bottom + 1, left : right + 1] = True
+            assert not (region & ~inside).any()
+            checked += 1
+    assert checked >= 5
+    seen.clear()
+    measured = list(build_loader(synthetic, **options))
+    assert seen and all(b is None for b in seen)
+    for a, b in zip(with_boxes, measured, strict=True):
+        # The host boxes are a little larger than the measured ones: other windows, the same
+        # solution to the solver's tolerance; labels identical.
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-4)
+        torch.testing.assert_close(a.masks, b.masks, rtol=0, atol=0)
+
+
+def test_a_non_converged_batch_is_warned_about_by_the_loader(synthetic: Manifest, monkeypatch) -> None:
+    report = validate(synthetic)
+    monkeypatch.setattr("dli.kernels.poisson.default_max_iter", lambda tol: 1)  # too few to converge
+    options = {"batch_size": 8, "image_size": 64, "train": True, "dli": DliConfig(poisson_prob=1.0)}
+    loader = build_loader(synthetic, source_boxes=report.mask_boxes, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    messages = [str(w.message) for w in caught if issubclass(w.category, PoissonConvergenceWarning)]
+    assert batches and len(messages) == sum(bool(b.plan.injections) for b in batches)
+    assert all("did not converge" in m for m in messages)  # once per batch, not again a batch later
+
+
+@pytest.mark.gpu
+def test_a_poisson_injection_with_boxes_reads_nothing_back_on_the_gpu() -> None:
+    cupyx = pytest.importorskip("cupyx")
+    from dli.pipeline.inject import inject
+
+    rng = np.random.default_rng(7)
+    size, count = (64, 64), 4
+    masks = np.stack([random_mask(rng, size, touch_edge=False) for _ in range(count)])
+    plan = plan_of(identities(count))
+    boxes = region_boxes(plan, np.array([defect_box(m) for m in masks]), size, RADIUS)
+
+    def case() -> tuple[torch.Tensor, ...]:
+        images = torch.from_numpy(rng.random((count, 1, *size), dtype=np.float32)).cuda()
+        sources = torch.from_numpy(rng.random((count, 1, *size), dtype=np.float32)).cuda()
+        return images, torch.zeros((count, 1, *size), device="cuda"), sources, torch.from_numpy(masks).cuda()
+
+    inject(*case(), plan, DliConfig(poisson_prob=1.0), boxes=boxes)  # warm-up: plans and kernels
+    images, labels, sources, source_masks = case()
+    with cupyx.allow_synchronize(False):
+        info = inject(images, labels, sources, source_masks, plan, DliConfig(poisson_prob=1.0), boxes=boxes)
+    assert info is not None and info.all_converged, info.summary()
+    assert torch.equal(labels[:, 0].bool(), source_masks)
