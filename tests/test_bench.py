@@ -241,6 +241,9 @@ def check_record(record: dict, dataset: Manifest, device: str) -> dict:
         "opencv_inject",
     }
     assert kernels["batches"] >= 1 and sum(kernels["injections_per_batch"].values()) > 0
+    speed = kernels["inject_speed_over_opencv"]
+    seconds = kernels["seconds_per_batch"]
+    assert speed == pytest.approx(seconds["opencv_inject"]["median"] / seconds["inject"]["median"])
     if kernels["poisson_iterations"] is not None:
         assert kernels["poisson_iterations"]["boundary_matched_start"]["max"] >= 1
         cg = kernels["cg_step"]
