@@ -51,7 +51,17 @@ from typing import Any
 
 import numpy as np
 
-from dli.kernels.xp import any_tensor, array_module, as_array, as_tensor, cuda_scalar_type, device_of, to_host
+from dli.kernels.xp import (
+    CUDA_OPTIONS,
+    any_tensor,
+    array_module,
+    as_array,
+    as_tensor,
+    cuda_scalar_type,
+    device_of,
+    on_torch_stream,
+    to_host,
+)
 
 GPU_CHECK_EVERY = 8
 """CG steps between host checks for "every system converged" on the GPU (each check syncs)."""
@@ -115,6 +125,7 @@ def default_max_iter(extent: int, tol: float) -> int:
     return math.ceil(0.5 * sqrt_kappa * math.log(2.0 * sqrt_kappa / tol)) + 10
 
 
+@on_torch_stream
 def guidance_field(target: Any, source: Any, *, mixed_gradients: bool = False) -> tuple[Any, Any]:
     """Guidance on the edges between neighbouring pixels, as forward differences of (..., H, W) images.
 
@@ -133,6 +144,7 @@ def guidance_field(target: Any, source: Any, *, mixed_gradients: bool = False) -
     return gx, gy
 
 
+@on_torch_stream
 def poisson_blend(
     target: Any,
     source: Any,
@@ -516,6 +528,14 @@ __global__ void cg_advance(T* __restrict__ rr, T* __restrict__ rr_new, T* __rest
 
 _CG_KERNEL_NAMES = ("cg_stencil_dot", "cg_update_xr", "cg_update_p", "cg_advance")
 
+CUDA_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cg": (
+        _CG_KERNELS,
+        tuple(f"{name}<{scalar}>" for scalar in ("float", "double") for name in _CG_KERNEL_NAMES),
+    )
+}
+"""Raw CUDA of this module: label -> (code, name expressions), see `dli.kernels.xp`."""
+
 
 @functools.cache
 def _cg_kernels(scalar: str, device: int) -> dict[str, Any]:
@@ -523,7 +543,7 @@ def _cg_kernels(scalar: str, device: int) -> dict[str, Any]:
     import cupy
 
     names = [f"{name}<{scalar}>" for name in _CG_KERNEL_NAMES]
-    module = cupy.RawModule(code=_CG_KERNELS, options=("-std=c++17",), name_expressions=names)
+    module = cupy.RawModule(code=CUDA_SOURCES["cg"][0], options=CUDA_OPTIONS, name_expressions=names)
     return {name: module.get_function(f"{name}<{scalar}>") for name in _CG_KERNEL_NAMES}
 
 

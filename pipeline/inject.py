@@ -20,8 +20,6 @@ on the stream.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +28,7 @@ import torch
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import PoissonInfo, poisson_blend
+from dli.kernels.xp import torch_stream
 from dli.pipeline.planner import DliConfig, Plan
 
 
@@ -82,19 +81,6 @@ class InjectionIndex:
         return int(self.paste_items.shape[0])
 
 
-@contextlib.contextmanager
-def _kernel_stream(device: torch.device) -> Iterator[None]:
-    """Make CuPy launch on torch's current stream, so kernel work is ordered with torch's."""
-    if device.type != "cuda":
-        yield
-        return
-    import cupy
-
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        yield
-
-
 def inject(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -136,7 +122,7 @@ def inject(
     index = InjectionIndex.from_plan(plan, images.device)
     info = None
     # index_select / index_copy_ rather than advanced indexing: several times faster on the CPU.
-    with _kernel_stream(images.device):
+    with torch_stream(images.device):
         if index.poisson_count:
             masks = source_masks.index_select(0, index.poisson_items)
             blended, info = poisson_blend(
