@@ -391,7 +391,7 @@ def tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def pytest_figures(xml_path: Path, log: Path) -> tuple[dict[str, Any], bool]:
+def pytest_figures(xml_path: Path) -> tuple[dict[str, Any], bool]:
     """Counts, failing tests and modules not collected for a missing package; (figures, all good)."""
     try:
         root = ElementTree.parse(xml_path).getroot()
@@ -489,7 +489,7 @@ def run_step(step: str, plan: Plan, limit_s: float, env: Mapping[str, str], have
     result.returncode, result.seconds = code, round(seconds, 1)
     ok = code == 0
     if step == "pytest-gpu":
-        result.figures, tests_ok = pytest_figures(plan.out / "pytest-gpu.xml", log)
+        result.figures, tests_ok = pytest_figures(plan.out / "pytest-gpu.xml")
         ok = ok or (code == 1 and tests_ok)  # collection errors for missing packages only
     elif step == "bench":
         result.figures = bench_figures(plan.out / "bench-cuda.json")
@@ -726,7 +726,9 @@ def check_data(data: Path) -> str:
 
 
 def check_out(out: Path) -> None:
-    """The output folder exists as a writable folder, or can be created."""
+    """The output folder is new, or a writable folder that holds no earlier check."""
+    if (out / "gpu-report.json").exists() or any(out.glob("train-*")):
+        raise CheckError(f"--out {out}: holds an earlier check; choose another folder")
     existing = out
     while not existing.exists():
         existing = existing.parent

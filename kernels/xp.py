@@ -149,11 +149,14 @@ def external_stream(pointer: int, device_index: int) -> Any:
     """A CuPy stream object for a stream another library created (it is neither owned nor destroyed).
 
     `cupy.cuda.Stream.from_external` where CuPy has it (14 and later, which deprecate
-    `ExternalStream` with a warning per call); `cupy.cuda.ExternalStream` on CuPy 13.
+    `ExternalStream` with a warning per call); `cupy.cuda.ExternalStream` on CuPy 13. Pointer 0,
+    the legacy default stream (torch's default stream), is CuPy's own null stream.
     """
     import cupy
 
     stream_type = cupy.cuda.Stream
+    if pointer == 0:
+        return stream_type.null
     if hasattr(stream_type, "from_external"):
         return stream_type.from_external(_StreamHandle(pointer))
     return cupy.cuda.ExternalStream(pointer, device_index)

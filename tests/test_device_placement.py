@@ -86,6 +86,7 @@ def test_external_stream_uses_from_external_without_a_deprecation_warning() -> N
         warnings.simplefilter("error")  # CuPy 14 warns on every ExternalStream
         stream = xp.external_stream(0x1234, 0)
     assert isinstance(stream, cupy.cuda.Stream) and stream.ptr == 0x1234
+    assert xp.external_stream(0, 0) is cupy.cuda.Stream.null  # torch's default stream
 
 
 class FakeCupy(types.ModuleType):

@@ -44,6 +44,14 @@ def test_bad_flags_fail_in_one_line(flags: list[str], message: str, tmp_path: Pa
     assert not (tmp_path / "check").exists()
 
 
+def test_an_earlier_check_is_never_overwritten(tmp_path: Path, capsys) -> None:
+    (tmp_path / "check").mkdir()
+    (tmp_path / "check" / "gpu-report.json").write_text("{}")
+    assert gpu_check.main(["--out", str(tmp_path / "check"), "--dry-run"]) == 2
+    assert "holds an earlier check" in capsys.readouterr().err
+    assert (tmp_path / "check" / "gpu-report.json").read_text() == "{}"
+
+
 def test_bad_data_fails_before_any_step(tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert (
@@ -115,13 +123,13 @@ def test_pytest_results_separate_missing_packages_from_failures(tmp_path: Path) 
             """
         )
     )
-    figures, ok = gpu_check.pytest_figures(xml, xml)
+    figures, ok = gpu_check.pytest_figures(xml)
     assert not ok and figures["passed"] == 2 and figures["skipped"] == 1
     assert figures["failing"] == ["tests.test_kernels_gpu.test_paste"]
     assert figures["not_collected"] == {"tests.test_bench": "needs segmentation_models_pytorch (missing)"}
     xml.write_text(xml.read_text().replace('<failure message="assert">x</failure>', ""))
-    assert gpu_check.pytest_figures(xml, xml)[1]
-    assert gpu_check.pytest_figures(tmp_path / "absent.xml", xml) == ({"junit": None}, False)
+    assert gpu_check.pytest_figures(xml)[1]
+    assert gpu_check.pytest_figures(tmp_path / "absent.xml") == ({"junit": None}, False)
 
 
 def _fake_commands(out: Path) -> dict[str, list[str]]:
