@@ -23,9 +23,11 @@ unused passes on to the later ones. A step past its limit is stopped (SIGTERM to
 group, then SIGKILL) and reported as timed out; a stopped training still reports the epochs it
 finished.
 
-Missing pieces. Without a CUDA GPU, CuPy, DALI or segmentation-models-pytorch, the steps that
-need them are skipped with the reason (`REQUIRES`); `pytest -m gpu` still runs, and test modules
-that cannot be imported for a missing package are listed as not collected, not as failures.
+Missing pieces. Without a CUDA GPU visible to torch the environment step fails and the others
+are skipped. Without CuPy, DALI or segmentation-models-pytorch, the steps that need them are
+skipped with the reason (`REQUIRES`); `pytest -m gpu` still runs, and test modules that cannot be
+imported for a missing package are listed as not collected, not as failures. An `--out` that
+holds an earlier check is refused rather than overwritten.
 
 `--dry-run` checks what it can without a GPU (the imports, the data, the output folder), prints
 the plan of steps with their time shares and commands, writes nothing and exits 0.
