@@ -88,13 +88,18 @@ RUN if id -u ubuntu > /dev/null 2>&1; then userdel --remove ubuntu; fi \
     && mkdir -p /data /runs /workspace \
     && chown dli:dli /runs /workspace \
     && ln -s /runs /workspace/runs
-# Caches live in the /runs volume too: the generated synthetic dataset (DLI_CACHE) and downloaded
-# encoder weights (Hugging Face and torch hub read XDG_CACHE_HOME) persist across containers, and
-# whichever uid may write the run folder may write them. No compiler is installed, so
-# `train --compile` (Triton builds a C launcher at run time) needs gcc and python3-dev added.
+# Caches live in the /runs volume too: the generated synthetic dataset (DLI_CACHE), downloaded
+# encoder weights (Hugging Face and torch hub read XDG_CACHE_HOME), CuPy's compiled kernels and
+# Triton's (`train --compile`) persist across containers, and whichever uid may write the run
+# folder may write them. CuPy and Triton would otherwise cache under $HOME, which Docker sets to
+# / for a `--user` uid that has no passwd entry: `import cupy` then fails creating
+# /.cupy/kernel_cache. No compiler is installed, so `train --compile` (Triton builds a C launcher
+# at run time) needs gcc and python3-dev added.
 ENV XDG_CACHE_HOME=/runs/.cache \
     DLI_CACHE=/runs/.cache/dli \
-    MPLCONFIGDIR=/runs/.cache/matplotlib
+    MPLCONFIGDIR=/runs/.cache/matplotlib \
+    CUPY_CACHE_DIR=/runs/.cache/cupy \
+    TRITON_CACHE_DIR=/runs/.cache/triton
 USER dli
 WORKDIR /workspace
 VOLUME ["/data", "/runs"]

@@ -72,7 +72,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         image_size=info.image_size,
         train=False,
-        device="cuda" if torch_device.type == "cuda" else "cpu",
+        device=torch_device,
         num_threads=num_threads,
     )
     model = model.to(memory_format=torch.channels_last)

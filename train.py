@@ -468,7 +468,7 @@ class Trainer:
             "batch_size": local_batch,
             "image_size": config.image_size,
             "seed": config.seed,
-            "device": "cuda" if self.device.type == "cuda" else "cpu",
+            "device": self.device,  # cuda:N as resolved: the data path runs beside the model
             "shard_id": rank,
             "num_shards": world_size,
             "num_threads": config.num_threads,

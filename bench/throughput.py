@@ -795,7 +795,7 @@ def versions() -> dict[str, str | None]:
     ):
         try:
             found[name] = str(__import__(module, fromlist=["__version__"]).__version__)
-        except ImportError:
+        except (ImportError, OSError, RuntimeError):  # absent, or present but failing to load
             found[name] = None
     if torch.cuda.is_available():
         found["cuda"] = torch.version.cuda
@@ -834,6 +834,11 @@ def prepare(settings: Settings) -> Bench:
             import cupy
         except ImportError:
             raise DliError("--device cuda needs CuPy: pip install 'dli[cuda12]'") from None
+        except (OSError, RuntimeError) as error:  # e.g. no writable kernel cache under $HOME
+            raise DliError(
+                f"--device cuda: CuPy fails to import ({type(error).__name__}: {error}); "
+                "if it cannot create its kernel cache, set CUPY_CACHE_DIR to a writable folder"
+            ) from None
         if not cupy.is_available():
             raise DliError("--device cuda: CuPy finds no usable CUDA GPU")
     device = (

@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from dli.kernels.xp import any_tensor, array_module, as_array, as_tensor, device_of
+from dli.kernels.xp import any_tensor, array_module, as_array, as_tensor, device_of, on_torch_stream
 
 
+@on_torch_stream
 def dilate(mask: Any, radius: int) -> Any:
     """Dilate (N, H, W) masks (or any (..., H, W)) by a (2r+1)² square, each image on its own.
 

@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from dli.kernels.xp import array_module, as_array, cuda_scalar_type, device_of, is_cupy
+from dli.kernels.xp import (
+    CUDA_OPTIONS,
+    array_module,
+    as_array,
+    cuda_scalar_type,
+    device_of,
+    is_cupy,
+    on_torch_stream,
+)
 
 _PASTE_KERNEL = r"""
 // One thread per (pasted item, pixel). Arrays are contiguous: target (B, C, P), source (M, C, P),
@@ -54,9 +62,27 @@ __global__ void paste_kernel(T* __restrict__ target, const S* __restrict__ sourc
 }
 """
 
+CUDA_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # The instantiations the data path launches (float32 images; bool, 0/1 or alpha masks; float32
+    # labels, or the uint8 placeholder when no labels are written), and a float64 one.
+    "paste": (
+        _PASTE_KERNEL,
+        (
+            *(
+                f"paste_kernel<float, float, {mask}, {labels}>"
+                for mask in ("bool", "unsigned char", "float")
+                for labels in ("float", "unsigned char")
+            ),
+            "paste_kernel<double, double, double, double>",
+        ),
+    )
+}
+"""Raw CUDA of this module: label -> (code, name expressions), see `dli.kernels.xp`."""
+
 _THREADS = 256
 
 
+@on_torch_stream
 def paste(
     target: Any,
     source: Any,
@@ -77,7 +103,8 @@ def paste(
         class_ids: (M,) int class of each pasted item; required with `labels`.
         slots: (M,) distinct batch indices to paste into; default all B slots in order (M = B).
 
-    NumPy, CuPy or torch inputs (all on one device). Returns `target`.
+    NumPy, CuPy or torch inputs (all on one device). Returns `target`. With CUDA tensors the
+    kernel runs on torch's current stream, so `target` and `labels` are ready for torch's next work.
     """
     target_array = as_array(target)
     source, mask = as_array(source), as_array(mask)
@@ -136,7 +163,8 @@ def _paste_function(target: str, source: str, mask: str, labels: str, device: in
     import cupy
 
     name = f"paste_kernel<{target}, {source}, {mask}, {labels}>"
-    module = cupy.RawModule(code=_PASTE_KERNEL, options=("-std=c++17",), name_expressions=[name])
+    code, _ = CUDA_SOURCES["paste"]
+    module = cupy.RawModule(code=code, options=CUDA_OPTIONS, name_expressions=[name])
     return module.get_function(name)
 
 

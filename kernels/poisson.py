@@ -56,7 +56,15 @@ from typing import Any
 
 import numpy as np
 
-from dli.kernels.xp import any_tensor, array_module, as_array, as_tensor, device_of, to_host
+from dli.kernels.xp import (
+    any_tensor,
+    array_module,
+    as_array,
+    as_tensor,
+    device_of,
+    on_torch_stream,
+    to_host,
+)
 
 BUCKET_OVERHEAD_PIXELS = {"cpu": 4096, "cuda": 1 << 21}
 """The fixed cost of one window bucket per PCG step, in window pixels' worth of work (`bucket_shapes`).
@@ -180,6 +188,7 @@ class PoissonInfo:
         return ok
 
 
+@on_torch_stream
 def guidance_field(target: Any, source: Any, *, mixed_gradients: bool = False) -> tuple[Any, Any]:
     """Guidance on the edges between neighbouring pixels, as forward differences of (..., H, W) images.
 
@@ -198,6 +207,7 @@ def guidance_field(target: Any, source: Any, *, mixed_gradients: bool = False) -
     return gx, gy
 
 
+@on_torch_stream
 def poisson_blend(
     target: Any,
     source: Any,
@@ -278,6 +288,7 @@ def _checked_boxes(boxes: Any, n: int) -> np.ndarray:
 # Windows.
 
 
+@on_torch_stream
 def measured_boxes(omega: Any) -> np.ndarray:
     """(N, 4) inclusive (top, left, bottom, right) of each region; top > bottom where empty (host read)."""
     xp = array_module(omega)

@@ -6,6 +6,18 @@ DLPack on CUDA), picks the array module with `array_module`, computes, and hands
 with `as_tensor` when the caller gave torch tensors. DLPack carries the stream hand-off, so a
 tensor produced on torch's current stream is safe to read from CuPy's and the other way round.
 
+Streams. Every public kernel function that takes arrays is decorated with `on_torch_stream`:
+given a CUDA tensor, its CuPy work runs on that tensor's GPU and on torch's current stream there
+(`torch_stream`, the one place kernels take torch's stream), so results written in place, which
+no DLPack return orders, are ready for whatever torch queues next, also under
+`torch.cuda.stream(s)`. With NumPy or CuPy arrays the decorator does nothing (CuPy's current
+stream applies).
+
+Raw CUDA. A kernels module with raw CUDA code exposes `CUDA_SOURCES`: label -> (code, name
+expressions to instantiate, e.g. "cg_step<float>"), and builds its `cupy.RawModule` from it with
+`CUDA_OPTIONS`; the test suite compiles every entry with NVRTC for the GPU generations in
+`CUDA_TEST_ARCHITECTURES`, without a GPU.
+
 CuPy is imported only when a CuPy array or a CUDA tensor is seen, so CPU-only code never pays
 for (or depends on) a working CUDA install.
 """
@@ -13,12 +25,21 @@ for (or depends on) a working CUDA install.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CUDA_OPTIONS = ("-std=c++17",)
+"""NVRTC options of every raw CUDA module (CuPy adds the GPU's architecture)."""
+
+CUDA_TEST_ARCHITECTURES = ("sm_80", "sm_90")
+"""GPU generations the test suite compiles `CUDA_SOURCES` for (Ampere and Hopper)."""
 
 
 def is_cupy(x: Any) -> bool:
@@ -112,3 +133,76 @@ def cuda_scalar_type(dtype: Any) -> str:
             f"dtype {name} is not supported by the CUDA kernels ({', '.join(_CUDA_SCALAR_TYPES)})"
         )
     return _CUDA_SCALAR_TYPES[name]
+
+
+class _StreamHandle:
+    """A raw `cudaStream_t` behind the CUDA stream protocol, as `cupy.cuda.Stream.from_external` takes it."""
+
+    def __init__(self, pointer: int) -> None:
+        self.pointer = pointer
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pointer)
+
+
+def external_stream(pointer: int, device_index: int) -> Any:
+    """A CuPy stream object for a stream another library created (it is neither owned nor destroyed).
+
+    `cupy.cuda.Stream.from_external` where CuPy has it (14 and later, which deprecate
+    `ExternalStream` with a warning per call); `cupy.cuda.ExternalStream` on CuPy 13. Pointer 0,
+    the legacy default stream (torch's default stream), is CuPy's own null stream.
+    """
+    import cupy
+
+    stream_type = cupy.cuda.Stream
+    if pointer == 0:
+        return stream_type.null
+    if hasattr(stream_type, "from_external"):
+        return stream_type.from_external(_StreamHandle(pointer))
+    return cupy.cuda.ExternalStream(pointer, device_index)
+
+
+@contextlib.contextmanager
+def torch_stream(device: Any) -> Iterator[None]:
+    """Run the enclosed CuPy work on `device` and on torch's current stream there (no-op off CUDA).
+
+    Work queued inside is then ordered with torch's work before and after it, whatever stream
+    torch's caller made current (`torch.cuda.stream(s)`).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    import cupy
+    import torch
+
+    index = torch.cuda.current_device() if device.index is None else device.index
+    stream = torch.cuda.current_stream(index)
+    with cupy.cuda.Device(index), external_stream(stream.cuda_stream, index):
+        yield
+
+
+def cuda_tensor_device(values: Iterable[Any]) -> Any:
+    """The device of the first CUDA tensor among `values`, or None."""
+    for value in values:
+        if is_tensor(value) and value.device.type == "cuda":
+            return value.device
+    return None
+
+
+def on_torch_stream(function: F) -> F:
+    """Decorate a kernel entry point: with a CUDA tensor argument it runs under `torch_stream`.
+
+    The wrapper carries `runs_on_torch_stream = True`, which the test suite checks on every
+    public kernel function that takes arrays.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = cuda_tensor_device((*args, *kwargs.values()))
+        if device is None:
+            return function(*args, **kwargs)
+        with torch_stream(device):
+            return function(*args, **kwargs)
+
+    wrapper.runs_on_torch_stream = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]

@@ -21,8 +21,6 @@ measures the regions on the device, one read-back that waits for the work queued
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import PoissonInfo, poisson_blend
+from dli.kernels.xp import torch_stream
 from dli.pipeline.augment import Size, as_3x3
 from dli.pipeline.planner import DliConfig, Plan
 
@@ -128,19 +127,6 @@ def region_boxes(plan: Plan, source_boxes: np.ndarray, size: Size, dilate_radius
     return np.stack([first[:, 1], first[:, 0], last[:, 1], last[:, 0]], axis=1).astype(np.int64)
 
 
-@contextlib.contextmanager
-def _kernel_stream(device: torch.device) -> Iterator[None]:
-    """Make CuPy launch on torch's current stream, so kernel work is ordered with torch's."""
-    if device.type != "cuda":
-        yield
-        return
-    import cupy
-
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
-        yield
-
-
 def inject(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -191,7 +177,7 @@ def inject(
         poisson_boxes = np.asarray(boxes)[[i.method == "poisson" for i in plan.injections]]
     info = None
     # index_select / index_copy_ rather than advanced indexing: several times faster on the CPU.
-    with _kernel_stream(images.device):
+    with torch_stream(images.device):
         if index.poisson_count:
             masks = source_masks.index_select(0, index.poisson_items)
             blended, info = poisson_blend(

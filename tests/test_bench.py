@@ -273,6 +273,7 @@ def test_quick_cpu_run_writes_a_complete_record(dataset: Manifest, tmp_path: Pat
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_quick_cuda_run_reports_gpu_memory(dataset: Manifest, tmp_path: Path) -> None:
+    pytest.importorskip("nvidia.dali", reason="the data path needs NVIDIA DALI")
     record = quick_run(dataset, tmp_path / "bench.json", "cuda", script=False)
     training = check_record(record, dataset, "cuda")
     assert training["precision"] in ("bfloat16", "float16")

@@ -13,6 +13,7 @@ from dli.pipeline.planner import DliConfig
 from dli.pipeline.synth import generate
 
 pytestmark = pytest.mark.gpu
+pytest.importorskip("nvidia.dali", reason="the data path needs NVIDIA DALI")
 
 SIZE = 96
 # nvJPEG and libjpeg-turbo may round IDCT and upsampling differently: a few levels of 255 at most.

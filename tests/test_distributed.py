@@ -200,6 +200,39 @@ def test_dli_train_devices_launches_processes_that_train_one_model(data: Path, t
 
 
 @pytest.mark.slow
+def test_two_nodes_launched_by_torchrun_train_one_model_into_one_run_folder(
+    data: Path, tmp_path: Path
+) -> None:
+    """`torchrun --nnodes 2 --nproc_per_node 1` on each of two "nodes" (here both on 127.0.0.1)."""
+    out, port = tmp_path / "run", free_port()
+    flags = tiny(data, out, epochs=1, max_steps=2, poisson_prob=0.0).to_argv()
+
+    def node(rank: int) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+        command += ["--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        command += ["-m", "dli.train", *flags]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(0), node(1)]
+    try:
+        outputs = [process.communicate(timeout=600) for process in nodes]
+    finally:
+        for process in nodes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for process, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+    (rank0_out, _), (rank1_out, _) = outputs
+    assert rank0_out.count("run folder:") == 1 and "run folder:" not in rank1_out  # only rank 0 writes
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["runtime"]["world_size"] == 2 and saved["runtime"]["batch_per_process"] == GLOBAL_BATCH // 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert torch.load(out / "last.pt", weights_only=False)["progress"]["step"] == 2
+
+
+@pytest.mark.slow
 def test_a_terminated_launch_resumes_to_the_uninterrupted_weights(data: Path, tmp_path: Path) -> None:
     def command(out: Path) -> list[str]:
         flags = tiny(data, out, epochs=2, poisson_prob=0.5).to_argv()

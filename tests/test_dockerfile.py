@@ -593,6 +593,21 @@ def check_outputs_land_in_runs_volume(dockerfile: Dockerfile, project: Project) 
     return problems
 
 
+RUNTIME_CACHES = ("CUPY_CACHE_DIR", "TRITON_CACHE_DIR")
+"""Caches that CuPy (at import) and Triton (`train --compile`) create under $HOME unless these are set."""
+
+
+def check_runtime_caches_in_runs_volume(dockerfile: Dockerfile, project: Project) -> list[str]:
+    """With `--user $(id -u):$(id -g)` and no passwd entry, Docker sets HOME=/: CuPy's import then fails
+    making /.cupy/kernel_cache (a PermissionError). Its cache and Triton's must sit in /runs."""
+    env, _ = final_config(dockerfile)
+    return [
+        f"{name} is {env.get(name) or 'unset'}, not a folder in the /runs volume"
+        for name in RUNTIME_CACHES
+        if not posixpath.normpath(env.get(name) or "/").startswith("/runs/")
+    ]
+
+
 CHECKS: dict[str, Check] = {
     check.__name__.removeprefix("check_"): check
     for check in (
@@ -608,6 +623,7 @@ CHECKS: dict[str, Check] = {
         check_no_pip_cache,
         check_no_build_tools_in_final_image,
         check_outputs_land_in_runs_volume,
+        check_runtime_caches_in_runs_volume,
     )
 }
 
@@ -748,6 +764,18 @@ MUTATIONS = [
         "DLI_CACHE=/runs/.cache/dli",
         "DLI_CACHE=/tmp/dli",
         "outputs_land_in_runs_volume",
+    ),
+    Mutation(
+        "CuPy cache under $HOME",
+        " \\\n    CUPY_CACHE_DIR=/runs/.cache/cupy",
+        "",
+        "runtime_caches_in_runs_volume",
+    ),
+    Mutation(
+        "Triton cache outside /runs",
+        "TRITON_CACHE_DIR=/runs/.cache/triton",
+        "TRITON_CACHE_DIR=/tmp/triton",
+        "runtime_caches_in_runs_volume",
     ),
 ]
 

@@ -157,3 +157,48 @@ def test_paste_writes_torch_cuda_tensors_in_place(cupy) -> None:
     assert out is images and (images.data_ptr(), gpu_labels.data_ptr()) == pointers
     np.testing.assert_array_equal(images.cpu().numpy(), want_images)
     np.testing.assert_array_equal(gpu_labels.cpu().numpy(), want_labels)
+
+
+def _delay_stream(cupy, stream, cycles: int = 200_000_000) -> None:
+    """Queue about 0.1 s of GPU spinning on a CuPy stream (torch's sleep kernel, launched there)."""
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream.ptr)):
+        torch.cuda._sleep(cycles)
+
+
+def _paste_on(images: torch.Tensor) -> torch.Tensor:
+    source = torch.ones_like(images)
+    mask = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+    return paste(images, source, mask)
+
+
+def _dilate_on(images: torch.Tensor) -> torch.Tensor:
+    return dilate(images[:, 0] > 0.5, 1).float()[:, None]
+
+
+def _blend_on(images: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
+    mask[:, 8:-8, 8:-8] = True
+    return poisson_blend(images, torch.ones_like(images), mask)[0]
+
+
+@pytest.mark.parametrize("entry_point", [_paste_on, _dilate_on, _blend_on], ids=["paste", "dilate", "blend"])
+def test_results_are_ready_on_torchs_side_stream(cupy, entry_point) -> None:
+    """A caller under `torch.cuda.stream(s)` reads a kernel's result on s right after the call.
+
+    CuPy's current stream is a different one, held busy: a kernel that launched there (and left
+    torch's stream unordered after it) would be read before it ran.
+    """
+    images = torch.rand(4, 1, 256, 256, device="cuda")
+    expected = entry_point(images.clone())
+    torch.cuda.synchronize()
+    side, busy = torch.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
+    with busy:
+        for _ in range(5):
+            side_images = images.clone()
+            torch.cuda.synchronize()
+            with torch.cuda.stream(side):
+                _delay_stream(cupy, busy)
+                result = entry_point(side_images)
+                seen = result.clone()  # queued on the side stream, right after the call
+            torch.cuda.synchronize()
+            torch.testing.assert_close(seen, expected, rtol=0, atol=1e-3)  # CG sums in any order

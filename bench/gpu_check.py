@@ -1,0 +1,817 @@
+"""A prepared GPU acceptance run: is this CUDA machine set up right for dli, and how fast is it?
+
+    python bench/gpu_check.py --out DIR [--data MT_ROOT] [--minutes M] [--epochs E] [--dry-run]
+    python -m dli.bench.gpu_check ...        # the same, with dli importable
+
+Steps, in this order, each in a process of its own, timed, its output kept in DIR/logs/:
+
+1. environment: GPUs, driver, Python, torch / CuPy / NVRTC / DALI / smp / timm versions and the
+   CUDA major each was built for, with a loud warning when the majors differ;
+2. pytest-gpu: `pytest -m gpu` over this checkout's tests (JUnit XML in DIR/pytest-gpu.xml);
+3. bench: `dli bench --device cuda` (the data at `--data`, else the bundled synthetic set),
+   figures in DIR/bench-cuda.json;
+4. train-bce, 5. train-dli: a short real training of l-ResNet18 with `bce` and with `dli`, the
+   same epochs, run folders DIR/train-<method>/, reporting images/s and the best validation IoU.
+
+Then DIR/gpu-report.md and DIR/gpu-report.json hold every figure, what was skipped and why, and
+what failed, with the end of its output. A step that fails or runs out of time is reported and
+the next one still runs. Exit status: 0 when no step failed, 1 otherwise, 2 for a bad flag.
+
+Time. The budget (`--minutes`, default and most 8) is shared out by `SHARES`: each step may run
+for its share of the time that is left, among the steps still to run, so time a step leaves
+unused passes on to the later ones. A step past its limit is stopped (SIGTERM to its process
+group, then SIGKILL) and reported as timed out; a stopped training still reports the epochs it
+finished.
+
+Missing pieces. Without a CUDA GPU visible to torch the environment step fails and the others
+are skipped. Without CuPy, DALI or segmentation-models-pytorch, the steps that need them are
+skipped with the reason (`REQUIRES`); `pytest -m gpu` still runs, and test modules that cannot be
+imported for a missing package are listed as not collected, not as failures. An `--out` that
+holds an earlier check is refused rather than overwritten.
+
+`--dry-run` checks what it can without a GPU (the imports, the data, the output folder), prints
+the plan of steps with their time shares and commands, writes nothing and exits 0.
+
+Only the standard library is imported at module level, so the check runs (and reports) where
+torch or CuPy are broken. Run from a checkout where dli is not installed, the script makes the
+checkout importable as `dli` itself (a link in a temporary folder) for its child processes too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+PROG = "gpu_check"
+MAX_MINUTES = 8.0
+"""The most a check may take: a lent GPU comes for about 15 minutes in all."""
+DEFAULT_EPOCHS = 10
+TRAIN_BATCH, TRAIN_IMAGE_SIZE = 32, 256
+BENCH_FLAGS = ("--repeats", "3", "--batches", "5", "--warmup", "2")
+"""`dli bench` windows sized to fit its share (medians of 3 windows of 5 batches)."""
+STOP_GRACE_S = 10.0
+REPORT_RESERVE_S = 5.0
+"""Kept back from the steps for writing the report."""
+
+STEPS = ("environment", "pytest-gpu", "bench", "train-bce", "train-dli")
+SHARES: dict[str, float] = {
+    "environment": 0.05,
+    "pytest-gpu": 0.25,
+    "bench": 0.25,
+    "train-bce": 0.225,
+    "train-dli": 0.225,
+}
+MIN_SECONDS: dict[str, float] = {"environment": 30.0}
+"""Floors under a step's share (importing torch, CuPy and DALI takes a while on a busy machine)."""
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "environment": (),
+    "pytest-gpu": ("gpu", "pytest"),
+    "bench": ("gpu", "cupy", "dali", "smp", "timm", "opencv"),
+    "train-bce": ("gpu", "cupy", "dali", "smp", "timm"),
+    "train-dli": ("gpu", "cupy", "dali", "smp", "timm"),
+}
+PACKAGES: dict[str, str] = {
+    "torch": "torch",
+    "cupy": "cupy",
+    "dali": "nvidia.dali",
+    "smp": "segmentation_models_pytorch",
+    "timm": "timm",
+    "numpy": "numpy",
+    "scipy": "scipy",
+    "opencv": "cv2",
+    "pytest": "pytest",
+}
+"""Short name -> module of every package the steps use."""
+_CUDA_DISTRIBUTION = re.compile(r"^(cupy-cuda|nvidia-dali-cuda)(\d+?)(x|0)$")
+
+
+class CheckError(Exception):
+    """A bad flag value: one line `gpu_check: error: ...`, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment (run in a child process: `--probe`).
+
+
+def probe_environment() -> dict[str, Any]:
+    """Versions, CUDA majors and GPUs of this Python; never raises for a missing or broken package."""
+    found: dict[str, Any] = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "packages": {},
+        "distributions": _cuda_distributions(),
+        "cuda_majors": {},
+        "gpus": [],
+        "driver": None,
+    }
+    modules: dict[str, Any] = {}
+    spec = importlib.util.find_spec("dli")
+    found["dli"] = None if spec is None else spec.origin  # which checkout or install runs
+    for name, module_name in PACKAGES.items():
+        try:
+            module = __import__(module_name, fromlist=["__version__"])
+        except Exception as error:  # absent, or present and failing to load (PermissionError, ...)
+            found["packages"][name] = {"version": None, "error": f"{type(error).__name__}: {error}"}
+            continue
+        modules[name] = module
+        found["packages"][name] = {"version": str(getattr(module, "__version__", "?")), "error": None}
+    majors = found["cuda_majors"]
+    for distribution in found["distributions"]:
+        majors[distribution] = int(_CUDA_DISTRIBUTION.match(distribution).group(2))  # type: ignore[union-attr]
+    torch = modules.get("torch")
+    if torch is not None and torch.version.cuda:
+        majors["torch"] = int(torch.version.cuda.split(".")[0])
+        found["torch_cuda"] = torch.version.cuda
+    if "cupy" in modules:
+        found |= _cupy_versions(modules["cupy"])
+        if found.get("nvrtc"):
+            majors["nvrtc"] = found["nvrtc"][0]
+    if torch is not None:
+        found["gpus"] = _torch_gpus(torch)
+    found["driver"] = _driver_version()
+    found["warnings"] = environment_warnings(found)
+    return found
+
+
+def _cuda_distributions() -> dict[str, str]:
+    """Installed CuPy and DALI wheels built for one CUDA major (name -> version)."""
+    from importlib import metadata
+
+    wheels = {}
+    for distribution in metadata.distributions():
+        name = (distribution.metadata["Name"] or "").lower()
+        if _CUDA_DISTRIBUTION.match(name):
+            wheels[name] = distribution.version
+    return wheels
+
+
+def _cupy_versions(cupy: Any) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        found["nvrtc"] = list(nvrtc.getVersion())
+    except Exception as error:
+        found["nvrtc_error"] = f"{type(error).__name__}: {error}"
+    for key, call in (("cupy_runtime", "runtimeGetVersion"), ("driver_cuda", "driverGetVersion")):
+        try:
+            found[key] = int(getattr(cupy.cuda.runtime, call)())
+        except Exception as error:  # no GPU or no driver: reported, not fatal
+            found[f"{key}_error"] = f"{type(error).__name__}: {error}"
+    return found
+
+
+def _torch_gpus(torch: Any) -> list[dict[str, Any]]:
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = []
+        for index in range(count):
+            properties = torch.cuda.get_device_properties(index)
+            gpus.append(
+                {
+                    "index": index,
+                    "name": properties.name,
+                    "capability": f"{properties.major}.{properties.minor}",
+                    "memory_gib": round(properties.total_memory / 2**30, 1),
+                    "multiprocessors": properties.multi_processor_count,
+                }
+            )
+        return gpus
+    except Exception:  # a broken CUDA install: no GPU usable
+        return []
+
+
+def _driver_version() -> str | None:
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+
+
+def environment_warnings(found: Mapping[str, Any]) -> list[str]:
+    """What is wrong with an environment: mixed CUDA majors, a driver older than the builds, ..."""
+    warnings = []
+    majors = found.get("cuda_majors", {})
+    if len(set(majors.values())) > 1:
+        listed = ", ".join(f"{name} {major}" for name, major in sorted(majors.items()))
+        warnings.append(
+            f"CUDA MAJORS MIX: {listed}. Keep one CUDA major per environment: DALI and CuPy must match "
+            "torch's CUDA build ('dli[cuda12]' beside a CUDA 12 torch, 'dli[cuda13]' beside a CUDA 13 one)"
+        )
+    cupy_wheels = [name for name in found.get("distributions", {}) if name.startswith("cupy-")]
+    dali_wheels = [name for name in found.get("distributions", {}) if name.startswith("nvidia-dali-")]
+    for kind, wheels in (("CuPy", cupy_wheels), ("DALI", dali_wheels)):
+        if len(wheels) > 1:
+            warnings.append(f"SEVERAL {kind} WHEELS INSTALLED: {', '.join(wheels)}; keep one")
+    driver_cuda, torch_major = found.get("driver_cuda"), majors.get("torch")
+    if driver_cuda and torch_major and driver_cuda // 1000 < torch_major:
+        warnings.append(
+            f"THE DRIVER SUPPORTS CUDA {driver_cuda // 1000}.{driver_cuda % 1000 // 10}, "
+            f"OLDER THAN torch's CUDA {torch_major}"
+        )
+    for name, package in found.get("packages", {}).items():
+        error = package.get("error") or ""
+        if error and not error.startswith(("ModuleNotFoundError", "ImportError")):
+            warnings.append(f"{name} is installed but fails to import: {error}")
+    return warnings
+
+
+def available(found: Mapping[str, Any]) -> set[str]:
+    """The REQUIRES names this environment offers ("gpu": torch sees a CUDA GPU)."""
+    have = {name for name, package in found.get("packages", {}).items() if package.get("version")}
+    if found.get("gpus"):
+        have.add("gpu")
+    return have
+
+
+def missing_reason(step: str, have: set[str]) -> str | None:
+    """Why `step` cannot run here, or None."""
+    missing = [name for name in REQUIRES[step] if name not in have]
+    if not missing:
+        return None
+    words = {
+        "gpu": "a CUDA GPU (torch sees none)",
+        "dali": "NVIDIA DALI",
+        "smp": "segmentation-models-pytorch",
+    }
+    return "needs " + ", ".join(words.get(name, name) for name in missing) + ": not available here"
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps: what each runs and what it reports.
+
+
+@dataclass
+class StepResult:
+    """One step as it ran (or did not)."""
+
+    name: str
+    status: str  # passed | failed | timed_out | skipped
+    seconds: float = 0.0
+    limit_s: float = 0.0
+    command: list[str] = field(default_factory=list)
+    log: str | None = None
+    returncode: int | None = None
+    reason: str | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    output_tail: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A check's settings and the paths it writes."""
+
+    out: Path
+    data: Path | None
+    minutes: float
+    epochs: int
+    repo: Path
+
+    @property
+    def budget_s(self) -> float:
+        return self.minutes * 60.0
+
+    def command(self, step: str) -> list[str]:
+        python = sys.executable
+        if step == "environment":
+            return [python, "-m", "dli.bench.gpu_check", "--probe", str(self.out / "environment.json")]
+        if step == "pytest-gpu":
+            return [
+                *(python, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider"),
+                *("--continue-on-collection-errors", f"--junitxml={self.out / 'pytest-gpu.xml'}"),
+                str(self.repo / "tests"),
+            ]
+        if step == "bench":
+            data = ["--data", str(self.data)] if self.data else []
+            return [
+                *(python, "-m", "dli", "bench", "--device", "cuda", *data, *BENCH_FLAGS),
+                *("--json", str(self.out / "bench-cuda.json")),
+            ]
+        method = step.removeprefix("train-")
+        return [python, "-m", "dli", "train", *self.train_flags(method)]
+
+    def train_flags(self, method: str) -> list[str]:
+        from dli.config import TrainConfig
+
+        config = TrainConfig(
+            data=None if self.data is None else str(self.data),
+            method=method,
+            encoder="l-resnet18",
+            pretrained=False,  # no download on an offline machine; both methods start alike
+            epochs=self.epochs,
+            batch_size=TRAIN_BATCH,
+            image_size=TRAIN_IMAGE_SIZE,
+            device="cuda",
+            progress=False,
+            num_threads=4,
+            out=str(self.out / f"train-{method}"),
+        )
+        return config.to_argv()
+
+
+def limit_for(step: str, remaining: Sequence[str], seconds_left: float) -> float:
+    """`step`'s share of the time left, among the steps still to run (`remaining`, step included)."""
+    total = sum(SHARES[s] for s in remaining)
+    share = max(seconds_left * SHARES[step] / total, MIN_SECONDS.get(step, 0.0))
+    return max(0.0, min(share, seconds_left))
+
+
+def run_process(
+    command: Sequence[str], log: Path, limit_s: float, env: Mapping[str, str], cwd: Path
+) -> tuple[int | None, bool, float]:
+    """Run `command` with output to `log`; stop its process group past `limit_s`.
+
+    Returns (exit status or None when stopped, whether it timed out, seconds).
+    """
+    started = time.monotonic()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as handle:
+        handle.write(f"$ {shlex.join(command)}\n")
+        handle.flush()
+        process = subprocess.Popen(
+            list(command),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        try:
+            code: int | None = process.wait(timeout=max(limit_s, 0.1))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _stop(process)
+            code, timed_out = None, True
+        except BaseException:  # Ctrl-C of the check: take the step down with it
+            _stop(process)
+            raise
+    return code, timed_out, time.monotonic() - started
+
+
+def _stop(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM to the step's process group (it started a session of its own), then SIGKILL."""
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def pytest_figures(xml_path: Path) -> tuple[dict[str, Any], bool]:
+    """Counts, failing tests and modules not collected for a missing package; (figures, all good)."""
+    try:
+        root = ElementTree.parse(xml_path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return {"junit": None}, False
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        return {"junit": None}, False
+    figures: dict[str, Any] = {
+        key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")
+    }
+    failing, not_collected = [], {}
+    for case in suite.iter("testcase"):
+        name = ".".join(filter(None, (case.get("classname"), case.get("name"))))
+        for problem in (*case.findall("failure"), *case.findall("error")):
+            text = (problem.get("message") or "") + "\n" + (problem.text or "")
+            missing = re.search(r"No module named '([^']+)'", text)
+            if problem.get("message") == "collection failure" and missing:
+                not_collected[name] = f"needs {missing.group(1)} (missing)"
+            else:
+                failing.append(name)
+    figures |= {"passed": figures["tests"] - figures["failures"] - figures["errors"] - figures["skipped"]}
+    figures |= {"failing": failing, "not_collected": not_collected}
+    return figures, not failing and (figures["tests"] > 0 or bool(not_collected))
+
+
+def bench_figures(path: Path) -> dict[str, Any]:
+    """The headline figures of `dli bench`'s JSON (images/s medians, ms per batch)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+    def median(*keys: str) -> float | None:
+        value: Any = record
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value if isinstance(value, (int, float)) else None
+
+    figures: dict[str, Any] = {
+        "device": (record.get("device") or {}).get("name"),
+        "data_images_per_s": {
+            name: median("data_path", name, "images_per_s", "median")
+            for name in ("dali", "dali_dli", "baseline", "baseline_dli")
+        },
+        "inject_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "inject", "median")),
+        "poisson_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "poisson", "median")),
+        "training_images_per_s": {},
+    }
+    for encoder, training in (record.get("training") or {}).items():
+        figures["training_images_per_s"][encoder] = {
+            name: (training.get(name) or {}).get("images_per_s", {}).get("median")
+            for name in ("premade", "dali_dli", "baseline_dli")
+        }
+    return figures
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def training_figures(run: Path) -> dict[str, Any]:
+    """Epochs finished, images/s (median over epochs after the first) and the best IoU of a run folder."""
+    try:
+        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        records = []
+    rates = [r["images_per_s"] for r in records if isinstance(r.get("images_per_s"), (int, float))]
+    steady = rates[1:] or rates
+    ious = [r["iou"] for r in records if isinstance(r.get("iou"), (int, float))]
+    return {
+        "epochs_finished": len(records),
+        "images_per_s": sorted(steady)[len(steady) // 2] if steady else None,
+        "images_per_s_first_epoch": rates[0] if rates else None,
+        "best_iou": max(ious) if ious else None,
+        "best_epoch": records[ious.index(max(ious))]["epoch"] if ious else None,
+        "run_folder": str(run),
+    }
+
+
+def run_step(step: str, plan: Plan, limit_s: float, env: Mapping[str, str], have: set[str]) -> StepResult:
+    """Run one step within `limit_s` and read what it produced."""
+    result = StepResult(name=step, status="skipped", limit_s=round(limit_s, 1))
+    reason = missing_reason(step, have) if step != "environment" else None
+    if step == "pytest-gpu" and not (plan.repo / "tests").is_dir():
+        reason = f"no tests/ folder in {plan.repo} (run the check from a checkout)"
+    if reason:
+        result.reason = reason
+        return result
+    result.command = plan.command(step)
+    log = plan.out / "logs" / f"{STEPS.index(step) + 1}-{step}.log"
+    result.log = str(log)
+    code, timed_out, seconds = run_process(result.command, log, limit_s, env, plan.repo)
+    result.returncode, result.seconds = code, round(seconds, 1)
+    ok = code == 0
+    if step == "pytest-gpu":
+        result.figures, tests_ok = pytest_figures(plan.out / "pytest-gpu.xml")
+        ok = ok or (code == 1 and tests_ok)  # collection errors for missing packages only
+    elif step == "bench":
+        result.figures = bench_figures(plan.out / "bench-cuda.json")
+    elif step.startswith("train-"):
+        result.figures = training_figures(plan.out / step)
+    result.status = "timed_out" if timed_out else "passed" if ok else "failed"
+    if result.status != "passed":
+        result.output_tail = tail(log)
+        result.reason = f"stopped past its {limit_s:.0f} s" if timed_out else f"exit status {code}"
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The check.
+
+
+def child_environment(out: Path, extra_path: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("DLI_CACHE", str(out / "cache"))  # the synthetic data, when no --data is given
+    env.setdefault("HF_HUB_OFFLINE", "1")  # no weight download attempts on an offline machine
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (extra_path, env.get("PYTHONPATH"))))
+    return env
+
+
+def probe(env: Mapping[str, str], out_file: Path, limit_s: float, repo: Path) -> tuple[dict[str, Any], float]:
+    """The environment, read by a child process (a crashing import cannot take the check down)."""
+    command = [sys.executable, "-m", "dli.bench.gpu_check", "--probe", str(out_file)]
+    log = out_file.with_suffix(".log")
+    code, timed_out, seconds = run_process(command, log, limit_s, env, repo)
+    try:
+        found = json.loads(out_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = {"error": "timed out" if timed_out else f"exit status {code}", "output": tail(log)}
+    return found, seconds
+
+
+def environment_step(plan: Plan, env: Mapping[str, str], limit_s: float) -> tuple[StepResult, dict[str, Any]]:
+    """Step 1: probe the environment; it fails when the probe does or torch sees no GPU."""
+    result = StepResult(name="environment", status="passed", limit_s=round(limit_s, 1))
+    found, seconds = probe(env, plan.out / "environment.json", limit_s, plan.repo)
+    result.seconds, result.log = round(seconds, 1), str(plan.out / "environment.log")
+    if "error" in found:
+        result.status, result.reason, result.output_tail = "failed", found["error"], found["output"]
+    elif not found.get("gpus"):
+        result.status, result.reason = "failed", "torch sees no CUDA GPU"
+    result.figures = {"warnings": found.get("warnings", [])}
+    for warning in found.get("warnings", []):
+        print(_loud(warning), file=sys.stderr, flush=True)
+    return result, found
+
+
+def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str, Any], int]:
+    """Run every step within the budget counted from `started` (monotonic); write the reports."""
+    started_at = datetime.now(timezone.utc)
+    deadline = started + plan.budget_s - REPORT_RESERVE_S
+    plan.out.mkdir(parents=True, exist_ok=True)
+    env = child_environment(plan.out, extra_path)
+    results: list[StepResult] = []
+    found: dict[str, Any] = {}
+    try:
+        for position, step in enumerate(STEPS):
+            limit_s = limit_for(step, STEPS[position:], deadline - time.monotonic())
+            print(f"{PROG}: {step} (up to {limit_s:.0f} s) ...", file=sys.stderr, flush=True)
+            if step == "environment":
+                result, found = environment_step(plan, env, limit_s)
+            elif "error" in found:
+                result = StepResult(
+                    step, "skipped", limit_s=round(limit_s, 1), reason="the environment is unknown"
+                )
+            else:
+                result = run_step(step, plan, limit_s, env, available(found))
+            print(f"{PROG}: {step}: {result.status}" + (f" ({result.reason})" if result.reason else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+            results.append(result)
+    finally:
+        report = {
+            "schema": 1,
+            "date": started_at.isoformat(timespec="seconds"),
+            "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+            "budget_s": plan.budget_s,
+            "seconds": round(time.monotonic() - started, 1),
+            "data": str(plan.data) if plan.data else "bundled synthetic data",
+            "epochs": plan.epochs,
+            "environment": found,
+            "warnings": found.get("warnings", []),
+            "steps": [asdict(r) for r in results],
+            "failed": [r.name for r in results if r.status in ("failed", "timed_out")],
+            "skipped": {r.name: r.reason for r in results if r.status == "skipped"},
+        }
+        _write(plan.out / "gpu-report.json", json.dumps(report, indent=2) + "\n")
+        _write(plan.out / "gpu-report.md", markdown(report))
+    return report, 1 if report["failed"] else 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _loud(message: str) -> str:
+    bar = "!" * 100
+    return f"{bar}\n!!! WARNING: {message}\n{bar}"
+
+
+def _value(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The report for people: warnings first, then one row per step and its figures."""
+    env = report["environment"]
+    gpus = env.get("gpus") or []
+    lines = [
+        "# dli GPU check",
+        "",
+        f"{report['date']}, {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget; data: "
+        f"{report['data']}; `{report['command']}`",
+        "",
+    ]
+    for warning in report["warnings"]:
+        lines += [f"> **WARNING: {warning}**", ""]
+    lines += ["## Environment", "", "| what | value |", "|---|---|"]
+    gpu_text = "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in gpus) or "none"
+    lines += [f"| GPU | {gpu_text} |", f"| driver | {env.get('driver') or '-'} |"]
+    lines += [f"| python | {env.get('python', '-')} |", f"| dli | {env.get('dli') or '-'} |"]
+    for name, package in (env.get("packages") or {}).items():
+        lines.append(f"| {name} | {package.get('version') or 'missing: ' + str(package.get('error'))} |")
+    majors = env.get("cuda_majors") or {}
+    lines += [f"| CUDA majors | {', '.join(f'{k} {v}' for k, v in sorted(majors.items())) or '-'} |", ""]
+    lines += ["## Steps", "", "| step | status | seconds (limit) | notes |", "|---|---|---:|---|"]
+    for step in report["steps"]:
+        notes = step.get("reason") or ""
+        lines.append(
+            f"| {step['name']} | {step['status']} | {step['seconds']:.0f} ({step['limit_s']:.0f}) | {notes} |"
+        )
+    lines.append("")
+    for step in report["steps"]:
+        figures = step.get("figures") or {}
+        if step["name"] == "pytest-gpu" and figures.get("tests") is not None:
+            lines += [
+                f"**pytest -m gpu**: {figures['passed']} passed, {figures['failures']} failed, "
+                f"{figures['errors']} errors, {figures['skipped']} skipped",
+                "",
+            ]
+            lines += [f"- failing: `{name}`" for name in figures.get("failing", [])]
+            lines += [
+                f"- not collected: `{n}` ({why})" for n, why in figures.get("not_collected", {}).items()
+            ]
+            lines.append("")
+        elif step["name"] == "bench" and figures:
+            data = figures.get("data_images_per_s", {})
+            lines += [
+                "**dli bench** (images/s): " + ", ".join(f"{k} {_value(v)}" for k, v in data.items())
+                + f"; inject {_value(figures.get('inject_ms_per_batch'), 2)} ms/batch, Poisson "
+                f"{_value(figures.get('poisson_ms_per_batch'), 2)} ms/batch",
+            ]  # fmt: skip
+            for encoder, rates in figures.get("training_images_per_s", {}).items():
+                lines.append(
+                    f"- training {encoder} (images/s): "
+                    + ", ".join(f"{k} {_value(v)}" for k, v in rates.items())
+                )
+            lines.append("")
+        elif step["name"].startswith("train-") and figures:
+            lines += [
+                f"**{step['name']}**: {figures['epochs_finished']} epochs, {_value(figures['images_per_s'])} "
+                f"images/s (first epoch {_value(figures['images_per_s_first_epoch'])}), best IoU "
+                f"{_value(figures['best_iou'], 4)} at epoch {_value(figures['best_epoch'])}",
+                "",
+            ]
+    for step in report["steps"]:
+        if step.get("output_tail"):
+            lines += [
+                f"### {step['name']}: end of its output ({step.get('log')})",
+                "",
+                "```",
+                step["output_tail"],
+                "```",
+                "",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run and command line.
+
+
+def dry_run(plan: Plan, extra_path: str | None) -> int:
+    """Check the imports, the data and the output folder; print the plan; write nothing."""
+    env = child_environment(plan.out, extra_path)
+    with tempfile.TemporaryDirectory(prefix="dli-gpu-check-") as scratch:
+        found, _ = probe(env, Path(scratch) / "environment.json", 120.0, plan.repo)
+    if "error" in found:
+        print(f"{PROG}: the environment probe failed ({found['error']}):\n{found['output']}")
+        found = {}
+    have = available(found)
+    packages = found.get("packages", {})
+    data = plan.data or "bundled synthetic data"
+    print(f"{PROG} dry run: {plan.minutes:g} minutes, data {data}, out {plan.out}")
+    for name, package in packages.items():
+        print(f"  {name:28} {package.get('version') or 'MISSING (' + str(package.get('error')) + ')'}")
+    gpus = ", ".join(g["name"] for g in found.get("gpus", [])) or "none visible"
+    print(f"  {'GPUs':28} {gpus}")
+    for warning in found.get("warnings", []):
+        print(_loud(warning))
+    reserve = f"{REPORT_RESERVE_S:.0f} s of it for the report"
+    print(f"\nplan ({plan.budget_s:.0f} s, {reserve}; time a step leaves unused passes on):")
+    budget = plan.budget_s - REPORT_RESERVE_S
+    for step in STEPS:  # the limits if every step used its whole share
+        reason = None if step == "environment" else missing_reason(step, have)
+        state = f"skip: {reason}" if reason else "run"
+        share = f"{100 * SHARES[step]:4.1f}%  {limit_for(step, (step,), budget * SHARES[step]):5.0f} s"
+        print(f"  {STEPS.index(step) + 1}. {step:12} {share}  {state}")
+        print(f"       {shlex.join(plan.command(step))}")
+    print(f"\nreports: {plan.out / 'gpu-report.md'}, {plan.out / 'gpu-report.json'}")
+    return 0
+
+
+def check_data(data: Path) -> str:
+    """Read and validate `--data` up front (as training would): a summary line, or CheckError."""
+    from dli.errors import DliError
+    from dli.pipeline.manifest import read_dataset, validate
+
+    try:
+        manifest = read_dataset(data)
+        validate(manifest)
+    except DliError as error:
+        raise CheckError(f"--data {data}: {error}") from None
+    return f"{len(manifest)} images, classes {', '.join(manifest.class_names)}"
+
+
+def check_out(out: Path) -> None:
+    """The output folder is new, or a writable folder that holds no earlier check."""
+    if (out / "gpu-report.json").exists() or any(out.glob("train-*")):
+        raise CheckError(f"--out {out}: holds an earlier check; choose another folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckError(f"--out {out}: {existing} is not a writable folder")
+
+
+def importable_checkout() -> str | None:
+    """Make `import dli` import this checkout (also in child processes); the folder to put on PYTHONPATH.
+
+    None when it does already (installed, or on the path); otherwise the checkout's parent when the
+    checkout is a folder named `dli`, else a temporary folder holding a link `dli` to it.
+    """
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.find_spec("dli")
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == root / "__init__.py":
+        return None
+    if not (root / "pyproject.toml").is_file() or not (root / "__init__.py").is_file():
+        raise CheckError(
+            f"{root} is not a dli checkout and dli is not installed from it: install the project"
+        )
+    if root.name == "dli":
+        folder = str(root.parent)
+    else:
+        folder = tempfile.mkdtemp(prefix="dli-import-")
+        os.symlink(root, Path(folder) / "dli")
+    sys.path.insert(0, folder)
+    return folder
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="folder for the reports, logs and run folders")
+    parser.add_argument("--data", type=Path, help="Magnetic Tile root (or any dataset); default synthetic")
+    parser.add_argument(
+        "--minutes", type=float, default=MAX_MINUTES, help=f"time budget, at most {MAX_MINUTES:g}"
+    )
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="epochs of each short training")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the plan without running it")
+    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)  # child: write the environment JSON
+    return parser.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()  # the budget covers the data check too
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.probe is not None:
+        found = probe_environment()
+        args.probe.write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
+        return 0
+    try:
+        if args.out is None:
+            raise CheckError("--out DIR is required")
+        if not 0 < args.minutes <= MAX_MINUTES:
+            raise CheckError(f"--minutes {args.minutes:g}: must be in (0, {MAX_MINUTES:g}]")
+        if args.epochs < 1:
+            raise CheckError(f"--epochs {args.epochs}: must be >= 1")
+        extra_path = importable_checkout()
+        check_out(args.out.absolute())
+        data = None if args.data is None else args.data.absolute()
+        if data is not None:
+            print(f"{PROG}: --data {data}: {check_data(data)}", file=sys.stderr)
+        plan = Plan(
+            out=args.out.absolute(),
+            data=data,
+            minutes=args.minutes,
+            epochs=args.epochs,
+            repo=Path(__file__).resolve().parents[1],
+        )
+        if args.dry_run:
+            return dry_run(plan, extra_path)
+        report, status = check(plan, extra_path, started)
+    except CheckError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(markdown(report))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
