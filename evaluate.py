@@ -74,6 +74,7 @@ def evaluate_checkpoint(
         train=False,
         device="cuda" if torch_device.type == "cuda" else "cpu",
         num_threads=num_threads,
+        resize=info.resize,
     )
     model = model.to(memory_format=torch.channels_last)
     evaluation = evaluate_model(

@@ -120,7 +120,8 @@ def inject(
     The label of an injection is the source's own (undilated) mask, whichever the method: for
     Poisson blending the dilated region is only the domain the solver may change, a margin
     that lets the defect's surroundings blend in, not defect. (The reference implementation
-    labels the dilated region, which widens every Poisson-injected label by two pixels.)
+    labels the dilated region, which widens every Poisson-injected label by two pixels;
+    `DliConfig.poisson_label` ``dilated`` does the same.)
 
     Returns the Poisson solver's report, or None when no injection is Poisson.
     """
@@ -150,7 +151,8 @@ def inject(
             images.index_copy_(0, index.poisson_slots, blended.clamp_(*value_range))
             flat = labels.view(-1, *labels.shape[2:])
             current = flat.index_select(0, index.poisson_channels)
-            flat.index_copy_(0, index.poisson_channels, torch.maximum(current, masks.to(labels.dtype)))
+            label = masks if config.poisson_label == "source" else dilate(masks, config.dilate_radius)
+            flat.index_copy_(0, index.poisson_channels, torch.maximum(current, label.to(labels.dtype)))
         if index.paste_count:
             paste(
                 images,

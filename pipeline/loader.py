@@ -110,6 +110,7 @@ class Loader:
         num_classes, class_names: the defect classes (label channel c = class c).
         image_size: (H, W) of the output batches.
         mean, std: per-channel normalization of the 3 output channels (on [0, 1] intensities).
+        resize: image resizing, ``linear`` (antialiased) or ``nearest`` (masks: always nearest).
         planner: the DLI planner, or None when injection is off.
 
     `donors` (training with DLI): manifest indices allowed as injection sources; default every
@@ -132,7 +133,11 @@ class Loader:
         num_threads: int = 2,
         prefetch: int = 2,
         donors: Collection[int] | None = None,
+        resize: str = "linear",
     ) -> None:
+        if resize not in ("linear", "nearest"):
+            raise DliError(f"resize {resize!r}: choose from linear, nearest")
+        self.resize = resize
         self.batch_size = _checked_int("batch size", batch_size)
         self.image_size = _image_size(image_size)
         self.seed = _checked_int("seed", seed, minimum=0)
@@ -258,6 +263,7 @@ class Loader:
                 device_id=self.device.index if self.device.type == "cuda" else None,
                 mean=self.mean[0],
                 std=self.std[0],
+                resize=self.resize,
                 num_threads=self.num_threads,
                 prefetch=self.prefetch,
             )
@@ -422,6 +428,7 @@ def build_loader(
     num_threads: int = 2,
     prefetch: int = 2,
     donors: Collection[int] | None = None,
+    resize: str = "linear",
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -444,4 +451,5 @@ def build_loader(
         num_threads=num_threads,
         prefetch=prefetch,
         donors=donors,
+        resize=resize,
     )
