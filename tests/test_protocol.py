@@ -4,7 +4,9 @@ record, resume and refusal (CPU, 64 px synthetic data; the weights also on the r
 from __future__ import annotations
 
 import csv
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -245,13 +247,15 @@ def test_image_class_grouping_counts_every_channel_of_the_class_images():
 
 
 def test_reference_protocol_trains_with_its_settings_and_records_them(data, tmp_path):
-    result = train(small(data, tmp_path / "run", protocol="reference", method="wce", epochs=2, batch_size=7))
+    config = small(data, tmp_path / "run", protocol="reference", method="wce", data_fraction=0.5)
+    images = len(datasets_of(config.validate().resolved()).train)
+    batch = next(b for b in range(8, 16) if images % b)  # a batch size that leaves a partial last batch
+    result = train(replace(config, batch_size=batch))
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["protocol"] == "reference"
     assert {k: saved[k] for k in PROTOCOL_DEFAULTS["reference"]} == PROTOCOL_DEFAULTS["reference"]
     runtime = saved["runtime"]
-    train_images = sum(runtime["train_counts"].values())
-    assert train_images % 7 and runtime["steps_per_epoch"] == math.ceil(train_images / 7)  # last batch kept
+    assert runtime["steps_per_epoch"] == math.ceil(images / batch)  # the last, partial batch is kept
     assert runtime["precision"] == "float32" and runtime["parameters"]["decoder"] == 932_608
     weights = runtime["class_weights"]["weights"]
     assert list(weights) == runtime["class_names"] and sum(weights.values()) == pytest.approx(1.0)
@@ -320,3 +324,107 @@ def test_bad_protocol_values_are_one_line_errors(capsys, flags, named):
         main(["train", *flags])
     assert exit_.value.code == 2
     assert named in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# `dli experiment`: a grid over protocols, and the summary's labels and the paper's statistics.
+
+
+def test_a_grid_file_over_both_protocols_trains_each_run_under_its_protocol(tmp_path):
+    from dli.experiment import Grid, read_grid_file
+
+    (tmp_path / "grid.yaml").write_text(
+        "protocols: [reference, dli]\nmethods: [wce, dli]\nseeds: [0]\n"
+        "train:\n  epochs: 1\n  dice: per-class\n"
+    )
+    runs = {
+        r.name: r.config for r in Grid.from_document(read_grid_file(tmp_path / "grid.yaml")).runs(tmp_path)
+    }
+    assert set(runs) == {
+        "reference__wce__l-resnet18__f1.0__s0",
+        "reference__dli-p0.5-all-free__l-resnet18__f1.0__s0",
+        "wce__l-resnet18__f1.0__s0",
+        "dli-p0.5-all-free__l-resnet18__f1.0__s0",
+    }
+    reference = runs["reference__wce__l-resnet18__f1.0__s0"]
+    assert (reference.protocol, reference.wce_weights, reference.decoder_convs) == (
+        "reference",
+        "pixel-share",
+        4,
+    )
+    assert reference.dice == "per-class"  # a shared setting overrides the protocol's default
+    assert runs["wce__l-resnet18__f1.0__s0"].protocol == "dli"
+    (tmp_path / "bad.yaml").write_text("protocols: [paper]\n")
+    with pytest.raises(Exception, match="paper: unknown protocol"):
+        read_grid_file(tmp_path / "bad.yaml")
+
+
+def test_experiment_flag_passes_the_protocol_to_every_run(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "experiment",
+                "--preset",
+                "smoke",
+                "--protocol",
+                "reference",
+                "--out",
+                str(tmp_path),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("reference__") == 4 and "4 runs" in out
+
+
+def _run_folder(expdir: Path, name: str, iou: float, seed: int, protocol: str, grouped: bool) -> None:
+    folder = expdir / name
+    folder.mkdir(parents=True)
+    classes = ("blowhole", "break")
+    record = {"epoch": 1, "step": 5, "iou": iou, "f1": iou}
+    record |= {f"iou/{c}": iou for c in classes} | {f"f1/{c}": iou for c in classes}
+    if grouped:
+        record |= {f"iou_by_image_class/{c}": iou / 2 for c in classes}
+    config = TrainConfig(method="bce", protocol=protocol, seed=seed, epochs=1).to_dict()
+    (folder / "config.yaml").write_text(yaml.safe_dump(config | {"runtime": {"class_names": list(classes)}}))
+    (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+
+
+def test_summary_labels_protocols_and_offers_the_papers_spread_and_grouping(tmp_path):
+    from dli.experiment import aggregate
+
+    for seed, iou in enumerate((0.50, 0.54, 0.58)):
+        _run_folder(tmp_path, f"r{seed}", iou, seed, "reference", grouped=True)
+    for seed, iou in enumerate((0.40, 0.44)):
+        _run_folder(tmp_path, f"d{seed}", iou, seed, "dli", grouped=False)
+    summary = aggregate(tmp_path)
+    table = summary.table1()
+    assert table.rows == ("bce [reference]", "bce [dli]") and "protocol in brackets" in table.title
+    cell = table.cell("bce [reference]", "l-resnet18")
+    assert cell.std == pytest.approx(0.04) and cell.population_std == pytest.approx(
+        math.sqrt(2 * 0.04**2 / 3)
+    )
+    paper = summary.table1(population=True).cell("bce [reference]", "l-resnet18")
+    assert paper.std == pytest.approx(math.sqrt(2 * 0.04**2 / 3)) and str(paper).startswith("54.00 ± 3.27")
+    grouped = summary.per_class("l-resnet18", by_image_class=True)
+    assert grouped.cell("blowhole", "bce [reference]").mean == pytest.approx(0.27)
+    assert grouped.cell("blowhole", "bce [dli]") is None  # not recorded by those runs
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "## As the paper computes them" in markdown and "bce [reference]" in markdown
+    assert "Per-class IoU by image class" in markdown
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    overall = {r["protocol"]: r for r in rows if r["metric"] == "iou"}
+    assert float(overall["reference"]["population_std"]) == pytest.approx(math.sqrt(2 * 0.04**2 / 3))
+    assert float(overall["dli"]["std"]) == pytest.approx(math.sqrt(2) * 0.02)
+    assert any(r["metric"] == "iou_by_image_class/break" for r in rows)
+    # One protocol only: the titles name it and the rows stay bare.
+    single = aggregate_one(tmp_path, "reference")
+    assert single.table1().rows == ("bce",) and "protocol reference" in single.table1().title
+
+
+def aggregate_one(expdir: Path, protocol: str):
+    from dli.experiment import Summary, read_runs
+
+    return Summary([r for r in read_runs(expdir) if r.config.protocol == protocol])
