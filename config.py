@@ -6,6 +6,11 @@ without `--data` the run uses the bundled synthetic dataset and a short schedule
 what happened at run time (pretrained weights, versions, device), is written to the run folder
 as `config.yaml` (the way timm saves `args.yaml`) and stored in every checkpoint, so a run can
 be resumed, evaluated and reproduced from its folder alone.
+
+`protocol` (``dli`` or ``reference``) gives the defaults of the settings in
+`PROTOCOL_DEFAULTS`: this project's choices, or those of the paper's reference implementation.
+Each such setting left `None` is filled from the protocol by `resolved()`, so the saved config
+holds the protocol and every choice it made; a setting given explicitly overrides the protocol.
 """
 
 from __future__ import annotations

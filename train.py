@@ -2,8 +2,11 @@
 
 The loop is `train(config) -> RunResult`, callable from other code (experiment grids,
 multi-GPU launchers). Mixed precision is bf16 where the GPU supports it, fp16 with loss scaling
-otherwise, fp32 on CPU; activations are channels-last. A step whose loss is not finite is
-skipped (no optimizer update) and counted.
+otherwise, fp32 on CPU or with `--no-amp`; activations are channels-last. `--protocol`
+(`dli.config.PROTOCOL_DEFAULTS`) chooses the loss terms, decoder depth, resizing, Poisson
+label, schedule (cosine per step or per epoch), last-batch policy and precision as a whole,
+each overridable by its own flag; a run resumes only under the protocol it started with. A
+step whose loss is not finite is skipped (no optimizer update) and counted.
 
 A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv` and
 `metrics.jsonl` (one record per epoch, rewritten atomically), TensorBoard events in `tb/`,
