@@ -658,7 +658,11 @@ class RunState(Enum):
 
 
 def changed_settings(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
-    """Settings (as flags) that differ and would change what a run computes."""
+    """Settings (as flags) that differ and would change what a run computes.
+
+    A folder written before a setting existed takes that setting's default (protocol ``dli``).
+    """
+    saved = saved.resolved()
     return [
         f"{flag(f.name)} {getattr(wanted, f.name)} (folder has {getattr(saved, f.name)})"
         for f in fields(TrainConfig)

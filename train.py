@@ -330,8 +330,11 @@ def prepare_run_folder(config: TrainConfig) -> RunFolder:
 
 
 def check_resumable(config: TrainConfig, saved: Mapping[str, Any], path: Path) -> None:
-    """Refuse to resume with settings that would change the computation (flag and values named)."""
-    saved_config = TrainConfig.from_dict(dict(saved))
+    """Refuse to resume with settings that would change the computation (flag and values named).
+
+    A config saved before a setting existed takes that setting's default (protocol ``dli``).
+    """
+    saved_config = TrainConfig.from_dict(dict(saved)).resolved()
     changed = [
         f"{flag(name)} {getattr(config, name)} (run has {getattr(saved_config, name)})"
         for name in TrainConfig.__dataclass_fields__
@@ -450,6 +453,7 @@ class Trainer:
         config = config.validate().resolved()
         assert config.epochs is not None and config.batch_size is not None and config.image_size is not None
         local_batch = check_batch_split(config.batch_size, world_size)
+        check_last_batch(config.last_batch, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.writer_rank = rank == 0
         self.device = resolve_device(config.device, rank if local_rank is None else local_rank)
@@ -866,6 +870,16 @@ def train(
     return trainer.fit(on_epoch_end)
 
 
+def check_last_batch(last_batch: str | None, world_size: int) -> None:
+    """Several processes must drop the last incomplete batch (a ragged one could leave a process
+    without a batch while the others wait for its gradients)."""
+    if world_size > 1 and last_batch == "keep":
+        raise DliError(
+            f"--last-batch keep: training in {world_size} processes drops the last incomplete batch; "
+            "pass --last-batch drop"
+        )
+
+
 def check_batch_split(batch_size: int, world_size: int) -> int:
     """Images per process of a global batch; `DliError` when the processes cannot share it evenly."""
     if batch_size % world_size:
@@ -1124,6 +1138,7 @@ def launch_processes(config: TrainConfig, devices: int) -> int:
     checked = config.validate().resolved()
     assert checked.batch_size is not None
     check_batch_split(checked.batch_size, devices)
+    check_last_batch(checked.last_batch, devices)
     device = resolve_device(checked.device)
     if device.type == "cuda":
         if checked.device.startswith("cuda:"):

@@ -428,3 +428,21 @@ def aggregate_one(expdir: Path, protocol: str):
     from dli.experiment import Summary, read_runs
 
     return Summary([r for r in read_runs(expdir) if r.config.protocol == protocol])
+
+
+def test_a_run_saved_before_protocols_existed_resumes_as_dli():
+    from dli.train import check_resumable
+
+    current = TrainConfig(data="/data", epochs=3).validate().resolved()
+    saved = {k: v for k, v in current.to_dict().items() if k not in PROTOCOL_DEFAULTS and k != "protocol"}
+    check_resumable(current, saved, Path("last.pt"))  # the old run's settings are dli's: no error
+    reference = TrainConfig(data="/data", epochs=3, protocol="reference").validate().resolved()
+    with pytest.raises(Exception, match="--protocol reference"):
+        check_resumable(reference, saved, Path("last.pt"))
+
+
+def test_several_processes_refuse_to_keep_the_last_batch(capsys):
+    args = ["train", "--devices", "2", "--device", "cpu", "--protocol", "reference"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--last-batch keep" in error and "--last-batch drop" in error
