@@ -262,6 +262,11 @@ def test_reference_protocol_trains_with_its_settings_and_records_them(data, tmp_
     # Cosine annealing per epoch: epoch 1 at the initial rate, epoch 2 at half of it (T_max = 2).
     assert [r["lr"] for r in result.history] == pytest.approx([5e-4, 2.5e-4])
     assert "iou_by_image_class/uneven" in result.history[-1]
+    # `dli eval` and `dli predict` rebuild the 4-conv model and resize as it was trained.
+    from dli.checkpoint import model_from_checkpoint
+
+    model, info = model_from_checkpoint(result.run_dir / "best.pt")
+    assert count_parameters(model).decoder == 932_608 and (info.decoder_convs, info.resize) == (4, "nearest")
 
 
 def test_dli_protocol_is_the_default_and_keeps_its_choices(data, tmp_path):
