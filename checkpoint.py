@@ -38,6 +38,8 @@ class ModelInfo:
         class_names: defect classes, index = output channel.
         image_size: square input side the model was trained at.
         mean, std: per-channel normalization applied to images scaled to [0, 1].
+        decoder_convs: conv-BN-ReLU layers per decoder block (2, or 4 as in the reference).
+        resize: how images were resized in training (``linear`` or ``nearest``).
     """
 
     encoder: str
@@ -45,6 +47,8 @@ class ModelInfo:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    decoder_convs: int = 2
+    resize: str = "linear"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +61,8 @@ class ModelInfo:
             image_size=int(data["image_size"]),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
+            decoder_convs=int(data.get("decoder_convs", 2)),
+            resize=str(data.get("resize", "linear")),
         )
 
 
@@ -72,7 +78,9 @@ def model_from_checkpoint(
         document, name = load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
     try:
         info = ModelInfo.from_dict(document["model_info"])
-        model, _ = build_model(info.encoder, len(info.class_names), pretrained=False)
+        model, _ = build_model(
+            info.encoder, len(info.class_names), pretrained=False, decoder_convs=info.decoder_convs
+        )
         model.load_state_dict(document["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, DliError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

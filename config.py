@@ -6,6 +6,11 @@ without `--data` the run uses the bundled synthetic dataset and a short schedule
 what happened at run time (pretrained weights, versions, device), is written to the run folder
 as `config.yaml` (the way timm saves `args.yaml`) and stored in every checkpoint, so a run can
 be resumed, evaluated and reproduced from its folder alone.
+
+`protocol` (``dli`` or ``reference``) gives the defaults of the settings in
+`PROTOCOL_DEFAULTS`: this project's choices, or those of the paper's reference implementation.
+Each such setting left `None` is filled from the protocol by `resolved()`, so the saved config
+holds the protocol and every choice it made; a setting given explicitly overrides the protocol.
 """
 
 from __future__ import annotations
@@ -29,6 +34,70 @@ FILLS: tuple[str, ...] = FILL_POLICIES
 
 SPLITS: tuple[str, ...] = ("stratified", "reference")
 """Named train/validation splits; `--split` also takes a folder of split CSVs."""
+
+PROTOCOLS: tuple[str, ...] = ("dli", "reference")
+"""Training protocols: ``dli`` (this project's corrected choices) and ``reference`` (the choices of the
+paper's reference implementation, so that its numbers can be reproduced)."""
+
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dli": {
+        "wce_weights": "pos-weight",
+        "balanced_counts": "pixels",
+        "focal": "per-pixel",
+        "dice": "per-class",
+        "decoder_convs": 2,
+        "poisson_label": "source",
+        "resize": "linear",
+        "lr_schedule": "per-step",
+        "last_batch": "drop",
+        "amp": True,
+    },
+    "reference": {
+        "wce_weights": "pixel-share",
+        "balanced_counts": "wce-weights",
+        "focal": "per-class-mean",
+        "dice": "global",
+        "decoder_convs": 4,
+        "poisson_label": "dilated",
+        "resize": "nearest",
+        "lr_schedule": "per-epoch",
+        "last_batch": "keep",
+        "amp": False,
+    },
+}
+"""The value each protocol gives the settings it governs (each also a flag of its own).
+
+- ``wce_weights``: ``pos-weight`` (positive pixels of class c weighted by its negative/positive
+  pixel ratio, capped) or ``pixel-share`` (the per-class BCE means summed with weights
+  (1 - share_c) / (C - 1), share_c = class c's share of the training defect pixels).
+- ``balanced_counts``: what the class-balanced weights count, ``pixels`` (positive training
+  pixels) or ``wce-weights`` (the ``pixel-share`` weight list taken as counts, as the reference did).
+- ``focal``: ``per-pixel`` focal loss, or ``per-class-mean`` (the focal modulation of each
+  class's mean BCE, summed over classes).
+- ``dice``: ``per-class`` (smp's multilabel soft Dice, mean over classes present) or ``global``
+  (one soft Dice over every class and pixel).
+- ``decoder_convs``: conv-BN-ReLU layers per UNet decoder block (smp: 2; the reference's vendored
+  smp: 4).
+- ``poisson_label``: label of a Poisson injection, the ``source`` mask or the ``dilated`` blending domain.
+- ``resize``: image resizing, antialiased ``linear`` or ``nearest`` (masks are always nearest).
+- ``lr_schedule``: cosine annealing stepped ``per-step`` or ``per-epoch``.
+- ``last_batch``: the last incomplete training batch of an epoch, ``drop`` or ``keep``.
+- ``amp``: mixed precision on the GPU (False: fp32).
+"""
+
+PROTOCOL_CHOICES: dict[str, tuple[Any, ...]] = {
+    "wce_weights": ("pos-weight", "pixel-share"),
+    "balanced_counts": ("pixels", "wce-weights"),
+    "focal": ("per-pixel", "per-class-mean"),
+    "dice": ("per-class", "global"),
+    "decoder_convs": (2, 4),
+    "poisson_label": ("source", "dilated"),
+    "resize": ("linear", "nearest"),
+    "lr_schedule": ("per-step", "per-epoch"),
+    "last_batch": ("drop", "keep"),
+    "amp": (True, False),
+}
+"""Accepted values of each protocol-governed setting."""
 
 SPLIT_CSV_NAMES: tuple[tuple[str, str], ...] = (("train_data.csv", "val_data.csv"), ("train.csv", "val.csv"))
 """File names of a split folder: (train, val), in order of preference."""
@@ -57,6 +126,7 @@ class TrainConfig:
     """Everything that defines a training run (field `x_y` is flag `--x-y`)."""
 
     data: str | None = None
+    protocol: str | None = None
     split: str = "stratified"
     val_fraction: float = 0.2
     split_free: bool = False
@@ -64,6 +134,15 @@ class TrainConfig:
     method: str = "dli"
     poisson_prob: float = 0.5
     fill: str = "all-free"
+    wce_weights: str | None = None
+    balanced_counts: str | None = None
+    focal: str | None = None
+    dice: str | None = None
+    decoder_convs: int | None = None
+    poisson_label: str | None = None
+    resize: str | None = None
+    lr_schedule: str | None = None
+    last_batch: str | None = None
     encoder: str = "l-resnet18"
     pretrained: bool = True
     epochs: int | None = None
@@ -77,7 +156,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     device: str = "auto"
-    amp: bool = True
+    amp: bool | None = None
     compile: bool = False
     num_threads: int = 2
     progress: bool = True
@@ -88,6 +167,12 @@ class TrainConfig:
         """Check every value; raise `DliError` naming the flag and the value. Returns self."""
         _choice(self, "method", METHODS)
         _choice(self, "fill", FILLS)
+        if self.protocol is not None:
+            _choice(self, "protocol", PROTOCOLS)
+        for name, choices in PROTOCOL_CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and (value not in choices or isinstance(value, bool) != (name == "amp")):
+                raise DliError(f"{flag(name)} {value}: choose from {', '.join(str(c) for c in choices)}")
         from dli.models.unet import ENCODERS
 
         if self.encoder not in ENCODERS:
@@ -131,12 +216,20 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the schedule filled in (see the module docstring) and paths made absolute.
 
-        `data` stays None for the bundled synthetic data, so the run stays a quick run.
+        `data` stays None for the bundled synthetic data, so the run stays a quick run. The
+        protocol (default ``dli``) fills every setting it governs that is still unset.
         """
         schedule = QUICK_SCHEDULE if self.quick else PAPER_SCHEDULE
         split_is_folder = self.split not in SPLITS
+        protocol = self.protocol or DEFAULT_PROTOCOL
+        governed = {
+            name: value if (value := getattr(self, name)) is not None else default
+            for name, default in PROTOCOL_DEFAULTS[protocol].items()
+        }
         return replace(
             self,
+            protocol=protocol,
+            **governed,
             data=None if self.data is None else str(Path(self.data).absolute()),
             split=str(Path(self.split).absolute()) if split_is_folder else self.split,
             epochs=self.epochs or schedule.epochs,
@@ -175,6 +268,9 @@ class TrainConfig:
                 argv += [flag(name), repr(value) if isinstance(value, float) else str(value)]
         return argv
 
+
+DEFAULT_PROTOCOL = "dli"
+"""The protocol of a run that names none."""
 
 STORE_TRUE_FIELDS = frozenset({"resume", "compile"})
 """Boolean fields whose flag only switches on (no `--no-` form)."""

@@ -74,6 +74,7 @@ def evaluate_checkpoint(
         train=False,
         device=torch_device,
         num_threads=num_threads,
+        resize=info.resize,
     )
     model = model.to(memory_format=torch.channels_last)
     evaluation = evaluate_model(

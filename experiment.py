@@ -1,10 +1,15 @@
 """`dli experiment`: the paper's experiments as grids of trainings, aggregated into its tables.
 
-A grid crosses methods x encoders x seeds x training-data fractions, and for DLI runs also
-Poisson probability x fill policy. It comes from a preset (`dli.experiment_presets`), a YAML or
-TOML file (`--config`) and flags, later sources overriding earlier ones. Every run trains with
+A grid crosses protocols x methods x encoders x seeds x training-data fractions, and for DLI
+runs also Poisson probability x fill policy. Every run is trained under its grid's protocol
+(`dli train --protocol`, `protocols: [reference, dli]` in a grid file): the presets of the
+paper's experiments use ``reference`` and the published split, so their numbers compare with
+the paper's; a grid over both protocols asks whether DLI's margin survives corrected baselines.
+The grid comes from a preset (`dli.experiment_presets`), a YAML or TOML file (`--config`) and
+flags, later sources overriding earlier ones. Every run trains with
 `dli.train.train` in its own folder under EXPDIR, named by its factors
-(`dli-p0.5-all-free__l-resnet18__f1.0__s0`), one after another on one device.
+(`dli-p0.5-all-free__l-resnet18__f1.0__s0`, prefixed `reference__` under the reference
+protocol), one after another on one device.
 
 A run's seed is also its split seed: with `--split stratified` each seed re-draws the
 train/validation split, as in the paper; `--split reference` (or a split folder) keeps one
@@ -18,8 +23,10 @@ Aggregation reads nothing but run folders (`config.yaml` + `metrics.jsonl`), so 
 on hand-made folders and on runs trained elsewhere and copied in. A run's result is the
 validation record of its best epoch: the highest dataset-level IoU, the earliest on ties (the
 epoch `best.pt` holds). Seeds are summarised as mean ± sample standard deviation (ddof = 1)
-with n shown. The summary (`summary.md`, `summary.csv`, `runs.csv`, PNG plots) is written
-atomically, so an interrupted aggregation leaves the previous one intact.
+with n shown; the summary also gives the paper's spread (population std, ddof = 0) and its
+per-class IoU (grouped by each validation image's true class), labelled as such. The summary
+(`summary.md`, `summary.csv`, `runs.csv`, PNG plots) is written atomically, so an interrupted
+aggregation leaves the previous one intact.
 """
 
 from __future__ import annotations
@@ -44,7 +51,17 @@ import yaml
 
 from dli import train as training
 from dli.atomic import atomic_write_bytes, atomic_write_text
-from dli.config import FILLS, METHODS, SPLITS, TrainConfig, flag, read_run_config
+from dli.config import (
+    DEFAULT_PROTOCOL,
+    FILLS,
+    METHODS,
+    PROTOCOL_CHOICES,
+    PROTOCOLS,
+    SPLITS,
+    TrainConfig,
+    flag,
+    read_run_config,
+)
 from dli.errors import DliError
 from dli.experiment_presets import PRESETS
 
@@ -53,7 +70,15 @@ SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 RUNS_CSV = "runs.csv"
 
-LIST_KEYS: tuple[str, ...] = ("methods", "encoders", "seeds", "fractions", "poisson_probs", "fills")
+LIST_KEYS: tuple[str, ...] = (
+    "protocols",
+    "methods",
+    "encoders",
+    "seeds",
+    "fractions",
+    "poisson_probs",
+    "fills",
+)
 """Grid factors: every combination of their values is one run (injection factors: DLI runs only)."""
 
 GRID_KEYS: tuple[str, ...] = (*LIST_KEYS, "synthetic_images", "train")
@@ -77,12 +102,14 @@ TRAIN_SETTINGS: dict[str, type] = {
     "compile": bool,
     "num_threads": int,
     "progress": bool,
+    **{name: type(choices[0]) for name, choices in PROTOCOL_CHOICES.items() if name != "amp"},
 }
 """`TrainConfig` fields shared by every run of a grid (the `train` section; flags of the same name)."""
 
-_NULLABLE_SETTINGS = frozenset({"data", "image_size", "epochs", "batch_size", "max_steps"})
+_NULLABLE_SETTINGS = frozenset({"data", "image_size", "epochs", "batch_size", "max_steps", *PROTOCOL_CHOICES})
 
 _GRID_FIELDS = {
+    "protocol": "protocols",
     "method": "methods",
     "encoder": "encoders",
     "seed": "seeds",
@@ -199,8 +226,10 @@ def _encoder_names() -> tuple[str, ...]:
 def _parse_list(key: str, value: Any, source: Source) -> tuple[Any, ...]:
     where = source.where(key)
     items = _split_items(value, where)
-    if key == "methods":
-        parsed: list[Any] = _choices(items, where, METHODS, "method")
+    if key == "protocols":
+        parsed: list[Any] = _choices(items, where, PROTOCOLS, "protocol")
+    elif key == "methods":
+        parsed = _choices(items, where, METHODS, "method")
     elif key == "encoders":
         parsed = _choices(items, where, _encoder_names(), "encoder")
     elif key == "seeds":
@@ -231,8 +260,14 @@ def _parse_setting(key: str, value: Any, source: Source) -> Any:
             raise DliError(f"{where} {value!r}: expected a non-empty string")
         if key == "data" or (key == "split" and value not in SPLITS):
             return source.resolve_path(value)
+        if key in PROTOCOL_CHOICES and value not in PROTOCOL_CHOICES[key]:
+            choices = ", ".join(map(str, PROTOCOL_CHOICES[key]))
+            raise DliError(f"{where} {value}: choose from {choices}")
         return value
-    return _number(value, where, kind)
+    number = _number(value, where, kind)
+    if key in PROTOCOL_CHOICES and number not in PROTOCOL_CHOICES[key]:
+        raise DliError(f"{where} {value}: choose from {', '.join(map(str, PROTOCOL_CHOICES[key]))}")
+    return number
 
 
 def parse_grid_document(document: Any, source: Source) -> dict[str, Any]:
@@ -317,30 +352,39 @@ def merge_documents(*documents: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Variant:
-    """A training method with its injection settings (None for methods that inject nothing)."""
+    """A training method with its injection settings (None for methods that inject nothing),
+    trained under a protocol (`dli.config.PROTOCOLS`)."""
 
     method: str
     poisson_prob: float | None = None
     fill: str | None = None
+    protocol: str = DEFAULT_PROTOCOL
 
     @property
     def label(self) -> str:
-        """`bce`, or `dli-p0.5-all-free` for an injecting method."""
+        """`bce`, or `dli-p0.5-all-free` for an injecting method (the protocol is not part of it)."""
         if self.poisson_prob is None:
             return self.method
         return f"{self.method}-p{self.poisson_prob:g}-{self.fill}"
 
-    def sort_key(self) -> tuple[int, float, int]:
+    @property
+    def folder_label(self) -> str:
+        """`label`, prefixed by the protocol unless it is the default (`reference__bce`)."""
+        return self.label if self.protocol == DEFAULT_PROTOCOL else f"{self.protocol}__{self.label}"
+
+    def sort_key(self) -> tuple[int, float, int, int]:
         method = METHODS.index(self.method) if self.method in METHODS else len(METHODS)
         fill = FILLS.index(self.fill) if self.fill in FILLS else -1
-        return method, -1.0 if self.poisson_prob is None else self.poisson_prob, fill
+        protocol = PROTOCOLS.index(self.protocol) if self.protocol in PROTOCOLS else len(PROTOCOLS)
+        return method, -1.0 if self.poisson_prob is None else self.poisson_prob, fill, -protocol
 
 
 def variant_of(config: TrainConfig) -> Variant:
     """The variant a run config trains (injection settings only matter for `dli`)."""
+    protocol = config.protocol or DEFAULT_PROTOCOL
     if config.method == "dli":
-        return Variant(config.method, float(config.poisson_prob), config.fill)
-    return Variant(config.method)
+        return Variant(config.method, float(config.poisson_prob), config.fill, protocol)
+    return Variant(config.method, protocol=protocol)
 
 
 @dataclass(frozen=True)
@@ -352,7 +396,7 @@ class Setting:
     fraction: float
 
     def run_name(self, seed: int) -> str:
-        return f"{self.variant.label}__{self.encoder}__f{float(self.fraction)!r}__s{seed}"
+        return f"{self.variant.folder_label}__{self.encoder}__f{float(self.fraction)!r}__s{seed}"
 
 
 @dataclass(frozen=True)
@@ -378,6 +422,7 @@ class Grid:
     (narrower) summary of every cell.
     """
 
+    protocols: tuple[str, ...] = (DEFAULT_PROTOCOL,)
     methods: tuple[str, ...] = (_DEFAULTS.method,)
     encoders: tuple[str, ...] = (_DEFAULTS.encoder,)
     seeds: tuple[int, ...] = (_DEFAULTS.seed,)
@@ -401,11 +446,13 @@ class Grid:
 
     def variants(self) -> list[Variant]:
         variants = []
-        for method in self.methods:
+        for protocol, method in itertools.product(self.protocols, self.methods):
             if method == "dli":
-                variants += [Variant(method, p, fill) for p in self.poisson_probs for fill in self.fills]
+                variants += [
+                    Variant(method, p, fill, protocol) for p in self.poisson_probs for fill in self.fills
+                ]
             else:
-                variants.append(Variant(method))
+                variants.append(Variant(method, protocol=protocol))
         return variants
 
     def synthetic_data(self, expdir: Path) -> Path | None:
@@ -431,6 +478,7 @@ class Grid:
             config = TrainConfig(
                 **base,
                 **injection,
+                protocol=variant.protocol,
                 method=variant.method,
                 fill=variant.fill or _DEFAULTS.fill,
                 encoder=encoder,
@@ -574,6 +622,8 @@ def read_run(folder: str | Path) -> RunRecord:
     if best is not None:
         keys = ["iou", "f1", *(f"{m}/{n}" for m in ("iou", "f1") for n in class_names)]
         scores = {key: _as_score(best.get(key)) for key in keys}
+        grouped = [f"{training.IOU_BY_IMAGE_CLASS}/{n}" for n in class_names]
+        scores |= {key: _as_score(best[key]) for key in grouped if key in best}  # older runs lack them
     return RunRecord(
         folder=folder,
         config=config,
@@ -608,7 +658,11 @@ class RunState(Enum):
 
 
 def changed_settings(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
-    """Settings (as flags) that differ and would change what a run computes."""
+    """Settings (as flags) that differ and would change what a run computes.
+
+    A folder written before a setting existed takes that setting's default (protocol ``dli``).
+    """
+    saved = saved.resolved()
     return [
         f"{flag(f.name)} {getattr(wanted, f.name)} (folder has {getattr(saved, f.name)})"
         for f in fields(TrainConfig)
@@ -713,11 +767,25 @@ class Stat:
         """Sample standard deviation (ddof = 1); NaN below two values."""
         return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
 
+    @property
+    def population_std(self) -> float:
+        """Population standard deviation (ddof = 0), the paper's spread; NaN below two values."""
+        return float(np.std(self.values, ddof=0)) if self.n > 1 else math.nan
+
     def __str__(self) -> str:
         if not self.n:
             return "—"
         spread = f" ± {100 * self.std:.2f}" if self.n > 1 else ""
         return f"{100 * self.mean:.2f}{spread} (n={self.n})"
+
+
+@dataclass(frozen=True)
+class PaperStat(Stat):
+    """A `Stat` shown with the population standard deviation (ddof = 0), as the paper reports it."""
+
+    @property
+    def std(self) -> float:
+        return self.population_std
 
 
 @dataclass(frozen=True)
@@ -775,7 +843,11 @@ def _poisson_label(p: float) -> str:
 
 
 class Summary:
-    """The usable runs of an experiment folder grouped by setting, and the paper's tables."""
+    """The usable runs of an experiment folder grouped by setting, and the paper's tables.
+
+    Rows name the protocol each cell was trained under: in the table titles when every run
+    shares one, in brackets after the method (`bce [reference]`) when the runs mix protocols.
+    """
 
     def __init__(self, records: Sequence[RunRecord], encoder_order: Sequence[str] = ()) -> None:
         self.records = list(records)
@@ -788,6 +860,9 @@ class Summary:
         self.encoders = sorted(found, key=lambda e: (order.get(e, len(order)), e))
         self.variants = sorted({r.setting.variant for r in self.usable}, key=Variant.sort_key)
         self.fractions = sorted({r.setting.fraction for r in self.usable})
+        found_protocols = {v.protocol for v in self.variants}
+        self.protocols = tuple(p for p in (*PROTOCOLS, *sorted(found_protocols)) if p in found_protocols)
+        self.protocols = tuple(dict.fromkeys(self.protocols))
         names: dict[str, None] = {}
         for record in self.usable:
             names.update(dict.fromkeys(record.class_names))
@@ -798,8 +873,23 @@ class Summary:
         """The fraction the method and class tables use: 1.0, or the largest in the grid."""
         return 1.0 if 1.0 in self.fractions else max(self.fractions, default=1.0)
 
-    def stat(self, setting: Setting, metric: str = "iou") -> Stat:
-        return Stat.of(r.scores.get(metric, math.nan) for r in self.by_setting.get(setting, []))
+    @property
+    def mixed_protocols(self) -> bool:
+        return len(self.protocols) > 1
+
+    def row_label(self, variant: Variant) -> str:
+        """The variant's label, with its protocol in brackets when the runs mix protocols."""
+        return f"{variant.label} [{variant.protocol}]" if self.mixed_protocols else variant.label
+
+    def _protocol_note(self) -> str:
+        if self.mixed_protocols:
+            return "protocol in brackets"
+        return f"protocol {self.protocols[0]}" if self.protocols else ""
+
+    def stat(self, setting: Setting, metric: str = "iou", *, population: bool = False) -> Stat:
+        """Over seeds; `population`: shown with the paper's spread (ddof = 0, `PaperStat`)."""
+        kind = PaperStat if population else Stat
+        return kind.of(r.scores.get(metric, math.nan) for r in self.by_setting.get(setting, []))
 
     def _variants_at(self, encoder: str | None, fraction: float) -> list[Variant]:
         return [
@@ -811,39 +901,50 @@ class Summary:
             )
         ]
 
-    def table1(self) -> Table:
+    def table1(self, *, population: bool = False) -> Table:
         """Table 1: IoU per method (rows) and encoder (columns), all training data."""
         fraction = self.full_fraction
         variants = self._variants_at(None, fraction)
         cells = {
-            (v.label, e): self.stat(Setting(v, e, fraction))
+            (self.row_label(v), e): self.stat(Setting(v, e, fraction), population=population)
             for v in variants
             for e in self.encoders
             if Setting(v, e, fraction) in self.by_setting
         }
         return Table(
-            f"IoU by method and encoder ({_fraction_label(fraction)} of the training data)",
+            f"IoU by method and encoder ({_fraction_label(fraction)} of the training data, "
+            f"{self._protocol_note()})",
             "method",
-            tuple(v.label for v in variants),
+            tuple(self.row_label(v) for v in variants),
             tuple(self.encoders),
             cells,
         )
 
-    def per_class(self, encoder: str) -> Table:
-        """Fig. 3: IoU per class (rows, then overall) and method (columns) for one encoder."""
+    def per_class(self, encoder: str, *, by_image_class: bool = False, population: bool = False) -> Table:
+        """Fig. 3: IoU per class (rows, then overall) and method (columns) for one encoder.
+
+        `by_image_class`: the reference's grouping (each class over the validation images of that
+        class, all their channels counted); runs that did not record it have no such cells.
+        """
         fraction = self.full_fraction
         variants = self._variants_at(encoder, fraction)
         rows = (*self.class_names, "overall")
+        prefix = training.IOU_BY_IMAGE_CLASS if by_image_class else "iou"
         cells = {}
         for v in variants:
             setting = Setting(v, encoder, fraction)
             for name in rows:
-                cells[name, v.label] = self.stat(setting, "iou" if name == "overall" else f"iou/{name}")
+                metric = "iou" if name == "overall" else f"{prefix}/{name}"
+                stat = self.stat(setting, metric, population=population)
+                if stat.n:
+                    cells[name, self.row_label(v)] = stat
+        grouping = "by each image's true class" if by_image_class else "per channel"
         return Table(
-            f"Per-class IoU, {encoder} ({_fraction_label(fraction)} of the training data)",
+            f"Per-class IoU {grouping}, {encoder} ({_fraction_label(fraction)} of the training data, "
+            f"{self._protocol_note()})",
             "class",
             rows,
-            tuple(v.label for v in variants),
+            tuple(self.row_label(v) for v in variants),
             cells,
         )
 
@@ -864,19 +965,20 @@ class Summary:
             full = self.stat(Setting(v, encoder, 1.0))
             for fraction in fractions_of[v]:
                 stat = self.stat(Setting(v, encoder, fraction))
-                ious[v.label, _fraction_label(fraction)] = stat
+                ious[self.row_label(v), _fraction_label(fraction)] = stat
                 if full.n and fraction < 1.0:
-                    drops[v.label, _fraction_label(fraction)] = Drop(full.mean, stat.mean)
-        rows = tuple(v.label for v in variants)
+                    drops[self.row_label(v), _fraction_label(fraction)] = Drop(full.mean, stat.mean)
+        rows = tuple(self.row_label(v) for v in variants)
         columns = tuple(_fraction_label(f) for f in fractions)
         smaller = tuple(_fraction_label(f) for f in fractions if f < 1.0)
+        note = self._protocol_note()
         return (
-            Table(f"IoU by training-data fraction, {encoder}", "method", rows, columns, ious),
-            Table(f"Drop relative to 100% of the data, {encoder}", "method", rows, smaller, drops),
+            Table(f"IoU by training-data fraction, {encoder} ({note})", "method", rows, columns, ious),
+            Table(f"Drop relative to 100% of the data, {encoder} ({note})", "method", rows, smaller, drops),
         )
 
     def ablation(self, encoder: str) -> Table | None:
-        """Table 2: DLI's IoU per Poisson probability (rows) and fill policy (columns)."""
+        """Table 2: DLI's IoU per Poisson probability (rows; per protocol) and fill policy (columns)."""
         fraction = self.full_fraction
         dli = [
             s.variant
@@ -885,24 +987,32 @@ class Summary:
         ]
         probs = sorted({v.poisson_prob for v in dli if v.poisson_prob is not None})
         fills = [f for f in FILLS if any(v.fill == f for v in dli)]
+        protocols = [p for p in self.protocols if any(v.protocol == p for v in dli)]
         if len(probs) < 2 and len(fills) < 2:
             return None
+
+        def row(p: float, protocol: str) -> str:
+            return f"{_poisson_label(p)} [{protocol}]" if self.mixed_protocols else _poisson_label(p)
+
         cells = {}
-        for p, fill in itertools.product(probs, fills):
-            setting = Setting(Variant("dli", p, fill), encoder, fraction)
+        for protocol, p, fill in itertools.product(protocols, probs, fills):
+            setting = Setting(Variant("dli", p, fill, protocol), encoder, fraction)
             if setting in self.by_setting:
-                cells[_poisson_label(p), fill] = self.stat(setting)
+                cells[row(p, protocol), fill] = self.stat(setting)
         return Table(
-            f"DLI ablation, {encoder} ({_fraction_label(fraction)} of the training data)",
+            f"DLI ablation, {encoder} ({_fraction_label(fraction)} of the training data, "
+            f"{self._protocol_note()})",
             "Poisson probability",
-            tuple(_poisson_label(p) for p in probs),
+            tuple(row(p, protocol) for protocol in protocols for p in probs),
             tuple(fills),
             cells,
         )
 
     def metrics(self) -> list[str]:
         names = self.class_names
-        return ["iou", "f1", *(f"iou/{n}" for n in names), *(f"f1/{n}" for n in names)]
+        grouped = [f"{training.IOU_BY_IMAGE_CLASS}/{n}" for n in names]
+        grouped = [m for m in grouped if any(m in r.scores for r in self.usable)]
+        return ["iou", "f1", *(f"iou/{n}" for n in names), *(f"f1/{n}" for n in names), *grouped]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,6 +1020,7 @@ class Summary:
 
 _SETUP_FIELDS = (
     "data",
+    "protocol",
     "split",
     "val_fraction",
     "split_free",
@@ -921,7 +1032,7 @@ _SETUP_FIELDS = (
     "max_steps",
     "eval_every",
     "pretrained",
-    "amp",
+    *PROTOCOL_CHOICES,
 )
 """Settings shared by a grid's runs, listed in the summary (and flagged when they vary)."""
 
@@ -981,7 +1092,10 @@ def render_markdown(summary: Summary, title: str) -> str:
         "(per class, and over all classes for the overall IoU), in percent. Each run contributes the "
         "validation record of its best epoch (highest overall IoU, the earliest on ties: the epoch "
         "`best.pt` holds), read from its `metrics.jsonl`. A cell is the mean ± sample standard deviation "
-        "(ddof = 1) over seeds, n the number of seeds; a cell of one seed has no standard deviation.",
+        "(ddof = 1) over seeds, n the number of seeds; a cell of one seed has no standard deviation. "
+        "Each table names the protocol its runs were trained under (`dli train --protocol`); the "
+        'section "As the paper computes them" repeats the tables with the reference implementation\'s '
+        "spread and per-class grouping.",
         f"Runs: {len(records)} found, {len(usable)} summarised"
         + (
             f"; excluded: {len(excluded)} ({', '.join(sorted({r.status for r in excluded}))}; see Runs)."
@@ -1017,6 +1131,7 @@ def render_markdown(summary: Summary, title: str) -> str:
                 if drops.cells:
                     parts += [f"{drops.title}:", drops.to_markdown()]
                 parts.append(f"![{ious.title}]({plot_name('iou_vs_fraction', encoder)})")
+        parts += _paper_sections(summary)
         ablations = [(e, summary.ablation(e)) for e in summary.encoders]
         if any(table is not None for _, table in ablations):
             parts.append(
@@ -1030,17 +1145,36 @@ def render_markdown(summary: Summary, title: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _paper_sections(summary: Summary) -> list[str]:
+    """Table 1 and the per-class IoU as the reference implementation computes them."""
+    parts = [
+        "## As the paper computes them\n\n"
+        "The same runs, summarised as the paper's reference implementation does: the spread is the "
+        "population standard deviation (ddof = 0) over seeds, and the IoU of a class is computed over "
+        "the validation images of that class, counting every channel of those images (a false positive "
+        "in another class's channel counts against the image's class).",
+    ]
+    table = summary.table1(population=True)
+    parts += [f"### Table 1, population std\n\n{table.title}.", table.to_markdown()]
+    for encoder in summary.encoders:
+        grouped = summary.per_class(encoder, by_image_class=True, population=True)
+        if any(name != "overall" for name, _ in grouped.cells):
+            parts += [f"### Per-class IoU by image class, {encoder}", grouped.to_markdown()]
+    return parts
+
+
 def _csv_number(value: float | None) -> str:
     if value is None:
         return ""
     return "nan" if math.isnan(value) else f"{value:.10g}"
 
 
-VARIANT_COLUMNS = ("variant", "method", "poisson_prob", "fill")
+VARIANT_COLUMNS = ("protocol", "variant", "method", "poisson_prob", "fill")
 
 
 def _variant_columns(variant: Variant) -> dict[str, str]:
     return {
+        "protocol": variant.protocol,
         "variant": variant.label,
         "method": variant.method,
         "poisson_prob": _csv_number(variant.poisson_prob),
@@ -1059,13 +1193,14 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 SUMMARY_COLUMNS = (
     *VARIANT_COLUMNS,
     *("encoder", "fraction", "metric"),
-    *("n", "mean", "std", "drop_vs_full", "relative_drop_vs_full"),
+    *("n", "mean", "std", "population_std", "drop_vs_full", "relative_drop_vs_full"),
 )
 
 
 def render_summary_csv(summary: Summary) -> str:
     """`summary.csv`: one row per setting and metric; IoU/F1 as fractions (not percent).
 
+    `std` is the sample standard deviation (ddof = 1), `population_std` the paper's (ddof = 0).
     `drop_vs_full` is the same setting's mean with all training data minus this mean
     (positive: worse); `relative_drop_vs_full` divides it by the full-data mean.
     """
@@ -1083,6 +1218,7 @@ def render_summary_csv(summary: Summary) -> str:
                 _variant_columns(setting.variant)
                 | {"encoder": setting.encoder, "fraction": _csv_number(setting.fraction), "metric": metric}
                 | {"n": stat.n, "mean": _csv_number(stat.mean), "std": _csv_number(stat.std)}
+                | {"population_std": _csv_number(stat.population_std)}
                 | {
                     "drop_vs_full": _csv_number(drop.points if drop else None),
                     "relative_drop_vs_full": _csv_number(drop.relative if drop else None),
@@ -1097,6 +1233,8 @@ def render_runs_csv(records: Sequence[RunRecord]) -> str:
     for record in records:
         names.update(dict.fromkeys(record.class_names))
     metrics = ["iou", "f1", *(f"iou/{n}" for n in names), *(f"f1/{n}" for n in names)]
+    grouped = [f"{training.IOU_BY_IMAGE_CLASS}/{n}" for n in names]
+    metrics += [m for m in grouped if any(m in r.scores for r in records)]
     rows = [
         {"run": r.name, "status": r.status}
         | _variant_columns(r.setting.variant)
@@ -1222,6 +1360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     grid = parser.add_argument_group("grid factors (comma-separated lists)")
     grid_help = {
+        "protocols": f"training protocols ({', '.join(PROTOCOLS)}; the paper presets: reference)",
         "methods": f"training methods ({', '.join(METHODS)})",
         "encoders": "UNet encoders (see dli train --encoder)",
         "seeds": "seeds; each also draws the stratified split (e.g. 0,1,2 or 0-4)",
@@ -1230,7 +1369,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "fills": f"DLI runs: fill policies ({', '.join(FILLS)})",
     }
     for key, help_ in grid_help.items():
-        grid.add_argument(flag(key), dest=key, default=argparse.SUPPRESS, metavar="LIST", help=help_)
+        names = [flag(key), "--protocol"] if key == "protocols" else [flag(key)]
+        grid.add_argument(*names, dest=key, default=argparse.SUPPRESS, metavar="LIST", help=help_)
     grid.add_argument(
         "--synthetic-images",
         dest="synthetic_images",

@@ -70,7 +70,10 @@ def preprocess(gray: np.ndarray, info: ModelInfo) -> torch.Tensor:
     """(3, S, S) float32 input of the model: resized, scaled to [0, 1], normalized as in training."""
     image = torch.from_numpy(gray).float().div_(255.0)[None, None]
     size = (info.image_size, info.image_size)
-    image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    if info.resize == "nearest":  # as the model was trained (pixel-centre nearest, as DALI's)
+        image = F.interpolate(image, size=size, mode="nearest-exact")[0]
+    else:
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     mean = torch.tensor(info.mean).view(-1, 1, 1)
     std = torch.tensor(info.std).view(-1, 1, 1)
     return (image.expand(len(info.mean), -1, -1) - mean) / std

@@ -2,8 +2,11 @@
 
 The loop is `train(config) -> RunResult`, callable from other code (experiment grids,
 multi-GPU launchers). Mixed precision is bf16 where the GPU supports it, fp16 with loss scaling
-otherwise, fp32 on CPU; activations are channels-last. A step whose loss is not finite is
-skipped (no optimizer update) and counted.
+otherwise, fp32 on CPU or with `--no-amp`; activations are channels-last. `--protocol`
+(`dli.config.PROTOCOL_DEFAULTS`) chooses the loss terms, decoder depth, resizing, Poisson
+label, schedule (cosine per step or per epoch), last-batch policy and precision as a whole,
+each overridable by its own flag; a run resumes only under the protocol it started with. A
+step whose loss is not finite is skipped (no optimizer update) and counted.
 
 A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv` and
 `metrics.jsonl` (one record per epoch, rewritten atomically), TensorBoard events in `tb/`,
@@ -52,9 +55,13 @@ from dli.checkpoint import (
     unwrap,
 )
 from dli.config import (
+    DEFAULT_PROTOCOL,
     FILLS,
     METHODS,
     PAPER_SCHEDULE,
+    PROTOCOL_CHOICES,
+    PROTOCOL_DEFAULTS,
+    PROTOCOLS,
     QUICK_SCHEDULE,
     SPLIT_CSV_NAMES,
     SPLITS,
@@ -64,7 +71,14 @@ from dli.config import (
     write_run_config,
 )
 from dli.errors import DliError
-from dli.models.losses import ClassPixelCounts, build_loss, count_class_pixels, needs_pixel_counts
+from dli.models.losses import (
+    ClassPixelCounts,
+    LossOptions,
+    build_loss,
+    count_class_pixels,
+    count_stored_defect_pixels,
+    needs_pixel_counts,
+)
 from dli.models.metrics import ConfusionCounter, SegmentationScores, all_reduce_sum, evaluate_model
 from dli.models.unet import ENCODERS, PretrainedStatus, build_model, count_parameters
 from dli.pipeline.manifest import FREE, Manifest, Sample
@@ -79,6 +93,10 @@ CLASS_PIXELS_FILE = "class_pixels.json"
 TENSORBOARD_DIR = "tb"
 BEST = "best.pt"
 LAST = "last.pt"
+
+IOU_BY_IMAGE_CLASS = "iou_by_image_class"
+"""Prefix of the validation record's per-class IoU grouped by each image's true class (the
+reference implementation's per-class figure; see `dli.models.metrics.ImageClassCounter`)."""
 
 RUNTIME_FIELDS = frozenset({"out", "resume", "device", "compile", "num_threads", "progress", "eval_every"})
 """Config fields a resumed run may change: they do not affect the weights it computes."""
@@ -321,8 +339,11 @@ def prepare_run_folder(config: TrainConfig) -> RunFolder:
 
 
 def check_resumable(config: TrainConfig, saved: Mapping[str, Any], path: Path) -> None:
-    """Refuse to resume with settings that would change the computation (flag and values named)."""
-    saved_config = TrainConfig.from_dict(dict(saved))
+    """Refuse to resume with settings that would change the computation (flag and values named).
+
+    A config saved before a setting existed takes that setting's default (protocol ``dli``).
+    """
+    saved_config = TrainConfig.from_dict(dict(saved)).resolved()
     changed = [
         f"{flag(name)} {getattr(config, name)} (run has {getattr(saved_config, name)})"
         for name in TrainConfig.__dataclass_fields__
@@ -441,6 +462,7 @@ class Trainer:
         config = config.validate().resolved()
         assert config.epochs is not None and config.batch_size is not None and config.image_size is not None
         local_batch = check_batch_split(config.batch_size, world_size)
+        check_last_batch(config.last_batch, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.writer_rank = rank == 0
         self.device = resolve_device(config.device, rank if local_rank is None else local_rank)
@@ -462,7 +484,11 @@ class Trainer:
 
         # Shuffling, flips and injection plans are functions of (seed, epoch) alone.
         injection = (
-            DliConfig(poisson_prob=config.poisson_prob, fill=config.fill) if config.method == "dli" else None
+            DliConfig(
+                poisson_prob=config.poisson_prob, fill=config.fill, poisson_label=str(config.poisson_label)
+            )
+            if config.method == "dli"
+            else None
         )
         common = {
             "batch_size": local_batch,
@@ -472,6 +498,7 @@ class Trainer:
             "shard_id": rank,
             "num_shards": world_size,
             "num_threads": config.num_threads,
+            "resize": str(config.resize),
         }
         self.train_loader = build_loader(
             self.datasets.train,
@@ -479,6 +506,7 @@ class Trainer:
             dli=injection,
             donors=self.datasets.donors(),
             source_boxes=self.datasets.source_boxes(),
+            drop_last=config.last_batch == "drop",
             **common,
         )
         self.val_loader = build_loader(self.datasets.val, train=False, **common)
@@ -488,24 +516,44 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
 
         self.pixel_counts = self._class_pixel_counts()
+        options = LossOptions(
+            wce_weights=str(config.wce_weights),
+            balanced_counts=str(config.balanced_counts),
+            focal=str(config.focal),
+            dice=str(config.dice),
+        )
+        stored_pixels = None
+        if needs_pixel_counts(config.method) and options.needs_stored_pixels:
+            stored_pixels = count_stored_defect_pixels(self.datasets.train)
         # Training computes the Dice of the global batch; validation, whose shards differ in
         # length, scores each process's batches alone (it reports the loss, not trains on it).
         self.loss_fn, self.loss_spec = build_loss(
-            config.method, self.pixel_counts, global_batch=world_size > 1
+            config.method,
+            self.pixel_counts,
+            options=options,
+            stored_defect_pixels=stored_pixels,
+            global_batch=world_size > 1,
         )
-        self.eval_loss_fn, _ = build_loss(config.method, self.pixel_counts)
+        self.eval_loss_fn, _ = build_loss(
+            config.method, self.pixel_counts, options=options, stored_defect_pixels=stored_pixels
+        )
 
         seed_everything(config.seed)
         pretrained = config.pretrained and checkpoint is None  # a resumed run loads its own weights
         self.model, self.pretrained = build_model(
-            config.encoder, len(self.class_names), pretrained=pretrained
+            config.encoder,
+            len(self.class_names),
+            pretrained=pretrained,
+            decoder_convs=int(config.decoder_convs or 2),
         )
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
+        # Cosine annealing to 0 over the run, stepped after every step or after every epoch.
+        self.per_epoch_schedule = config.lr_schedule == "per-epoch"
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, self.total_steps)
+            self.optimizer, T_max=max(1, config.epochs if self.per_epoch_schedule else self.total_steps)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
@@ -529,6 +577,8 @@ class Trainer:
             image_size=config.image_size,
             mean=tuple(self.train_loader.mean),
             std=tuple(self.train_loader.std),
+            decoder_convs=int(config.decoder_convs or 2),
+            resize=str(config.resize),
         )
         self.tensorboard: Any = None
         if self.writer_rank:
@@ -570,10 +620,22 @@ class Trainer:
             "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
             "pretrained": self.pretrained.to_dict(),
             "loss": self.loss_spec.to_dict(),
+            "class_weights": self._class_weights(),
             "parameters": {"encoder": params.encoder, "decoder": params.decoder, "head": params.head},
             "normalization": {"mean": list(self.info.mean), "std": list(self.info.std)},
             "versions": _versions(),
             "command": " ".join(sys.argv),
+        }
+
+    def _class_weights(self) -> dict[str, Any] | None:
+        """The per-class weights the weighted loss uses, by class name, and how they were derived."""
+        weights = self.loss_spec.class_weights
+        if weights is None:
+            return None
+        return {
+            "method": self.config.method,
+            "rule": self.loss_spec.weight_rule,
+            "weights": {name: float(w) for name, w in zip(self.class_names, weights, strict=True)},
         }
 
     def _open_run_folder(self) -> None:
@@ -682,7 +744,8 @@ class Trainer:
                 loss_sum, finite_steps = loss_sum + value, finite_steps + 1
             else:
                 skipped += 1
-            self.scheduler.step()
+            if not self.per_epoch_schedule:
+                self.scheduler.step()
             self.progress.step += 1
             counter.update(logits, y)
             images += len(y)
@@ -696,12 +759,15 @@ class Trainer:
                 )
         if bar is not None:
             bar.close()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (per-epoch schedule)
+        if self.per_epoch_schedule:
+            self.scheduler.step()
         self.progress.skipped_steps += skipped
         seconds = time.perf_counter() - started
         return {
             "epoch": epoch + 1,
             "step": self.progress.step,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_loss": _all_mean(loss_sum, finite_steps, self.device),
             "train_iou": counter.compute().iou,
             "skipped_steps": skipped,
@@ -729,6 +795,9 @@ class Trainer:
         scores, progress = evaluation.scores, self.progress
         progress.last = scores
         record = {"val_loss": evaluation.loss, **scores.to_dict()}
+        if evaluation.by_image_class is not None:
+            grouped = zip(self.class_names, evaluation.by_image_class.class_iou, strict=True)
+            record |= {f"{IOU_BY_IMAGE_CLASS}/{name}": value for name, value in grouped}
         if progress.improves(scores):
             progress.best, progress.best_epoch = scores, progress.epoch
             if self.writer_rank:
@@ -809,6 +878,16 @@ def train(
     """
     trainer = Trainer(config, rank=rank, world_size=world_size, local_rank=local_rank)
     return trainer.fit(on_epoch_end)
+
+
+def check_last_batch(last_batch: str | None, world_size: int) -> None:
+    """Several processes must drop the last incomplete batch (a ragged one could leave a process
+    without a batch while the others wait for its gradients)."""
+    if world_size > 1 and last_batch == "keep":
+        raise DliError(
+            f"--last-batch keep: training in {world_size} processes drops the last incomplete batch; "
+            "pass --last-batch drop"
+        )
 
 
 def check_batch_split(batch_size: int, world_size: int) -> int:
@@ -928,6 +1007,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fill", choices=FILLS, default=d.fill, help="DLI: which defect-free images receive a defect"
     )
 
+    protocol = parser.add_argument_group(
+        "protocol",
+        "--protocol sets the defaults of the settings below: dli (this project's choices) or reference "
+        "(as the paper's reference implementation computed them); each setting given overrides it",
+    )
+    protocol.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=None,
+        help=f"training protocol (default {DEFAULT_PROTOCOL}); recorded, a run resumes only under its own",
+    )
+    protocol_help = {
+        "wce_weights": "wce: pos_weight = negative/positive pixels (capped), or the reference's per-class "
+        "weights (1 - pixel share) / (C - 1) on per-class mean BCE",
+        "balanced_counts": "balanced: effective number of the positive training pixels, or of the "
+        "pixel-share weight list taken as counts (reference)",
+        "focal": "focal: per-pixel focal loss, or the focal modulation of each class's mean BCE (reference)",
+        "dice": "soft Dice per class (mean over classes present), or one Dice over all classes and pixels",
+        "decoder_convs": "conv-BN-ReLU layers per UNet decoder block (smp: 2, reference: 4)",
+        "poisson_label": "DLI: label of a Poisson injection, the source mask or the dilated blending domain",
+        "resize": "image resizing: antialiased linear or nearest neighbour (masks: always nearest)",
+        "lr_schedule": "cosine annealing of the learning rate stepped per step or per epoch",
+        "last_batch": "the last incomplete training batch of each epoch: drop or keep",
+    }
+    for name, help_ in protocol_help.items():
+        choices = PROTOCOL_CHOICES[name]
+        kind = int if isinstance(choices[0], int) else str
+        defaults = "/".join(f"{p}: {PROTOCOL_DEFAULTS[p][name]}" for p in PROTOCOLS)
+        protocol.add_argument(
+            flag(name), type=kind, choices=choices, default=None, help=f"{help_} (default {defaults})"
+        )
+
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--encoder", default=d.encoder, help=f"one of {', '.join(ENCODERS)}")
     model.add_argument(
@@ -949,7 +1060,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"images per batch; unset: {quick.batch_size} without --data, {paper.batch_size} with it",
     )
     model.add_argument(
-        "--lr", type=float, default=d.lr, help="AdamW learning rate (cosine-annealed per step to 0)"
+        "--lr", type=float, default=d.lr, help="AdamW learning rate (cosine-annealed to 0, see --lr-schedule)"
     )
     model.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     model.add_argument(
@@ -980,7 +1091,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=d.amp,
-        help="mixed precision on GPU (bf16 or fp16)",
+        help="mixed precision on GPU (bf16 or fp16); default: on under --protocol dli, fp32 under reference",
     )
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument(
@@ -996,6 +1107,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.out is None:
         raise DliError("--resume needs --out RUN (the run folder to continue)")
     saved, _ = read_run_config(Path(given.out) / CONFIG_FILE)
+    saved_protocol = saved.protocol or DEFAULT_PROTOCOL
+    if given.protocol is not None and given.protocol != saved_protocol:
+        raise DliError(
+            f"--protocol {given.protocol}: cannot resume {given.out}, "
+            f"trained under --protocol {saved_protocol}"
+        )
     return replace(saved, **given.explicit())
 
 
@@ -1031,6 +1148,7 @@ def launch_processes(config: TrainConfig, devices: int) -> int:
     checked = config.validate().resolved()
     assert checked.batch_size is not None
     check_batch_split(checked.batch_size, devices)
+    check_last_batch(checked.last_batch, devices)
     device = resolve_device(checked.device)
     if device.type == "cuda":
         if checked.device.startswith("cuda:"):

@@ -688,7 +688,7 @@ class TrainStep:
     """
 
     def __init__(self, encoder: str, num_classes: int, device: torch.device) -> None:
-        config = TrainConfig()
+        config = TrainConfig().resolved()  # the dli protocol's precision, as `dli train` resolves it
         model, _ = build_model(encoder, num_classes, pretrained=False)
         self.parameters = count_parameters(model).total
         self.device = device

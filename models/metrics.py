@@ -6,6 +6,11 @@ F1 = 2TP / (2TP + FP + FN), per class and overall (counts summed over classes). 
 predicted positive when its sigmoid probability exceeds the threshold (0.5). A ratio with a
 zero denominator (a class neither present nor predicted) is NaN: undefined, not perfect.
 
+The paper's per-class figure groups differently (`ImageClassCounter`): the IoU of class c there
+is computed over the validation images whose true class is c, counting every channel of those
+images (a false positive in another class's channel counts against c). Both are reported; the
+per-channel scores are the primary ones.
+
 Counts accumulate as int64 tensors on the model's device, so evaluation never waits on the
 host per batch; `ConfusionCounter.compute` reads them once.
 """
@@ -171,12 +176,41 @@ class ConfusionCounter:
         return SegmentationScores(self.class_names, tuple(tp), tuple(fp), tuple(fn))
 
 
+class ImageClassCounter(ConfusionCounter):
+    """TP/FP/FN grouped by each image's true class, summed over all channels of the image.
+
+    Row c of the counts holds the images of class c (defect-free images, class -1, are left
+    out): the grouping of the reference implementation's per-class IoU.
+    """
+
+    @torch.no_grad()
+    def update_by_image(self, logits: torch.Tensor, targets: torch.Tensor, class_ids: torch.Tensor) -> None:
+        """Add a batch: `logits`, `targets` (N, C, H, W), `class_ids` (N,) with -1 for defect-free."""
+        if logits.shape != targets.shape or logits.shape[1] != len(self.class_names):
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
+                f"(N, {len(self.class_names)}, H, W)"
+            )
+        predicted = torch.sigmoid(logits.float()) > self.threshold
+        actual = targets > 0.5
+        dims = (1, 2, 3)
+        tp = (predicted & actual).sum(dims)
+        per_image = torch.stack([tp, predicted.sum(dims) - tp, actual.sum(dims) - tp])  # (3, N)
+        ids = class_ids.to(self.counts.device)
+        keep = ids >= 0
+        self.counts.index_add_(1, ids[keep], per_image[:, keep])
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """Scores of a model over a dataset, and its mean loss there (NaN without a loss function)."""
+    """Scores of a model over a dataset, and its mean loss there (NaN without a loss function).
+
+    `by_image_class`: the scores grouped by each image's true class (`ImageClassCounter`).
+    """
 
     scores: SegmentationScores
     loss: float
+    by_image_class: SegmentationScores | None = None
 
 
 @torch.no_grad()
@@ -197,6 +231,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     counter = ConfusionCounter(class_names, device=device)
+    by_image = ImageClassCounter(class_names, device=device)
     loss_total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of per-image loss, images)
     try:
         for batch in batches:
@@ -205,10 +240,13 @@ def evaluate_model(
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(images)
             counter.update(logits, masks)
+            by_image.update_by_image(logits, masks, batch.class_ids)
             if loss_fn is not None:
                 loss_total[0] += loss_fn(logits, masks).double() * len(images)
                 loss_total[1] += len(images)
     finally:
         model.train(was_training)
     loss_sum, images = reduce(loss_total).tolist()
-    return Evaluation(counter.compute(reduce), loss_sum / images if images else math.nan)
+    return Evaluation(
+        counter.compute(reduce), loss_sum / images if images else math.nan, by_image.compute(reduce)
+    )

@@ -7,6 +7,10 @@ encoders whole and only skips the deeper stages in `forward`; `build_model` dele
 unused stages so that parameter counts, optimizer state and checkpoints hold only what runs.
 Full-depth variants keep smp's defaults and are named by their smp or timm (`tu-`) names.
 
+`decoder_convs=4` gives every decoder block four conv-BN-ReLU layers instead of smp's two, as the
+reference implementation's vendored copy of smp has them (`--decoder-convs`, set by
+`--protocol reference`): the two extra layers run after smp's second, at the block's width.
+
 ImageNet weights come from the libraries' own loaders (Hugging Face Hub). Without network the
 model starts from random init after one warning, and `PretrainedStatus` records what happened.
 """
@@ -25,6 +29,9 @@ import segmentation_models_pytorch as smp
 from torch import nn
 
 from dli.errors import DliError
+
+DECODER_CONVS: tuple[int, ...] = (2, 4)
+"""Conv-BN-ReLU layers per decoder block that `build_model` can build."""
 
 PAPER_DECODER_CHANNELS: tuple[int, ...] = (128, 64, 32)
 """Decoder widths of the paper's ℓ-UNets (one per encoder stage at depth 3)."""
@@ -109,16 +116,28 @@ def encoder_spec(name: str) -> EncoderSpec:
 
 
 def build_model(
-    encoder: str, num_classes: int, *, pretrained: bool = True
+    encoder: str, num_classes: int, *, pretrained: bool = True, decoder_convs: int = 2
 ) -> tuple[nn.Module, PretrainedStatus]:
     """A UNet with `num_classes` output channels (logits, one sigmoid channel per defect class).
 
     With `pretrained`, the encoder starts from the library's ImageNet weights when they can be
     fetched (or are cached); otherwise from random init after a one-time warning.
+    `decoder_convs` (2 or 4): conv-BN-ReLU layers per decoder block.
     """
     spec = encoder_spec(encoder)
     if num_classes < 1:
         raise DliError(f"a model needs at least one class, got num_classes={num_classes}")
+    if decoder_convs not in DECODER_CONVS:
+        raise DliError(f"decoder_convs {decoder_convs}: choose from {', '.join(map(str, DECODER_CONVS))}")
+    model, status = _build_encoder_weights(spec, encoder, num_classes, pretrained)
+    if decoder_convs == 4:
+        _deepen_decoder(model)
+    return model, status
+
+
+def _build_encoder_weights(
+    spec: EncoderSpec, encoder: str, num_classes: int, pretrained: bool
+) -> tuple[nn.Module, PretrainedStatus]:
     if not pretrained:
         status = PretrainedStatus(requested=False, loaded=False, detail="random init (not requested)")
         return _build(spec, num_classes, weights=None), status
@@ -138,6 +157,16 @@ def build_model(
         status = PretrainedStatus(requested=True, loaded=False, detail=f"random init: {reason}")
         return _build(spec, num_classes, weights=None), status
     return model, PretrainedStatus(requested=True, loaded=True, detail=f"ImageNet weights of {spec.smp_name}")
+
+
+def _deepen_decoder(model: nn.Module) -> None:
+    """Give every decoder block two more conv-BN-ReLU layers after its second (4 in all)."""
+    from segmentation_models_pytorch.base.modules import Conv2dReLU
+
+    for block in model.decoder.blocks:
+        width = block.conv2[0].out_channels
+        extra = [Conv2dReLU(width, width, kernel_size=3, padding=1) for _ in range(2)]
+        block.conv2 = nn.Sequential(block.conv2, *extra)
 
 
 def count_parameters(model: nn.Module) -> ParameterCounts:

@@ -47,14 +47,21 @@ def zero_mask_png() -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
 
 
+RESIZE_MODES: tuple[str, ...] = ("linear", "nearest")
+"""Image resizing of `decode_augment`: antialiased linear, or nearest neighbour (the reference's)."""
+
+
 @pipeline_def(enable_checkpointing=False)
-def decode_augment(size: tuple[int, int], decoder: str, warp: bool, mean: float, std: float):
+def decode_augment(
+    size: tuple[int, int], decoder: str, warp: bool, mean: float, std: float, resize: str = "linear"
+):
     """Decode (GRAY), resize to `size`, warp image and mask by the same matrix, normalize.
 
     Outputs per sample: the image (H, W, 1) float32 normalized as (x - mean) / std on [0, 1]
     intensities; the mask (H, W, 1) float32, 1 where the stored value is > `MASK_THRESHOLD`;
-    the tag (1,) int64. Images are resized with antialiased linear interpolation, masks with
-    nearest neighbour so their edges are not blended; the warp uses linear interpolation for
+    the tag (1,) int64. Images are resized with antialiased linear interpolation (`resize`
+    ``linear``) or nearest neighbour (``nearest``), masks always with nearest neighbour so their
+    edges are not blended; the warp uses linear interpolation for
     images and nearest for masks, with the same matrix, so both stay aligned. Pixels mapped
     from outside the image repeat its border (DALI's default: no fill value). `decoder` is
     "cpu" or "mixed" (nvJPEG on the GPU; PNG masks decode on the CPU inside it). Element-wise
@@ -65,7 +72,12 @@ def decode_augment(size: tuple[int, int], decoder: str, warp: bool, mean: float,
     tags = fn.external_source(name=TAGS, dtype=types.INT64, ndim=1)
     images = fn.decoders.image(images, device=decoder, output_type=types.GRAY)
     masks = fn.decoders.image(masks, device=decoder, output_type=types.GRAY)
-    images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+    if resize == "nearest":
+        images = fn.resize(images, size=size, interp_type=types.INTERP_NN, dtype=types.FLOAT)
+    else:
+        images = fn.resize(
+            images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT
+        )
     masks = fn.resize(masks, size=size, interp_type=types.INTERP_NN)
     if warp:
         matrices = fn.external_source(name=MATRICES, dtype=types.FLOAT, ndim=2)
@@ -141,6 +153,7 @@ class DecodePipeline:
         warp: whether works carry matrices (training) or images are only resized (evaluation).
         device_id: None for a CPU pipeline, else the CUDA device to decode and augment on.
         mean, std: output normalization, on [0, 1] intensities.
+        resize: image resizing, one of `RESIZE_MODES`.
         num_threads: DALI's CPU worker threads.
         prefetch: the most works in flight at once.
     """
@@ -154,9 +167,12 @@ class DecodePipeline:
         device_id: int | None,
         mean: float = 0.0,
         std: float = 1.0,
+        resize: str = "linear",
         num_threads: int = 2,
         prefetch: int = 2,
     ) -> None:
+        if resize not in RESIZE_MODES:
+            raise DliError(f"resize {resize!r}: choose from {', '.join(RESIZE_MODES)}")
         self.size, self.warp, self.device_id, self.prefetch = size, warp, device_id, prefetch
         self.gpu = device_id is not None
         self._pipe = decode_augment(
@@ -165,6 +181,7 @@ class DecodePipeline:
             warp=warp,
             mean=mean,
             std=std,
+            resize=resize,
             batch_size=max_batch_size,
             num_threads=num_threads,
             device_id=device_id,

@@ -155,7 +155,8 @@ def inject(
     The label of an injection is the source's own (undilated) mask, whichever the method: for
     Poisson blending the dilated region is only the domain the solver may change, a margin
     that lets the defect's surroundings blend in, not defect. (The reference implementation
-    labels the dilated region, which widens every Poisson-injected label by two pixels.)
+    labels the dilated region, which widens every Poisson-injected label by two pixels;
+    `DliConfig.poisson_label` ``dilated`` does the same.)
 
     Returns the Poisson solver's report, or None when no injection is Poisson. On the GPU it
     is read (and warned about, `PoissonInfo.check`) when the caller chooses, e.g. a batch later.
@@ -180,10 +181,11 @@ def inject(
     with torch_stream(images.device):
         if index.poisson_count:
             masks = source_masks.index_select(0, index.poisson_items)
+            domain = dilate(masks, config.dilate_radius)
             blended, info = poisson_blend(
                 images.index_select(0, index.poisson_slots),
                 sources.index_select(0, index.poisson_items),
-                dilate(masks, config.dilate_radius),
+                domain,
                 mixed_gradients=config.mixed_gradients,
                 tol=config.poisson_tol,
                 boxes=poisson_boxes,
@@ -192,7 +194,8 @@ def inject(
             images.index_copy_(0, index.poisson_slots, blended.clamp_(*value_range))
             flat = labels.view(-1, *labels.shape[2:])
             current = flat.index_select(0, index.poisson_channels)
-            flat.index_copy_(0, index.poisson_channels, torch.maximum(current, masks.to(labels.dtype)))
+            label = masks if config.poisson_label == "source" else domain
+            flat.index_copy_(0, index.poisson_channels, torch.maximum(current, label.to(labels.dtype)))
         if index.paste_count:
             paste(
                 images,

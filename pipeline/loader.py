@@ -111,6 +111,7 @@ class Loader:
         num_classes, class_names: the defect classes (label channel c = class c).
         image_size: (H, W) of the output batches.
         mean, std: per-channel normalization of the 3 output channels (on [0, 1] intensities).
+        resize: image resizing, ``linear`` (antialiased) or ``nearest`` (masks: always nearest).
         planner: the DLI planner, or None when injection is off.
 
     `donors` (training with DLI): manifest indices allowed as injection sources; default every
@@ -138,7 +139,11 @@ class Loader:
         prefetch: int = 2,
         donors: Collection[int] | None = None,
         source_boxes: np.ndarray | None = None,
+        resize: str = "linear",
     ) -> None:
+        if resize not in ("linear", "nearest"):
+            raise DliError(f"resize {resize!r}: choose from linear, nearest")
+        self.resize = resize
         self.batch_size = _checked_int("batch size", batch_size)
         self.image_size = _image_size(image_size)
         self.seed = _checked_int("seed", seed, minimum=0)
@@ -270,6 +275,7 @@ class Loader:
                 device_id=self.device.index if self.device.type == "cuda" else None,
                 mean=self.mean[0],
                 std=self.std[0],
+                resize=self.resize,
                 num_threads=self.num_threads,
                 prefetch=self.prefetch,
             )
@@ -448,6 +454,7 @@ def build_loader(
     prefetch: int = 2,
     donors: Collection[int] | None = None,
     source_boxes: np.ndarray | None = None,
+    resize: str = "linear",
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -471,4 +478,5 @@ def build_loader(
         prefetch=prefetch,
         donors=donors,
         source_boxes=source_boxes,
+        resize=resize,
     )

@@ -51,6 +51,10 @@ class EmptyClassWarning(UserWarning):
     """A defect class has no training image, so Dynamic Label Injection can never inject it."""
 
 
+POISSON_LABELS: tuple[str, ...] = ("source", "dilated")
+"""What a Poisson injection labels (`DliConfig.poisson_label`)."""
+
+
 @dataclass(frozen=True)
 class DliConfig:
     """Settings of Dynamic Label Injection.
@@ -64,6 +68,8 @@ class DliConfig:
         mixed_gradients: Poisson guidance keeps the stronger of the source and target
             gradients per edge (as the reference does).
         poisson_tol: relative residual at which the Poisson solve of an image stops.
+        poisson_label: label of a Poisson injection: ``source`` (the source's own mask) or
+            ``dilated`` (the blending domain, as the reference implementation labels it).
         augment: per-class augmentation of the injected sources (index = class id); None
             picks it from the class names (`dli.pipeline.augment.defect_augments`).
     """
@@ -74,6 +80,7 @@ class DliConfig:
     mixed_gradients: bool = True
     poisson_tol: float = 1e-5
     augment: tuple[AffineAugment, ...] | None = None
+    poisson_label: str = "source"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.poisson_prob <= 1.0:
@@ -84,6 +91,8 @@ class DliConfig:
             raise DliError(f"dilate_radius {self.dilate_radius}: must be >= 0")
         if not 0.0 < self.poisson_tol < 1.0:
             raise DliError(f"poisson_tol {self.poisson_tol}: must be in (0, 1)")
+        if self.poisson_label not in POISSON_LABELS:
+            raise DliError(f"poisson_label {self.poisson_label!r}: choose one of {', '.join(POISSON_LABELS)}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -92,6 +101,7 @@ class DliConfig:
             "dilate_radius": self.dilate_radius,
             "mixed_gradients": self.mixed_gradients,
             "poisson_tol": self.poisson_tol,
+            "poisson_label": self.poisson_label,
         }
         if self.augment is not None:
             out["augment"] = [a.to_dict() for a in self.augment]

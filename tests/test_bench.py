@@ -281,3 +281,13 @@ def test_quick_cuda_run_reports_gpu_memory(dataset: Manifest, tmp_path: Path) ->
     for name in ("premade", "dali_dli", "baseline_dli"):
         memory = training[name]["memory"]
         assert memory["peak_torch_bytes"] > 0 and memory["device_used_bytes"] >= memory["peak_torch_bytes"]
+
+
+def test_the_bench_trains_in_the_precision_dli_train_resolves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed precision is on, as `dli train` resolves it (an unresolved config would say fp32)."""
+    from dli.bench import throughput
+
+    asked: list[object] = []
+    monkeypatch.setattr(throughput, "amp_dtype_for", lambda device, enabled=True: asked.append(enabled))
+    throughput.TrainStep("l-resnet18", 5, torch.device("cpu"))
+    assert asked == [True]

@@ -144,14 +144,21 @@ def test_presets_expand_to_the_papers_grids(tmp_path):
     for preset, size in sizes.items():
         runs = resolve_grid(preset=preset).runs(tmp_path)
         assert len(runs) == size == len({r.name for r in runs}), preset
-        for r in runs:  # every seed draws its own stratified split
-            assert r.config.seed == r.seed and r.config.split == "stratified"
-            assert r.config.out == str(tmp_path.absolute() / r.name)
+        # The paper's grids: the reference protocol on the published split; smoke: dli, stratified.
+        paper = preset != "smoke"
+        for r in runs:
+            assert r.config.seed == r.seed and r.config.out == str(tmp_path.absolute() / r.name)
+            assert r.config.split == ("reference" if paper else "stratified")
+            assert r.config.protocol == ("reference" if paper else "dli")
+            assert r.name.startswith("reference__") == paper
     ablation = {r.name: r.config for r in resolve_grid(preset="ablation").runs(tmp_path)}
-    config = ablation["dli-p0-until-uniform__l-resnet18__f1.0__s4"]
+    config = ablation["reference__dli-p0-until-uniform__l-resnet18__f1.0__s4"]
     assert (config.method, config.poisson_prob, config.fill, config.seed) == ("dli", 0.0, "until-uniform", 4)
+    assert (config.dice, config.decoder_convs, config.resize) == ("global", 4, "nearest")
     fractions = {r.name: r.config for r in resolve_grid(preset="fractions").runs(tmp_path)}
-    assert fractions["bce__l-resnet18__f0.25__s2"].data_fraction == 0.25
+    assert fractions["reference__bce__l-resnet18__f0.25__s2"].data_fraction == 0.25
+    corrected = resolve_grid(preset="table1", flags={"protocols": "dli", "train": {"split": "stratified"}})
+    assert {(r.config.protocol, r.config.split) for r in corrected.runs(tmp_path)} == {("dli", "stratified")}
 
 
 def test_flags_override_the_preset_and_a_fixed_split_applies_to_every_seed(tmp_path):
