@@ -115,7 +115,7 @@ def test_thresholds_round_trip_and_override_order():
     assert thresholds_of(document, ("a", "b")) == chosen
     assert thresholds_of(document, ("a", "b"), override=0.7).values == (0.7, 0.7)
     assert thresholds_of({}, ("a", "b")).values == (0.5, 0.5)
-    with pytest.raises(DliError, match="--threshold 1.5"):
+    with pytest.raises(DliError, match=r"--threshold 1\.5"):
         thresholds_of(document, ("a", "b"), override=1.5)
     with pytest.raises(DliError, match="thresholds are for classes a, b"):
         thresholds_of(document, ("a", "c"))
