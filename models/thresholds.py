@@ -211,7 +211,7 @@ class ThresholdCalibrator:
                 f"(N, {num_classes}, H, W)"
             )
         logits, targets = logits.detach(), targets.detach()
-        probabilities = torch.sigmoid(logits.float())
+        probabilities = torch.sigmoid(logits.float()).contiguous()  # bucketize wants contiguous
         # bin b holds GRID[b-1] < p <= GRID[b], so "p > GRID[k]" is "bin > k".
         bins_of = torch.bucketize(probabilities, self.boundaries)
         actual = (targets > 0.5).long()
