@@ -104,7 +104,7 @@ def test_eval_calibrate_chooses_what_training_chose_and_stores_it(trained, tmp_p
 
 
 def test_eval_on_all_images_has_defect_free_images_for_the_overkill_rate(trained, tmp_path, capsys):
-    data, run = trained
+    _, run = trained
     out_csv = tmp_path / "all.csv"
     assert main(["eval", "--checkpoint", str(run / "best.pt"), "--split", "all", "--out", str(out_csv)]) == 0
     assert "no defect-free images" not in capsys.readouterr().out
