@@ -239,7 +239,15 @@ def export_onnx(
     check_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> ExportResult:
     """Export `checkpoint`'s model to `out` (default: beside it, `.onnx`) after the parity check."""
-    import onnx
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401 - checked here, used by OnnxModel
+        import onnxscript  # noqa: F401 - the dynamo exporter's translator
+    except ImportError as error:
+        raise DliError(
+            f"dli export needs onnx, onnxscript and onnxruntime ({error.name} is missing): "
+            "pip install 'dli[export]'"
+        ) from None
 
     out = Path(out) if out is not None else default_output(checkpoint)
     max_opset = onnx.defs.onnx_opset_version()

@@ -156,7 +156,7 @@ class OnnxModel:
         options.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(model, sess_options=options, providers=providers_for(device))
-        except (RuntimeError, ValueError, OSError) as error:  # onnxruntime's Fail/InvalidProtobuf/...
+        except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ... share no base
             first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             raise DliError(f"cannot load {self.name}: {type(error).__name__}: {first_line}") from None
         self.metadata = OnnxMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, self.name)

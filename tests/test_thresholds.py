@@ -128,3 +128,12 @@ def test_per_class_thresholds_in_the_confusion_counter():
     counter.update(logits, targets)
     assert counter.compute().tp == (1, 0)
     assert np.all(np.isfinite(counter.threshold.numpy()))
+
+
+def test_train_min_recall_is_checked():
+    from dli.config import TrainConfig
+
+    assert TrainConfig(min_recall=0.9).validate().min_recall == 0.9
+    for bad in (0.0, 1.5):
+        with pytest.raises(DliError, match=f"--min-recall {bad}"):
+            TrainConfig(min_recall=bad).validate()
