@@ -217,7 +217,10 @@ class ThresholdCalibrator:
         actual = (targets > 0.5).long()
         channel = torch.arange(num_classes, device=logits.device).view(1, -1, 1, 1)
         flat = ((channel * 2 + actual) * bins + bins_of).flatten()
-        self.histogram += torch.bincount(flat, minlength=self.histogram.numel()).view_as(self.histogram)
+        # scatter_add_ into the fixed-size histogram: unlike bincount, no host sync for the size.
+        self.histogram.view(-1).scatter_add_(
+            0, flat, torch.ones(1, dtype=torch.int64, device=flat.device).expand_as(flat)
+        )
 
     def curves(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ThresholdCurves:
         """Counts at every grid threshold (one host sync; `reduce` sums across processes)."""
