@@ -61,11 +61,6 @@ class EvalReport:
     images: ImageScores
     calibrated_now: bool = False
 
-    @property
-    def scores(self) -> SegmentationScores:
-        """The pixel-level scores at the thresholds in use."""
-        return self.at_thresholds
-
     def text(self) -> str:
         """The tables `dli eval` prints."""
         thresholds = self.thresholds
@@ -200,7 +195,12 @@ def evaluate_checkpoint(
     )
     loader.close()
     if calibrate:
-        save_checkpoint(checkpoint, {**document, CHECKPOINT_KEY: thresholds.to_state()})
+        try:
+            save_checkpoint(checkpoint, {**document, CHECKPOINT_KEY: thresholds.to_state()})
+        except OSError as error:
+            raise DliError(
+                f"cannot store the thresholds in {checkpoint}: {error.strerror or error}"
+            ) from None
     return EvalReport(evaluation.scores, thresholds, pixels.compute(), images.compute(), calibrate)
 
 

@@ -287,7 +287,10 @@ def export_onnx(
             f"{worst.max_difference:.3g} at input {'x'.join(map(str, worst.shape))} "
             f"(tolerance {tolerance:g}); nothing written"
         )
-    atomic_write_bytes(out, model_bytes)
+    try:
+        atomic_write_bytes(out, model_bytes)
+    except OSError as error:
+        raise DliError(f"--out {out}: cannot write: {error.strerror or error}") from None
     return ExportResult(out, metadata, checks, tolerance)
 
 
