@@ -1,14 +1,15 @@
 """`dli export`: a checkpoint's model as ONNX, checked against torch before it is written.
 
 The graph comes from torch's ONNX exporter (`torch.onnx.export(dynamo=True)`: `torch.export`
-then onnxscript; the TorchScript exporter is deprecated since torch 2.9) with dynamic batch,
-height and width. Input `images`: the normalized (N, C, H, W) float32 batch the checkpoint's
-model takes, H and W multiples of the encoder's stride; output `logits`: its per-class logits,
-float32. `--half` computes in float16 inside the graph (a cast at each end keeps the input and
-output float32). The metadata a deployment needs is embedded in `metadata_props`
-(`dli.onnx_model.OnnxMetadata`): class names, input channels, normalization, the training image
-size, the per-class thresholds (the checkpoint's calibrated ones unless `--threshold`), and the
-dli version and commit.
+then onnxscript) with dynamic batch, height and width. With torch 2.14 both of torch's exporters
+handle smp's UNet; the TorchScript one (`dynamo=False`) is deprecated since torch 2.9.
+
+Input `images`: the normalized (N, C, H, W) float32 batch the checkpoint's model takes, H and W
+multiples of the encoder's stride; output `logits`: its per-class logits, float32. `--half`
+computes in float16 inside the graph (a cast at each end keeps the input and output float32).
+The metadata a deployment needs is embedded in `metadata_props` (`dli.onnx_model.OnnxMetadata`):
+class names, input channels, normalization, the training image size, the per-class thresholds
+(the checkpoint's calibrated ones unless `--threshold`), and the dli version and commit.
 
 Before anything is written, onnxruntime runs the export and torch runs the checkpoint's model
 (float32, CPU) on the same random batches of two sizes (batch 2); if a sigmoid probability
@@ -166,10 +167,10 @@ def _quiet_exporter() -> Iterator[io.StringIO]:
             logger.setLevel(level)
 
 
-def export_graph(model: nn.Module, image_size: int, *, opset: int | None) -> bytes:
+def export_graph(model: nn.Module, image_size: int, *, channels: int, opset: int | None) -> bytes:
     """The serialized ONNX graph of `model` with dynamic batch, height and width."""
     dim = torch.export.Dim
-    example = torch.zeros(1, 3, image_size, image_size)
+    example = torch.zeros(1, channels, image_size, image_size)
     with _quiet_exporter():
         try:
             program = torch.onnx.export(
@@ -267,7 +268,7 @@ def export_onnx(
     check_writable(out)
 
     exported_model: nn.Module = _HalfPrecision(copy.deepcopy(model)).eval() if half else model
-    graph = export_graph(exported_model, info.image_size, opset=opset)
+    graph = export_graph(exported_model, info.image_size, channels=len(info.mean), opset=opset)
     actual_opset = _opset_of(graph)
     if opset is not None and actual_opset != opset:
         raise DliError(

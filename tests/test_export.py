@@ -274,3 +274,17 @@ def test_predict_onnx_bad_input_is_one_line_and_exit_two(exported, tmp_path, cap
         == 2
     )
     _one_line_error(capsys, "predict", "--threshold 1")
+
+
+def test_an_os_error_while_writing_the_export_is_one_line(exported, tmp_path, monkeypatch, capsys):
+    checkpoint, onnx_path, _ = exported
+    graph = onnx.load(str(onnx_path)).SerializeToString()
+    monkeypatch.setattr("dli.export.export_graph", lambda *args, **kwargs: graph)
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("dli.export.atomic_write_bytes", refuse)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    _one_line_error(capsys, "export", f"--out {out}: cannot write: Permission denied")
