@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dli.train", "train a UNet (default: a short run on bundled synthetic data)"),
     "eval": ("dli.evaluate", "per-class IoU/F1 of a checkpoint on a dataset"),
     "predict": ("dli.predict", "write predicted masks and overlays for a folder of images"),
+    "export": ("dli.export", "export a checkpoint to ONNX (metadata embedded, checked against torch)"),
     "preview": ("dli.pipeline.preview", "PNG grid of training batches before and after injection"),
     "synth": ("dli.pipeline.synth", "generate a synthetic MT-like dataset"),
     "experiment": ("dli.experiment", "run a grid of trainings and aggregate the paper's tables"),

@@ -153,6 +153,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1
     max_steps: int | None = None
+    min_recall: float | None = None
     out: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -187,6 +188,8 @@ class TrainConfig:
         _in_range(self, "poisson_prob", low=0.0, high=1.0, low_inclusive=True)
         _in_range(self, "lr", low=0.0)
         _in_range(self, "weight_decay", low=0.0, low_inclusive=True)
+        if self.min_recall is not None:
+            _in_range(self, "min_recall", low=0.0, high=1.0)
         for name in ("epochs", "batch_size", "max_steps"):
             _positive_int(self, name, optional=True)
         for name in ("eval_every", "num_threads"):

@@ -1,26 +1,117 @@
-"""`dli eval`: the per-class IoU/F1 table of a checkpoint on a dataset, printed and saved as CSV.
+"""`dli eval`: a checkpoint's pixel- and image-level scores on a dataset, printed and saved as CSV.
 
 The checkpoint carries what rebuilding the model needs (encoder, classes, image size,
-normalization) and the training config, whose split settings are the defaults here: without
-flags, a checkpoint is scored on the validation part of the data it was trained on.
+normalization), its calibrated per-class thresholds (`dli.models.thresholds`) and the training
+config, whose split settings are the defaults here: without flags, a checkpoint is scored on the
+validation part of the data it was trained on.
+
+Pixel-level IoU/F1 are reported at 0.5 and at the thresholds in use: `--threshold T` for every
+class, else the checkpoint's calibrated ones. `--calibrate` first chooses the thresholds on the
+evaluated images (max F1, or `--min-recall R`) and stores them in the checkpoint (rewritten
+atomically). Image-level accept/reject metrics (`dli.models.image_metrics`, `--min-area`
+pixels at the model's input size) use the thresholds in use. The CSV has one row per class and
+an `overall` row (pixel counts summed over classes; its image-level columns are "any defect").
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dli.atomic import atomic_write_text
-from dli.checkpoint import load_checkpoint, model_from_checkpoint
+from dli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from dli.config import SPLITS, TrainConfig
 from dli.errors import DliError
-from dli.models.metrics import SegmentationScores, evaluate_model
+from dli.models.image_metrics import ImageDecisionCounter, ImageScores
+from dli.models.metrics import THRESHOLD, ConfusionCounter, SegmentationScores, evaluate_model
+from dli.models.thresholds import (
+    CHECKPOINT_KEY,
+    ThresholdCalibrator,
+    Thresholds,
+    check_min_recall,
+    choose_thresholds,
+    thresholds_of,
+)
 from dli.pipeline.manifest import Manifest
 
 ALL = "all"
 """`--split all`: score every image of the dataset."""
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What `dli eval` measured.
+
+    Attributes:
+        at_half: pixel-level scores at threshold 0.5 for every class.
+        thresholds: the per-class thresholds in use (calibrated, overridden or 0.5).
+        at_thresholds: pixel-level scores at `thresholds`.
+        images: image-level accept/reject scores at `thresholds`.
+        calibrated_now: whether `--calibrate` chose `thresholds` (and stored them).
+    """
+
+    at_half: SegmentationScores
+    thresholds: Thresholds
+    at_thresholds: SegmentationScores
+    images: ImageScores
+    calibrated_now: bool = False
+
+    def text(self) -> str:
+        """The tables `dli eval` prints."""
+        thresholds = self.thresholds
+        at = "the calibrated thresholds" if thresholds.is_calibrated else "the thresholds"
+        if set(thresholds.values) == {THRESHOLD}:
+            blocks = [f"pixel level, threshold 0.5 for every class ({thresholds.rule})", self.at_half.table()]
+        else:
+            source = f", {thresholds.source}" if thresholds.source else ""
+            blocks = [
+                "pixel level, threshold 0.5",
+                self.at_half.table(),
+                "",
+                f"pixel level, {at} ({thresholds.rule}{source}): {thresholds.describe()}",
+                self.at_thresholds.table(),
+            ]
+        missed = [n for n, met in zip(thresholds.class_names, thresholds.recall_met, strict=True) if not met]
+        if missed:
+            blocks.append(f"note: no threshold reaches the asked recall for {', '.join(missed)}")
+        blocks += [
+            "",
+            f"image level ({self.images.images} images): rejected when a class has "
+            f">= {self.images.min_area} predicted pixels at {at}",
+            self.images.table(),
+        ]
+        return "\n".join(blocks)
+
+    def to_csv(self) -> str:
+        """Per class and overall: threshold, pixel scores at it and at 0.5, image-level scores."""
+        images = [*self.images.classes, self.images.any_defect]
+        fields: list[str] = []
+        rows: list[dict[str, object]] = []
+        for index, (row, half, image) in enumerate(
+            zip(self.at_thresholds.rows(), self.at_half.rows(), images, strict=True)
+        ):
+            thresholds = self.thresholds.values
+            record: dict[str, object] = {
+                "class": row["class"],
+                "threshold": thresholds[index] if index < len(thresholds) else "",
+                **{k: row[k] for k in ("iou", "f1", "tp", "fp", "fn")},
+                "iou_at_0.5": half["iou"],
+                "f1_at_0.5": half["f1"],
+                "min_area": self.images.min_area,
+                **image.record(),
+            }
+            fields = list(record)
+            rows.append(record)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
 
 
 def evaluate_checkpoint(
@@ -34,16 +125,29 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str = "auto",
     num_threads: int = 2,
-) -> SegmentationScores:
+    threshold: float | None = None,
+    calibrate: bool = False,
+    min_recall: float | None = None,
+    min_area: int = 1,
+) -> EvalReport:
     """Score `checkpoint` on a dataset's validation part (or all of it with `split="all"`).
 
-    Unset arguments take the checkpoint's training settings.
+    Unset arguments take the checkpoint's training settings. `threshold` overrides the
+    checkpoint's thresholds; `calibrate` chooses new ones on these images first (maximum F1, or
+    the best F1 at recall >= `min_recall`) and writes them into the checkpoint.
     """
     from dli.pipeline.loader import build_loader
     from dli.train import amp_dtype_for, load_datasets, resolve_device
 
     if batch_size < 1:
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
+    if isinstance(min_area, bool) or not isinstance(min_area, int) or min_area < 1:
+        raise DliError(f"--min-area {min_area}: must be an integer >= 1")
+    check_min_recall(min_recall)
+    if calibrate and threshold is not None:
+        raise DliError("--calibrate chooses the thresholds; it cannot be combined with --threshold")
+    if min_recall is not None and not calibrate:
+        raise DliError("--min-recall applies to --calibrate; pass both")
     document = load_checkpoint(checkpoint)
     trained = TrainConfig.from_dict(document["config"])
     torch_device = resolve_device(device)
@@ -77,10 +181,28 @@ def evaluate_checkpoint(
         resize=info.resize,
     )
     model = model.to(memory_format=torch.channels_last)
+    names, amp_dtype = info.class_names, amp_dtype_for(torch_device)
+    if calibrate:
+        calibrator = ThresholdCalibrator(names, device=torch_device)
+        evaluate_model(model, loader, names, device=torch_device, amp_dtype=amp_dtype, observers=[calibrator])
+        source = f"{'all images' if split == ALL else 'validation set'}, {len(manifest)} images"
+        thresholds = choose_thresholds(calibrator.curves(), min_recall=min_recall, source=source)
+    else:
+        thresholds = thresholds_of(document, names, threshold)
+    pixels = ConfusionCounter(names, device=torch_device, threshold=thresholds.values)
+    images = ImageDecisionCounter(names, thresholds.values, min_area=min_area, device=torch_device)
     evaluation = evaluate_model(
-        model, loader, info.class_names, device=torch_device, amp_dtype=amp_dtype_for(torch_device)
+        model, loader, names, device=torch_device, amp_dtype=amp_dtype, observers=[pixels, images]
     )
-    return evaluation.scores
+    loader.close()
+    if calibrate:
+        try:
+            save_checkpoint(checkpoint, {**document, CHECKPOINT_KEY: thresholds.to_state()})
+        except OSError as error:
+            raise DliError(
+                f"cannot store the thresholds in {checkpoint}: {error.strerror or error}"
+            ) from None
+    return EvalReport(evaluation.scores, thresholds, pixels.compute(), images.compute(), calibrate)
 
 
 def _whole_dataset(data: str | None) -> Manifest:
@@ -128,10 +250,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--num-threads", type=int, default=2, help="DALI worker threads")
     parser.add_argument("--out", default=None, help="CSV path; unset: <checkpoint stem>_eval.csv beside it")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="one probability threshold for every class; unset: the checkpoint's calibrated ones (else 0.5)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="choose each class's threshold on these images (max F1) and store them in the checkpoint",
+    )
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=None,
+        metavar="R",
+        help="with --calibrate: the best F1 among thresholds whose pixel recall is >= R",
+    )
+    parser.add_argument(
+        "--min-area",
+        type=int,
+        default=1,
+        help="image level: reject an image when a class has at least this many predicted pixels",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    scores = evaluate_checkpoint(
+    out = Path(args.out) if args.out else default_output(args.checkpoint)
+    report = evaluate_checkpoint(
         args.checkpoint,
         data=args.data,
         split=args.split,
@@ -141,9 +288,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         num_threads=args.num_threads,
+        threshold=args.threshold,
+        calibrate=args.calibrate,
+        min_recall=args.min_recall,
+        min_area=args.min_area,
     )
-    out = Path(args.out) if args.out else default_output(args.checkpoint)
-    atomic_write_text(out, scores.to_csv())
-    print(scores.table())
+    atomic_write_text(out, report.to_csv())
+    print(report.text())
+    if report.calibrated_now:
+        print(f"thresholds stored in {args.checkpoint}")
     print(f"written: {out}")
     return 0

@@ -1,11 +1,17 @@
 """`dli predict`: predicted masks and overlays for a folder of images.
 
 For every image `<stem>.<ext>` in `--images` it writes, at the image's original size,
-`<stem>_<class>.png` (0 or 255 per pixel) for each defect class of the checkpoint and
+`<stem>_<class>.png` (0 or 255 per pixel) for each defect class of the model and
 `<stem>_overlay.png`: the grayscale image with each class's predicted pixels tinted in its colour.
 Images are resized to the training size and normalized as in training; the logits are
-resized back to the original size before the 0.5 threshold, so mask edges follow the
+resized back to the original size before each class's threshold (the calibrated ones the
+checkpoint or export carries, else 0.5, unless `--threshold`), so mask edges follow the
 model's output rather than upscaled blocks.
+
+The model is a checkpoint (`--checkpoint`, run by torch) or a `dli export` (`--onnx`, run by
+onnxruntime, normalization and thresholds read from its metadata): the two give the same
+masks up to pixels whose probability lies within the export's tolerance of the threshold. The
+`--onnx` path imports neither torch nor smp nor DALI (`dli.onnx_model`).
 
 A folder in the Magnetic Tile layout also holds the ground-truth masks: a `.png` is taken as
 a mask, not an image, when another image has its stem or its stem ends in `_mask`.
@@ -17,17 +23,20 @@ import argparse
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from dli.atomic import atomic_save
-from dli.checkpoint import ModelInfo, model_from_checkpoint
 from dli.errors import DliError
-from dli.models.metrics import THRESHOLD
+from dli.models.thresholds import check_threshold
 from dli.pipeline.imageio import is_image_file, read_gray
+
+if TYPE_CHECKING:
+    import torch
+
+    from dli.checkpoint import ModelInfo
 
 OVERLAY_ALPHA = 0.5
 """Opacity of the class colour over a predicted pixel."""
@@ -68,6 +77,9 @@ def list_images(folder: Path) -> list[Path]:
 
 def preprocess(gray: np.ndarray, info: ModelInfo) -> torch.Tensor:
     """(3, S, S) float32 input of the model: resized, scaled to [0, 1], normalized as in training."""
+    import torch
+    import torch.nn.functional as F
+
     image = torch.from_numpy(gray).float().div_(255.0)[None, None]
     size = (info.image_size, info.image_size)
     if info.resize == "nearest":  # as the model was trained (pixel-centre nearest, as DALI's)
@@ -97,42 +109,105 @@ def _batches(paths: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield paths[start : start + size]
 
 
-@torch.no_grad()
+class Predictor(Protocol):
+    """A model that turns grayscale images into per-class probabilities at their own size."""
+
+    class_names: tuple[str, ...]
+    thresholds: tuple[float, ...]
+
+    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class CheckpointPredictor:
+    """A checkpoint's model on torch (`--checkpoint`), thresholds from the checkpoint."""
+
+    def __init__(
+        self, checkpoint: str | Path, *, device: str = "auto", threshold: float | None = None
+    ) -> None:
+        import torch
+
+        from dli.checkpoint import load_checkpoint, model_from_checkpoint
+        from dli.models.thresholds import thresholds_of
+        from dli.train import amp_dtype_for, resolve_device
+
+        self.device = resolve_device(device)
+        document = load_checkpoint(checkpoint)
+        model, self.info = model_from_checkpoint(document, device=self.device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.amp_dtype = amp_dtype_for(self.device)
+        self.class_names = self.info.class_names
+        self.thresholds = thresholds_of(document, self.class_names, threshold).values
+
+    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        inputs = torch.stack([preprocess(g, self.info) for g in grays]).to(self.device)
+        amp_dtype, device_type = self.amp_dtype, self.device.type
+        with torch.no_grad():
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = self.model(inputs.contiguous(memory_format=torch.channels_last))
+            maps = []
+            for gray, image_logits in zip(grays, logits.float(), strict=True):
+                full = F.interpolate(
+                    image_logits[None], size=gray.shape, mode="bilinear", align_corners=False
+                )
+                maps.append(torch.sigmoid(full[0]).cpu().numpy())
+        return maps
+
+
+class OnnxPredictor:
+    """A `dli export` on onnxruntime (`--onnx`), thresholds from its metadata."""
+
+    def __init__(self, path: str | Path, *, device: str = "auto", threshold: float | None = None) -> None:
+        from dli.onnx_model import OnnxModel
+
+        self.model = OnnxModel(path, device=device)
+        self.class_names = self.model.class_names
+        n = len(self.class_names)
+        self.thresholds = (threshold,) * n if threshold is not None else self.model.metadata.thresholds
+
+    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.model.probabilities(grays)
+
+
 def predict_folder(
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     images: str | Path,
     out: str | Path,
     *,
+    onnx: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 8,
-    threshold: float = THRESHOLD,
+    threshold: float | None = None,
 ) -> list[Path]:
-    """Write masks and overlays for every image in `images` to `out`; returns the files written."""
-    from dli.train import amp_dtype_for, resolve_device
+    """Write masks and overlays for every image in `images` to `out`; returns the files written.
 
+    The model is `checkpoint` or, instead, the ONNX export `onnx`. `threshold` (one for every
+    class) overrides the thresholds the model carries.
+    """
+    if (checkpoint is None) == (onnx is None):
+        raise DliError("give one model: --checkpoint FILE or --onnx FILE")
     if batch_size < 1:
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
-    if not 0.0 < threshold < 1.0:
-        raise DliError(f"--threshold {threshold}: must be in (0, 1)")
+    if threshold is not None:
+        check_threshold(threshold)
     paths = list_images(Path(images))
-    torch_device = resolve_device(device)
-    model, info = model_from_checkpoint(checkpoint, device=torch_device)
-    model = model.to(memory_format=torch.channels_last)
-    amp_dtype = amp_dtype_for(torch_device)
+    predictor: Predictor
+    if onnx is not None:
+        predictor = OnnxPredictor(onnx, device=device, threshold=threshold)
+    else:
+        assert checkpoint is not None
+        predictor = CheckpointPredictor(checkpoint, device=device, threshold=threshold)
+    thresholds = np.asarray(predictor.thresholds, np.float32).reshape(-1, 1, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for group in _batches(paths, batch_size):
         grays = [read_gray(p) for p in group]
-        inputs = torch.stack([preprocess(g, info) for g in grays]).to(torch_device)
-        with torch.autocast(
-            torch_device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            logits = model(inputs.contiguous(memory_format=torch.channels_last))
-        for path, gray, image_logits in zip(group, grays, logits.float(), strict=True):
-            full = F.interpolate(image_logits[None], size=gray.shape, mode="bilinear", align_corners=False)[0]
-            masks = (torch.sigmoid(full) > threshold).cpu().numpy()
-            for name, mask in zip(info.class_names, masks, strict=True):
+        for path, gray, probabilities in zip(group, grays, predictor.probabilities(grays), strict=True):
+            masks = probabilities > thresholds
+            for name, mask in zip(predictor.class_names, masks, strict=True):
                 target = out / f"{path.stem}_{name}.png"
                 _write_png(target, mask.astype(np.uint8) * 255)
                 written.append(target)
@@ -144,7 +219,9 @@ def predict_folder(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     required = {"required": True, "default": argparse.SUPPRESS}
-    parser.add_argument("--checkpoint", **required, help="a best.pt or last.pt written by dli train")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", default=None, help="a best.pt or last.pt written by dli train (torch)")
+    model.add_argument("--onnx", default=None, help="a model written by dli export (onnxruntime, no torch)")
     parser.add_argument("--images", **required, help="folder of images (jpg, png, bmp, tif)")
     parser.add_argument(
         "--out", **required, help="folder for <stem>_<class>.png masks and <stem>_overlay.png"
@@ -152,7 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument(
-        "--threshold", type=float, default=THRESHOLD, help="probability above which a pixel is defect"
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability above which a pixel is defect, for every class; unset: the model's calibrated "
+        "thresholds (else 0.5)",
     )
 
 
@@ -161,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.images,
         args.out,
+        onnx=args.onnx,
         device=args.device,
         batch_size=args.batch_size,
         threshold=args.threshold,

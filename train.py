@@ -80,6 +80,8 @@ from dli.models.losses import (
     needs_pixel_counts,
 )
 from dli.models.metrics import ConfusionCounter, SegmentationScores, all_reduce_sum, evaluate_model
+from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
+from dli.models.thresholds import ThresholdCalibrator, Thresholds, choose_thresholds
 from dli.models.unet import ENCODERS, PretrainedStatus, build_model, count_parameters
 from dli.pipeline.manifest import FREE, Manifest, Sample
 
@@ -92,6 +94,8 @@ METRICS_JSONL = "metrics.jsonl"
 CLASS_PIXELS_FILE = "class_pixels.json"
 TENSORBOARD_DIR = "tb"
 BEST = "best.pt"
+CALIBRATED_SCORES_KEY = "calibrated_scores"
+"""`best.pt`'s validation counts at its calibrated thresholds (`SegmentationScores.to_state`)."""
 LAST = "last.pt"
 
 IOU_BY_IMAGE_CLASS = "iou_by_image_class"
@@ -783,7 +787,11 @@ class Trainer:
         return all_reduce_sum(bad).item() == 0
 
     def validate_epoch(self) -> dict[str, Any]:
-        """Score the model on the validation set; keeps `best.pt` when the IoU improves."""
+        """Score the model on the validation set; keeps `best.pt` when the IoU improves.
+
+        The same pass calibrates the per-class thresholds that `best.pt` stores with its weights.
+        """
+        calibrator = ThresholdCalibrator(self.class_names, device=self.device)
         evaluation = evaluate_model(
             self.eval_net,
             self.val_loader,
@@ -791,6 +799,7 @@ class Trainer:
             device=self.device,
             amp_dtype=self.amp_dtype,
             loss_fn=self.eval_loss_fn,
+            observers=[calibrator],
         )
         scores, progress = evaluation.scores, self.progress
         progress.last = scores
@@ -800,9 +809,19 @@ class Trainer:
             record |= {f"{IOU_BY_IMAGE_CLASS}/{name}": value for name, value in grouped}
         if progress.improves(scores):
             progress.best, progress.best_epoch = scores, progress.epoch
+            calibration = self._calibration(calibrator)  # every rank: the histograms are summed across them
             if self.writer_rank:
-                save_checkpoint(self.folder.best, self._payload(resumable=False) | {"metrics": record})
+                payload = self._payload(resumable=False) | {"metrics": record} | calibration
+                save_checkpoint(self.folder.best, payload)
         return record
+
+    def _calibration(self, calibrator: ThresholdCalibrator) -> dict[str, Any]:
+        """Checkpoint entries: the calibrated thresholds and the validation scores at them."""
+        curves = calibrator.curves(all_reduce_sum)
+        source = f"validation set, {len(self.datasets.val)} images"
+        thresholds = choose_thresholds(curves, min_recall=self.config.min_recall, source=source)
+        scores = SegmentationScores(self.class_names, *curves.counts_at(thresholds.values))
+        return {THRESHOLDS_KEY: thresholds.to_state(), CALIBRATED_SCORES_KEY: scores.to_state()}
 
     def _write_epoch(self, record: Mapping[str, Any]) -> None:
         # The checkpoint first: metrics files never list an epoch that `last.pt` lacks, so a run
@@ -1072,6 +1091,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_steps,
         help="stop after this many steps in all (smoke tests); unset: no limit",
     )
+    model.add_argument(
+        "--min-recall",
+        type=float,
+        default=d.min_recall,
+        metavar="R",
+        help="calibrate best.pt's per-class thresholds for the best F1 at pixel recall >= R; unset: best F1",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=d.out, help="run folder; unset: runs/<time>-<encoder>-<method>")
@@ -1194,6 +1220,15 @@ def _train_and_report(config: TrainConfig, **placement: Any) -> int:
         f"best epoch {result.best_epoch} of {result.epochs_completed} (checkpoint {result.run_dir / BEST}):"
     )
     print(result.best.table())
+    best = load_checkpoint(result.run_dir / BEST)
+    if THRESHOLDS_KEY in best:
+        thresholds = Thresholds.from_state(best[THRESHOLDS_KEY])
+        calibrated = SegmentationScores.from_state(best[CALIBRATED_SCORES_KEY])
+        print(f"calibrated thresholds ({thresholds.rule}, {thresholds.source}): {thresholds.describe()}")
+        print(
+            f"validation IoU {100 * result.best.iou:.2f}% / F1 {100 * result.best.f1:.2f}% at 0.5, "
+            f"{100 * calibrated.iou:.2f}% / {100 * calibrated.f1:.2f}% at the calibrated thresholds"
+        )
     return 0
 
 

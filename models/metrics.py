@@ -3,7 +3,8 @@
 True/false positives and false negatives are summed over the whole validation set before any
 ratio is taken (not averaged per image or per batch): IoU = TP / (TP + FP + FN) and
 F1 = 2TP / (2TP + FP + FN), per class and overall (counts summed over classes). A pixel is
-predicted positive when its sigmoid probability exceeds the threshold (0.5). A ratio with a
+predicted positive when its sigmoid probability exceeds the threshold (0.5, or the class's
+calibrated threshold: `dli.models.thresholds`). A ratio with a
 zero denominator (a class neither present nor predicted) is NaN: undefined, not perfect.
 
 The paper's per-class figure groups differently (`ImageClassCounter`): the IoU of class c there
@@ -22,11 +23,13 @@ import io
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dli.models.thresholds import threshold_tensor
 from dli.pipeline.batch import Batch
 
 THRESHOLD = 0.5
@@ -142,13 +145,20 @@ def _percent(value: object) -> str:
 
 
 class ConfusionCounter:
-    """Accumulates per-class TP/FP/FN over batches of logits and {0, 1} targets, on device."""
+    """Accumulates per-class TP/FP/FN over batches of logits and {0, 1} targets, on device.
+
+    `threshold` is one probability for every class or one per class (calibrated thresholds).
+    """
 
     def __init__(
-        self, class_names: Sequence[str], *, device: torch.device | str = "cpu", threshold: float = THRESHOLD
+        self,
+        class_names: Sequence[str],
+        *,
+        device: torch.device | str = "cpu",
+        threshold: float | Sequence[float] = THRESHOLD,
     ) -> None:
         self.class_names = tuple(class_names)
-        self.threshold = threshold
+        self.threshold = threshold_tensor(threshold, len(self.class_names), device)  # one per class
         self.counts = torch.zeros(3, len(self.class_names), dtype=torch.int64, device=device)
 
     def reset(self) -> None:
@@ -162,7 +172,7 @@ class ConfusionCounter:
                 f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
                 f"(N, {len(self.class_names)}, H, W)"
             )
-        predicted = torch.sigmoid(logits.float()) > self.threshold
+        predicted = torch.sigmoid(logits.float()) > self.threshold.to(logits.device)
         actual = targets > 0.5
         dims = (0, 2, 3)
         tp = (predicted & actual).sum(dims)
@@ -197,8 +207,16 @@ class ImageClassCounter(ConfusionCounter):
         tp = (predicted & actual).sum(dims)
         per_image = torch.stack([tp, predicted.sum(dims) - tp, actual.sum(dims) - tp])  # (3, N)
         ids = class_ids.to(self.counts.device)
-        keep = ids >= 0
-        self.counts.index_add_(1, ids[keep], per_image[:, keep])
+        # Defect-free images add zeros (to row 0) rather than being selected out: a boolean
+        # selection would make the host wait for the device on every batch.
+        keep = (ids >= 0).to(per_image.dtype)
+        self.counts.index_add_(1, ids.clamp(min=0), per_image * keep)
+
+
+class BatchObserver(Protocol):
+    """Anything that accumulates over (logits, masks) batches, as `ConfusionCounter` does."""
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -223,10 +241,13 @@ def evaluate_model(
     amp_dtype: torch.dtype | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum,
+    observers: Sequence[BatchObserver] = (),
 ) -> Evaluation:
     """Run `model` over `batches` in eval mode and score it; restores the model's mode after.
 
-    Everything accumulates on `device`; the host reads the totals once at the end.
+    Everything accumulates on `device`; the host reads the totals once at the end. Each of
+    `observers` (other counters: calibration histograms, image-level decisions) also sees every
+    batch's logits and masks; reading their results is the caller's.
     """
     was_training = model.training
     model.eval()
@@ -241,6 +262,8 @@ def evaluate_model(
                 logits = model(images)
             counter.update(logits, masks)
             by_image.update_by_image(logits, masks, batch.class_ids)
+            for observer in observers:
+                observer.update(logits, masks)
             if loss_fn is not None:
                 loss_total[0] += loss_fn(logits, masks).double() * len(images)
                 loss_total[1] += len(images)

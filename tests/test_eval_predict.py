@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dli.checkpoint import load_checkpoint
+from dli.checkpoint import load_checkpoint, save_checkpoint
 from dli.cli import main
 from dli.config import TrainConfig
 from dli.pipeline.manifest import MT_CLASSES
@@ -52,10 +52,82 @@ def test_eval_writes_the_per_class_table_beside_the_checkpoint(trained, capsys):
     assert all(name in out for name in MT_CLASSES) and "overall" in out
     rows = _read_csv(run / "best_eval.csv")
     assert [r["class"] for r in rows] == [*MT_CLASSES, "overall"]
-    # Same validation split as training: the counts match what training measured for best.pt.
+    # Same validation split as training: the counts match what training measured for best.pt,
+    # at 0.5 and at the thresholds calibrated at the end of training.
     best = load_checkpoint(run / "best.pt")
     overall = rows[-1]
-    assert float(overall["iou"]) == pytest.approx(best["metrics"]["iou"], nan_ok=True)
+    assert float(overall["iou_at_0.5"]) == pytest.approx(best["metrics"]["iou"], nan_ok=True)
+    calibrated = best["calibrated_scores"]
+    assert [int(r["tp"]) for r in rows[:-1]] == calibrated["tp"]
+    assert [int(r["fp"]) for r in rows[:-1]] == calibrated["fp"]
+    assert [float(r["threshold"]) for r in rows[:-1]] == best["thresholds"]["values"]
+    assert "image level" in out and "escape %" in out and "overkill %" in out
+    assert "no defect-free images in the evaluation set" in out  # the default split keeps them in training
+
+
+def test_eval_calibrate_chooses_what_training_chose_and_stores_it(trained, tmp_path, capsys):
+    data, run = trained
+    checkpoint = tmp_path / "best.pt"
+    shutil.copy(run / "best.pt", checkpoint)
+    trained_thresholds = load_checkpoint(checkpoint)["thresholds"]
+    stripped = {k: v for k, v in load_checkpoint(checkpoint).items() if k != "thresholds"}
+    save_checkpoint(checkpoint, stripped)
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--num-threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 0.5 for every class (0.5 (not calibrated))" in out
+    assert "thresholds" not in load_checkpoint(checkpoint)
+
+    assert main(["eval", "--checkpoint", str(checkpoint), "--calibrate", "--num-threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"thresholds stored in {checkpoint}" in out
+    stored = load_checkpoint(checkpoint)["thresholds"]
+    assert stored["values"] == trained_thresholds["values"] and stored["rule"] == "max-f1"
+    rows = _read_csv(tmp_path / "best_eval.csv")
+    for row in rows[:-1]:  # 0.5 is a candidate, so the calibrated F1 is never below it
+        if row["f1_at_0.5"] != "nan":
+            assert float(row["f1"]) >= float(row["f1_at_0.5"])
+
+    # A recall constraint can only lower the thresholds of calibrated classes.
+    assert main(["eval", "--checkpoint", str(checkpoint), "--calibrate", "--min-recall", "0.99"]) == 0
+    capsys.readouterr()
+    constrained = load_checkpoint(checkpoint)["thresholds"]
+    assert constrained["rule"] == "max-f1 at recall >= 0.99"
+    for low, free, calibrated in zip(
+        constrained["values"], stored["values"], stored["calibrated"], strict=True
+    ):
+        assert low <= free or not calibrated
+
+    # --threshold overrides what the checkpoint holds.
+    assert main(["eval", "--checkpoint", str(checkpoint), "--threshold", "0.5", "--min-area", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(--threshold 0.5)" in out and ">= 3 predicted pixels" in out
+
+
+def test_eval_on_all_images_has_defect_free_images_for_the_overkill_rate(trained, tmp_path, capsys):
+    _, run = trained
+    out_csv = tmp_path / "all.csv"
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--split", "all", "--out", str(out_csv)]) == 0
+    assert "no defect-free images" not in capsys.readouterr().out
+    overall = _read_csv(out_csv)[-1]
+    assert overall["overkill_rate"] != "nan"
+    assert int(overall["image_fp"]) + int(overall["image_tn"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--min-area", "0"], "--min-area 0: must be an integer >= 1"),
+        (["--threshold", "1.2"], "--threshold 1.2: must be in (0, 1)"),
+        (["--min-recall", "0.9"], "--min-recall applies to --calibrate"),
+        (["--calibrate", "--min-recall", "1.5"], "--min-recall 1.5: must be in (0, 1]"),
+        (["--calibrate", "--threshold", "0.4"], "cannot be combined with --threshold"),
+    ],
+)
+def test_eval_threshold_flags_are_checked(trained, capsys, flags, message):
+    _, run = trained
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dli eval: error:") and message in err and err.count("\n") == 1
 
 
 def test_eval_on_all_images_counts_more_pixels(trained, tmp_path):

@@ -1,0 +1,219 @@
+"""An exported dli model on onnxruntime: its metadata and its forward pass, without torch.
+
+`dli export` writes an ONNX model whose input `images` is the normalized (N, C, H, W) float32
+batch the checkpoint's model takes, and whose output `logits` is its (N, classes, H, W)
+per-class logits; batch, height and width are dynamic (H and W multiples of `input_stride`).
+What a deployment needs to feed it and read it is embedded in the model's `metadata_props`
+(keys `dli.<field>` of `OnnxMetadata`, values JSON): class names, input channels,
+normalization mean/std, the training image size, the per-class thresholds, and the dli
+version and commit that exported it.
+
+`OnnxModel` runs such a file with onnxruntime and reproduces what `dli predict --checkpoint`
+computes from a grayscale image: resize to the training size (antialiased bilinear, Pillow's
+float filter, which is torch's `antialias=True`), scale to [0, 1], normalize, run, resize the
+logits back to the image's size (bilinear, half-pixel centres, as torch's
+`align_corners=False`), sigmoid, and threshold per class. Only NumPy, Pillow and onnxruntime
+are imported, so a production line can run it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dli.errors import DliError
+
+FORMAT = "dli-onnx"
+FORMAT_VERSION = 1
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+METADATA_PREFIX = "dli."
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """What an exported model carries besides its graph (see the module docstring).
+
+    Attributes:
+        class_names: defect classes, index = output channel.
+        input_channels: channels of the input (the gray image repeated).
+        mean, std: per-channel normalization of images scaled to [0, 1].
+        image_size: square side the model was trained at (the side `dli predict` resizes to).
+        input_stride: height and width must be multiples of it (the encoder's down-sampling).
+        thresholds: per-class probability thresholds; threshold_rule says how they were chosen.
+        encoder: the registry name of the model.
+        precision: "float32" or "float16" (computation inside; inputs and outputs are float32).
+        opset: the ONNX operator set of the graph.
+        dli_version, dli_commit: the dli that exported it ("unknown" outside a git checkout).
+    """
+
+    class_names: tuple[str, ...]
+    input_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    input_stride: int
+    thresholds: tuple[float, ...]
+    threshold_rule: str
+    encoder: str
+    precision: str
+    opset: int
+    dli_version: str
+    dli_commit: str
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_props(self) -> dict[str, str]:
+        """The `metadata_props` entries: `dli.<field>` -> JSON."""
+        return {METADATA_PREFIX + name: json.dumps(value) for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str = "model") -> OnnxMetadata:
+        """Inverse of `to_props`; `DliError` naming `source` when the entries are missing or bad."""
+        if props.get(METADATA_PREFIX + "format") != json.dumps(FORMAT):
+            raise DliError(f"{source} has no dli metadata (not written by dli export)")
+        try:
+            values = {f.name: json.loads(props[METADATA_PREFIX + f.name]) for f in fields(cls)}
+            metadata = cls(
+                class_names=tuple(str(n) for n in values["class_names"]),
+                input_channels=int(values["input_channels"]),
+                mean=tuple(float(v) for v in values["mean"]),
+                std=tuple(float(v) for v in values["std"]),
+                image_size=int(values["image_size"]),
+                input_stride=int(values["input_stride"]),
+                thresholds=tuple(float(v) for v in values["thresholds"]),
+                threshold_rule=str(values["threshold_rule"]),
+                encoder=str(values["encoder"]),
+                precision=str(values["precision"]),
+                opset=int(values["opset"]),
+                dli_version=str(values["dli_version"]),
+                dli_commit=str(values["dli_commit"]),
+                format=str(values["format"]),
+                format_version=int(values["format_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DliError(
+                f"{source} has incomplete dli metadata ({type(error).__name__}: {error})"
+            ) from None
+        if metadata.format_version > FORMAT_VERSION:
+            raise DliError(
+                f"{source} has dli metadata version {metadata.format_version}; "
+                f"this dli reads <= {FORMAT_VERSION}"
+            )
+        if (
+            len(metadata.thresholds) != len(metadata.class_names)
+            or len(metadata.mean) != metadata.input_channels
+        ):
+            raise DliError(f"{source} has inconsistent dli metadata (thresholds, classes or channels)")
+        return metadata
+
+
+def import_onnxruntime() -> Any:
+    """The `onnxruntime` module; `DliError` saying how to install it when it is absent."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DliError("onnxruntime is not installed (pip install 'dli[export]' or onnxruntime)") from None
+    return onnxruntime
+
+
+def providers_for(device: str) -> list[Any]:
+    """onnxruntime execution providers for `--device` auto, cpu, cuda or cuda:N."""
+    available = import_onnxruntime().get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device == "cuda" or device.startswith("cuda:"):
+        if "CUDAExecutionProvider" not in available:
+            raise DliError(
+                f"--device {device}: onnxruntime has no CUDA provider here (install onnxruntime-gpu)"
+            )
+        index = int(device.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise DliError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+
+
+class OnnxModel:
+    """An exported dli model, loaded into an onnxruntime session."""
+
+    def __init__(self, model: str | Path | bytes, *, device: str = "cpu", name: str | None = None) -> None:
+        ort = import_onnxruntime()
+
+        self.name = name or ("model" if isinstance(model, bytes) else f"ONNX model {model}")
+        if not isinstance(model, bytes):
+            path = Path(model)
+            if not path.is_file():
+                raise DliError(f"ONNX model not found: {path}")
+            model = str(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(model, sess_options=options, providers=providers_for(device))
+        except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ... share no base
+            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise DliError(f"cannot load {self.name}: {type(error).__name__}: {first_line}") from None
+        self.metadata = OnnxMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, self.name)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.metadata.class_names
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, classes, H, W) float32 logits of a normalized (N, C, H, W) float32 batch."""
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(inputs, np.float32)})
+        return logits
+
+    def preprocess(self, gray: np.ndarray) -> np.ndarray:
+        """(C, S, S) float32 input for a (H, W) uint8 image: resized, scaled to [0, 1], normalized."""
+        return preprocess(gray, self.metadata)
+
+    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per image, its (classes, H, W) float32 probabilities at the image's own size."""
+        logits = self.logits(np.stack([self.preprocess(g) for g in grays]))
+        return [sigmoid(resize_bilinear(lg, g.shape)) for lg, g in zip(logits, grays, strict=True)]
+
+
+def preprocess(gray: np.ndarray, metadata: OnnxMetadata) -> np.ndarray:
+    """What `dli.predict.preprocess` computes, in NumPy and Pillow."""
+    size = metadata.image_size
+    resized = Image.fromarray(gray.astype(np.float32) / np.float32(255.0)).resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
+    image = np.asarray(resized, dtype=np.float32)
+    mean = np.asarray(metadata.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(metadata.std, np.float32).reshape(-1, 1, 1)
+    return (image[None] - mean) / std
+
+
+def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) weights of linear interpolation with half-pixel centres, edges clamped."""
+    scale = size_in / size_out
+    source = np.maximum((np.arange(size_out) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    weight_high = source - low
+    matrix = np.zeros((size_out, size_in), np.float64)
+    rows = np.arange(size_out)
+    np.add.at(matrix, (rows, low), 1.0 - weight_high)
+    np.add.at(matrix, (rows, high), weight_high)
+    return matrix.astype(np.float32)
+
+
+def resize_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) -> (C, H, W) bilinear resize as torch's `interpolate(align_corners=False)`."""
+    height, width = size
+    rows = _interpolation_matrix(maps.shape[1], height)
+    columns = _interpolation_matrix(maps.shape[2], width)
+    return (rows @ maps.astype(np.float32) @ columns.T).astype(np.float32)
+
+
+def sigmoid(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-values))).astype(np.float32)
