@@ -59,7 +59,12 @@ from PIL import Image
 
 from dli.atomic import atomic_write_text
 from dli.errors import DliError
-from dli.pipeline.imageio import IMAGE_EXTENSIONS, MASK_THRESHOLD, READ_ERRORS, is_image_file
+from dli.pipeline.imageio import (
+    IMAGE_EXTENSIONS,
+    READ_ERRORS,
+    defect_pixels,
+    is_image_file,
+)
 
 FREE = -1
 """Class id of a defect-free image."""
@@ -92,8 +97,9 @@ class Sample:
 
     Attributes:
         image: path of the image file.
-        mask: path of its mask (8-bit, same size; pixels > 0 are defect), or None for a
-            defect-free image that ships without one (read as all zeros).
+        mask: path of its mask (same size; defect where its value > 0 in its own bit depth, see
+            `dli.pipeline.imageio.MASK_THRESHOLD`), or None for a defect-free image that ships
+            without one (read as all zeros).
         class_id: `FREE` (-1) or a defect class id in `0..num_classes-1`.
     """
 
@@ -576,8 +582,8 @@ def _check_sample(sample: Sample, check_pixels: bool) -> _SampleCheck:
         with Image.open(sample.mask) as mask:
             mask_size = (mask.height, mask.width)
             if check_pixels:
-                pixels = np.asarray(mask if mask.mode == "L" else mask.convert("L"))
-                out.mask_fraction = np.count_nonzero(pixels > MASK_THRESHOLD) / max(1, pixels.size)
+                pixels = defect_pixels(mask)
+                out.mask_fraction = np.count_nonzero(pixels) / max(1, pixels.size)
     except READ_ERRORS as error:
         out.errors.append(Problem(sample.mask, "unreadable mask", str(error)))
         return out
