@@ -49,6 +49,9 @@ PAPER_SCHEDULE = Schedule(epochs=1000, batch_size=64, image_size=256)
 QUICK_SCHEDULE = Schedule(epochs=3, batch_size=16, image_size=128)
 """Without `--data`: a short run on the bundled synthetic data (a few minutes on a laptop CPU)."""
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: bound of values the optimizer applies to float32 weights (--lr 1e300 overflows)."""
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -100,15 +103,19 @@ class TrainConfig:
         _in_range(self, "val_fraction", low=0.0, high=1.0, high_inclusive=False)
         _in_range(self, "data_fraction", low=0.0, high=1.0)
         _in_range(self, "poisson_prob", low=0.0, high=1.0, low_inclusive=True)
-        _in_range(self, "lr", low=0.0)
-        _in_range(self, "weight_decay", low=0.0, low_inclusive=True)
+        _in_range(self, "lr", low=0.0, high=FLOAT32_MAX)
+        _in_range(self, "weight_decay", low=0.0, high=FLOAT32_MAX, low_inclusive=True)
         for name in ("epochs", "batch_size", "max_steps"):
             _positive_int(self, name, optional=True)
         for name in ("eval_every", "num_threads"):
             _positive_int(self, name)
         _positive_int(self, "seed", minimum=0)
         if self.image_size is not None:
+            from dli.pipeline.loader import MAX_IMAGE_SIZE
+
             _positive_int(self, "image_size", minimum=32)
+            if self.image_size > MAX_IMAGE_SIZE:
+                raise DliError(f"--image-size {self.image_size}: must be at most {MAX_IMAGE_SIZE}")
             stride = 2 ** ENCODERS[self.encoder].depth
             if self.image_size % stride:
                 raise DliError(
