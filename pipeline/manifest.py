@@ -413,7 +413,43 @@ def _read_simple_csv(path: Path, rows: list[dict[str, str]], class_names: Sequen
         samples.append(Sample(image, _resolve(base, row["mask"]) if row["mask"] else None, class_id))
     if problems:
         raise problems_error(problems, path)
+    if origin is None:
+        _warn_of_look_alike_classes(path, rows, order)
     return Manifest(tuple(samples), order, base)
+
+
+LOOK_ALIKE_CUTOFF = 0.8
+"""`difflib` similarity from which two class names of a CSV look like one name misspelt."""
+
+
+def _warn_of_look_alike_classes(path: Path, rows: list[dict[str, str]], order: Sequence[str]) -> None:
+    """Without a declared class list every name found is a class, so a typo silently makes a new
+    one: warn (one `DatasetWarning`, listing its rows) of each class whose name resembles another
+    class with at least as many rows, or a Magnetic Tile class."""
+    import difflib
+
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for number, row in enumerate(rows, start=2):
+        rows_of[row["class"].lower()].append(number)
+    problems = []
+    for name in order:
+        others = [n for n in order if n != name and len(rows_of[n]) >= len(rows_of[name])]
+        others += [n for n in MT_CLASSES if n not in order]
+        match = difflib.get_close_matches(name, others, n=1, cutoff=LOOK_ALIKE_CUTOFF)
+        if match:
+            numbers = rows_of[name]
+            listed = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+            problems.append(
+                Problem(
+                    path,
+                    "class name like another",
+                    f"class {name!r} in row(s) {listed} looks like {match[0]!r}; it is trained as a class "
+                    f"of its own. List the classes in {CLASSES_FILE} beside the CSV to make a misspelt "
+                    "class an error",
+                )
+            )
+    if problems:
+        _warn(problems, path)
 
 
 def _reference_root(path: Path, first_image: str) -> Path:

@@ -289,3 +289,29 @@ def test_a_second_writer_is_refused_and_a_crashed_holder_leaves_no_stale_lock(da
     assert main(flags(data, out, "--max-steps", "1")) == 0  # the kernel dropped the dead holder's lock
     with FolderLock(out):  # and the finished run released its own
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# A misspelt class in a CSV.
+
+
+def test_a_misspelt_csv_class_is_a_loud_warning_or_with_classes_txt_an_error(tmp_path):
+    from PIL import Image
+
+    from dli.pipeline.manifest import DatasetWarning, read_dataset
+
+    rows = ["image,mask,class"]
+    for k, name in enumerate(["crack", "crack", "crak", "crack", "blob", "free"]):
+        Image.new("L", (8, 8)).save(tmp_path / f"{k}.jpg")
+        Image.new("L", (8, 8), 255).save(tmp_path / f"{k}.png")
+        rows.append(f"{k}.jpg,{k}.png,{name}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(DatasetWarning) as record:
+        manifest = read_dataset(tmp_path / "data.csv")
+    assert manifest.class_names == ("blob", "crack", "crak")
+    (message,) = [str(w.message) for w in record]
+    assert "'crak' in row(s) 4 looks like 'crack'" in message and "classes.txt" in message
+    assert "'blob'" not in message and "'crack' in" not in message
+    (tmp_path / "classes.txt").write_text("crack\nblob\n")
+    with pytest.raises(DliError, match="'crak' is not listed"):
+        read_dataset(tmp_path / "data.csv")
