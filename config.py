@@ -11,6 +11,7 @@ be resumed, evaluated and reproduced from its folder alone.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -228,11 +229,40 @@ def _positive_int(config: TrainConfig, name: str, *, optional: bool = False, min
         raise DliError(f"{flag(name)} {value}: must be an integer >= {minimum}")
 
 
+PATH_FIELDS: tuple[str, ...] = ("data", "split", "out", "data_path")
+"""Keys of a stored config (and its runtime section) that may hold a path."""
+
+
+def portable_paths(document: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """`document` with its `PATH_FIELDS` paths made relative to the run `folder` where they lie
+    inside the folder's parent (an experiment folder holding both its runs and their data), so
+    the experiment folder can be moved or copied. Other paths stay absolute."""
+    folder = Path(folder).absolute()
+    out = dict(document)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(folder.parent):
+            out[key] = os.path.relpath(value, folder)
+    return out
+
+
+def resolved_paths(document: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """The inverse of `portable_paths`: relative `PATH_FIELDS` paths made absolute against `folder`."""
+    out = dict(document)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value not in SPLITS and not Path(value).is_absolute():
+            out[key] = os.path.normpath(Path(folder).absolute() / value)
+    return out
+
+
 def write_run_config(path: str | Path, config: TrainConfig, runtime: dict[str, Any]) -> None:
-    """Write `config.yaml`: the resolved config, then a `runtime` section (atomic)."""
+    """Write `config.yaml`: the resolved config, then a `runtime` section (atomic; paths as in
+    `portable_paths`)."""
     from dli.atomic import atomic_write_text
 
-    document = {**config.to_dict(), "runtime": runtime}
+    folder = Path(path).absolute().parent
+    document = {**portable_paths(config.to_dict(), folder), "runtime": portable_paths(runtime, folder)}
     atomic_write_text(path, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
 
 
@@ -248,4 +278,6 @@ def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     if not isinstance(document, dict):
         raise DliError(f"run config {path} is not a mapping")
     runtime = document.pop("runtime", {}) or {}
-    return TrainConfig.from_dict(document), runtime
+    folder = path.absolute().parent
+    runtime = resolved_paths(runtime, folder) if isinstance(runtime, dict) else runtime
+    return TrainConfig.from_dict(resolved_paths(document, folder)), runtime

@@ -14,7 +14,7 @@ import torch
 
 from dli.atomic import atomic_write_text
 from dli.checkpoint import load_checkpoint, model_from_checkpoint
-from dli.config import SPLITS, TrainConfig
+from dli.config import SPLITS, TrainConfig, resolved_paths
 from dli.errors import DliError
 from dli.models.metrics import SegmentationScores, evaluate_model
 from dli.pipeline.manifest import Manifest
@@ -45,7 +45,7 @@ def evaluate_checkpoint(
     if batch_size < 1:
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
     document = load_checkpoint(checkpoint)
-    trained = TrainConfig.from_dict(document["config"])
+    trained = TrainConfig.from_dict(resolved_paths(document["config"], Path(checkpoint).absolute().parent))
     torch_device = resolve_device(device)
     data = data if data is not None else trained.data
     split = split or trained.split

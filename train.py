@@ -62,7 +62,9 @@ from dli.config import (
     SPLITS,
     TrainConfig,
     flag,
+    portable_paths,
     read_run_config,
+    resolved_paths,
     write_run_config,
 )
 from dli.errors import DliError
@@ -503,7 +505,7 @@ class Trainer:
         config = self.config = replace(config, out=str(self.folder.root))  # recorded where it really is
         checkpoint = load_checkpoint(self.folder.last) if config.resume else None
         if checkpoint is not None:
-            check_resumable(config, checkpoint["config"], self.folder.last)
+            check_resumable(config, resolved_paths(checkpoint["config"], self.folder.root), self.folder.last)
             check_same_data(self.data_record, checkpoint.get("data"), self.folder.last)
 
         # Shuffling, flips and injection plans are functions of (seed, epoch) alone.
@@ -652,7 +654,7 @@ class Trainer:
         payload: dict[str, Any] = {
             "model": unwrap(self.model).state_dict(),
             "model_info": self.info.to_dict(),
-            "config": self.config.to_dict(),
+            "config": portable_paths(self.config.to_dict(), self.folder.root),
             "epoch": self.progress.epoch,
             "metrics": self.progress.history[-1] if self.progress.history else {},
         }

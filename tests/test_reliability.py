@@ -315,3 +315,35 @@ def test_a_misspelt_csv_class_is_a_loud_warning_or_with_classes_txt_an_error(tmp
     (tmp_path / "classes.txt").write_text("crack\nblob\n")
     with pytest.raises(DliError, match="'crak' is not listed"):
         read_dataset(tmp_path / "data.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# A moved experiment folder.
+
+
+def test_an_experiment_folder_can_be_moved(tmp_path):
+    import json
+
+    from dli.config import read_run_config, write_run_config
+    from dli.experiment import RunState, resolve_grid, run_state
+
+    flags = {
+        "methods": "bce",
+        "seeds": "0",
+        "synthetic_images": "40",
+        "train": {"epochs": "1", "device": "cpu"},
+    }
+    grid = resolve_grid(flags=flags)
+    (run,) = grid.runs(tmp_path / "exp")
+    assert run.config.data == str(tmp_path / "exp" / "synthetic-n40-s0")
+    run.folder.mkdir(parents=True)
+    write_run_config(run.folder / "config.yaml", run.config, {"total_steps": 5, "data_path": run.config.data})
+    (run.folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 5, "iou": 0.5}) + "\n")
+    (run.folder / "last.pt").write_bytes(b"checkpoint")
+    assert "/exp/" not in (run.folder / "config.yaml").read_text()
+
+    (tmp_path / "exp").rename(tmp_path / "moved")
+    (moved,) = grid.runs(tmp_path / "moved")
+    assert run_state(moved) is RunState.FINISHED  # not "holds a run with other settings: --data"
+    config, runtime = read_run_config(moved.folder / "config.yaml")
+    assert config.data == runtime["data_path"] == str(tmp_path / "moved" / "synthetic-n40-s0")
