@@ -58,7 +58,7 @@ def decode_augment(size: tuple[int, int], decoder: str, warp: bool, mean: float,
     nearest neighbour so their edges are not blended; the warp uses linear interpolation for
     images and nearest for masks, with the same matrix, so both stay aligned. Pixels mapped
     from outside the image repeat its border (DALI's default: no fill value). `decoder` is
-    "cpu" or "mixed" (nvJPEG on the GPU; PNG masks decode on the CPU inside it). Element-wise
+    "cpu" or "mixed" (nvJPEG on the GPU) for the images; masks always decode on the CPU. Element-wise
     work is done here, on DALI's threads, rather than on the training loop's.
     """
     images = fn.external_source(name=IMAGES, dtype=types.UINT8, ndim=1)
@@ -67,10 +67,14 @@ def decode_augment(size: tuple[int, int], decoder: str, warp: bool, mean: float,
     images = fn.decoders.image(images, device=decoder, output_type=types.GRAY)
     # Masks keep their own bit depth: a 16-bit 0/1 mask decoded to 8 bits would lose every
     # defect pixel. RGB output at 16 bits holds every mask kind (grayscale of any depth,
-    # palette, RGB(A)); a pixel is defect where any channel is > MASK_THRESHOLD.
-    masks = fn.decoders.image(masks, device=decoder, output_type=types.RGB, dtype=types.UINT16)
+    # palette, RGB(A)); a pixel is defect where any channel is > MASK_THRESHOLD. They decode on
+    # the CPU in both pipelines (the mixed decoder decodes PNGs on the CPU too) and move to the
+    # GPU as 0/1 bytes.
+    masks = fn.decoders.image(masks, device="cpu", output_type=types.RGB, dtype=types.UINT16)
     masks = fn.reductions.max(masks, axes=[2], keep_dims=True)
     masks = fn.reshape(fn.cast(masks > MASK_THRESHOLD, dtype=types.UINT8), layout="HWC")
+    if decoder == "mixed":
+        masks = masks.gpu()
     images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
     masks = fn.resize(masks, size=size, interp_type=types.INTERP_NN)
     if warp:
