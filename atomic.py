@@ -65,6 +65,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except FileExistsError:  # the folder to write into is a file
+        raise DliError(f"cannot write {path}: {path.parent} is not a folder") from None
     except OSError as error:
         raise DliError(f"cannot write {path}: {error.strerror or error}") from None
     try:

@@ -347,3 +347,30 @@ def test_an_experiment_folder_can_be_moved(tmp_path):
     assert run_state(moved) is RunState.FINISHED  # not "holds a run with other settings: --data"
     config, runtime = read_run_config(moved.folder / "config.yaml")
     assert config.data == runtime["data_path"] == str(tmp_path / "moved" / "synthetic-n40-s0")
+
+
+def test_atomic_writes_turn_os_errors_into_one_line_and_keep_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    atomic.atomic_write_text(target, "epoch 1\n")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DliError, match=r"cannot write .*file/out\.csv: .*file is not a folder"):
+        atomic.atomic_write_text(tmp_path / "file" / "out.csv", "x")
+    with pytest.raises(DliError, match=r"cannot write .*: Is a directory"):
+        atomic.atomic_write_text(tmp_path, "x")
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    with pytest.raises(DliError, match=r"cannot write .*metrics\.csv: No space left on device"):
+        atomic.atomic_save(target, lambda handle: handle.write(b"epoch 2\n"))
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
+    assert target.read_text() == "epoch 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "metrics.csv"]
+    assert atomic.remove_stale_temp_files(tmp_path) == []
+    stale = tmp_path / ".last.pt.k2j4_9zq.tmp"
+    stale.write_bytes(b"torn")
+    (tmp_path / ".keep.tmp").write_text("not ours")
+    assert atomic.remove_stale_temp_files(tmp_path) == [stale]
+    assert (tmp_path / ".keep.tmp").exists()
