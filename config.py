@@ -104,8 +104,13 @@ class TrainConfig:
         _in_range(self, "val_fraction", low=0.0, high=1.0, high_inclusive=False)
         _in_range(self, "data_fraction", low=0.0, high=1.0)
         _in_range(self, "poisson_prob", low=0.0, high=1.0, low_inclusive=True)
-        _in_range(self, "lr", low=0.0, high=FLOAT32_MAX)
-        _in_range(self, "weight_decay", low=0.0, high=FLOAT32_MAX, low_inclusive=True)
+        _in_range(self, "lr", low=0.0)
+        _in_range(self, "weight_decay", low=0.0, low_inclusive=True)
+        for name in ("lr", "weight_decay"):
+            if getattr(self, name) > FLOAT32_MAX:
+                raise DliError(
+                    f"{flag(name)} {getattr(self, name)}: must be at most {FLOAT32_MAX:.6g} (float32)"
+                )
         for name in ("epochs", "batch_size", "max_steps"):
             _positive_int(self, name, optional=True)
         for name in ("eval_every", "num_threads"):

@@ -356,9 +356,10 @@ def prepare_run_folder(config: TrainConfig) -> RunFolder:
         raise DliError(f"--out {root}: exists and is not a folder")
     if config.resume:
         if not folder.last.is_file():
-            started = folder.best.exists() or folder.config.exists()
             hint = "; it stopped before its first epoch was saved: run it again without --resume"
-            raise DliError(f"--resume: no {LAST} in {folder.root} to resume from{hint if started else ''}")
+            raise DliError(
+                f"--resume: no {LAST} in {folder.root} to resume from{hint if folder.best.exists() else ''}"
+            )
     elif folder.last.exists():
         raise DliError(
             f"--out {root}: already holds a run; pass --resume to continue it or choose another folder"
