@@ -3,17 +3,26 @@
 A run killed mid-write leaves the previous checkpoint or result file intact, never a torn one.
 The file gets the mode a plain `open(path, "w")` would give it (0o666 less the umask), or keeps
 the mode of the file it replaces; `tempfile.mkstemp` alone would leave it private (0o600).
+
+An operating-system error while writing (a full disk, a read-only or missing folder, a path
+that names a file) becomes one `DliError` naming the file; the temp file is removed and the
+previous file, if any, stays as it was. Temp files are named `.<name>.<random>.tmp`: a write
+killed before its rename leaves one behind, which `remove_stale_temp_files` cleans up.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from dli.errors import DliError
 
 
 def _umask_at_import() -> int:
@@ -24,6 +33,9 @@ def _umask_at_import() -> int:
 
 
 _IMPORT_UMASK = _umask_at_import()
+
+TEMP_SUFFIX = ".tmp"
+"""Suffix of the temp files (`.<name>.<random>.tmp`)."""
 
 
 def _umask() -> int:
@@ -50,8 +62,13 @@ def _final_mode(path: Path) -> int:
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except FileExistsError:  # the folder to write into is a file
+        raise DliError(f"cannot write {path}: {path.parent} is not a folder") from None
+    except OSError as error:
+        raise DliError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             os.chmod(tmp, _final_mode(path))
@@ -59,8 +76,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise DliError(f"cannot write {path}: {error.strerror or error}") from None
         raise
 
 
@@ -70,13 +89,36 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         handle.write(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
     """Write `data` to `path` atomically."""
     with atomic_open(path, "wb") as handle:
         handle.write(data)
 
 
 def atomic_save(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None]) -> None:
-    """Call `writer(handle)` on a binary temp file, then move it onto `path` (e.g. `torch.save`)."""
-    with atomic_open(path, "wb") as handle:
-        writer(handle)
+    """Call `writer(handle)` (e.g. `torch.save`) on a memory buffer, then write it to `path` atomically.
+
+    Serializing in memory first keeps the disk writes plain file writes, whose errors (a full
+    disk) say what happened; torch's own writer reports them as an unreadable internal failure.
+    """
+    buffer = io.BytesIO()
+    writer(buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+"""Names `atomic_open` gives its temp files (`tempfile.mkstemp` adds 8 random characters)."""
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files that killed atomic writes left in `folder` (not recursive).
+
+    Only safe while no other process writes into `folder` (e.g. under its `dli.lock.FolderLock`):
+    a temp file being written looks the same. Returns the files removed.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")):
+        if _TEMP_NAME.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

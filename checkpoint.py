@@ -4,10 +4,15 @@ A checkpoint is a plain dict of tensors and primitive containers, so it loads wi
 `torch.load(weights_only=True)` (no arbitrary code runs when a checkpoint is opened). It is
 written to a temp file and renamed into place, so a run killed mid-save keeps the previous one.
 RNG states (torch CPU and CUDA, NumPy, Python) are stored as tensors and primitives.
+
+The model weights carry a SHA-256 (`weights_checksum`, under `CHECKSUM_KEY`) that every load
+verifies, so corrupted tensor bytes are refused rather than evaluated. A model whose weights
+are not finite is never saved, and `model_from_checkpoint` refuses one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import zipfile
@@ -27,6 +32,38 @@ FORMAT = "dli-checkpoint"
 VERSION = 1
 REQUIRED_KEYS: tuple[str, ...] = ("model", "model_info", "config")
 """Keys every dli checkpoint holds (training checkpoints hold more: optimizer, RNG, ...)."""
+
+CHECKSUM_KEY = "model_sha256"
+"""Key of the weights' checksum (`weights_checksum` of the "model" state dict)."""
+
+
+def weights_checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 over a state dict's tensors: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state.items()
+        if isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def _non_finite_summary(state: Mapping[str, Any], names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} of {len(state)} weight tensors are not finite ({shown})"
 
 
 @dataclass(frozen=True)
@@ -78,11 +115,14 @@ def model_from_checkpoint(
         document, name = load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
     try:
         info = ModelInfo.from_dict(document["model_info"])
+        bad = non_finite_tensors(document["model"])
+        if bad:
+            raise DliError(f"{_non_finite_summary(document['model'], bad)}: the run that wrote it diverged")
         model, _ = build_model(
             info.encoder, len(info.class_names), pretrained=False, decoder_convs=info.decoder_convs
         )
         model.load_state_dict(document["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError, DliError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, DliError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DliError(f"{name} does not hold a usable model: {first_line}") from None
     return model.to(device).eval(), info
@@ -98,8 +138,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
-    """Write `payload` (plus format tags) to `path` atomically."""
+    """Write `payload` (plus format tags and the weights' checksum) to `path` atomically.
+
+    `DliError` (nothing written) when the model's weights are not finite.
+    """
     document = {"format": FORMAT, "version": VERSION, **payload}
+    if "model" in payload:
+        bad = non_finite_tensors(payload["model"])
+        if bad:
+            raise DliError(f"not writing {path}: {_non_finite_summary(payload['model'], bad)}")
+        document[CHECKSUM_KEY] = weights_checksum(payload["model"])
     atomic_save(path, lambda handle: torch.save(document, handle))
 
 
@@ -124,6 +172,11 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     missing = [key for key in REQUIRED_KEYS if key not in document]
     if missing:
         raise DliError(f"checkpoint {path} lacks {', '.join(missing)}")
+    stored = document.get(CHECKSUM_KEY)  # absent in checkpoints written before checksums
+    if stored is not None and (
+        not isinstance(document["model"], Mapping) or weights_checksum(document["model"]) != stored
+    ):
+        raise DliError(f"checkpoint {path} is corrupt: its weights do not match their checksum")
     return document
 
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from dli.errors import DliError
+from dli.errors import DliError, os_error_message
 
 # name -> (module, one-line help). A plain dict is the registry.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,13 +47,16 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def run_command(command: str, argv: Sequence[str]) -> int:
-    """Parse `argv` for `command` and run it; user errors become one line and exit status 2."""
+    """Parse `argv` for `command` and run it; user and OS errors become one line and exit status 2."""
     try:
         parser = build_parser(command)
         args = parser.parse_args(list(argv))
         return int(args._run(args) or 0)
     except DliError as error:
         print(f"dli {command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the environment's fault (permissions, a full disk), not a bug
+        print(f"dli {command}: error: {os_error_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dli {command}: interrupted", file=sys.stderr)

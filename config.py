@@ -16,6 +16,7 @@ holds the protocol and every choice it made; a setting given explicitly override
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -118,6 +119,9 @@ PAPER_SCHEDULE = Schedule(epochs=1000, batch_size=64, image_size=256)
 QUICK_SCHEDULE = Schedule(epochs=3, batch_size=16, image_size=128)
 """Without `--data`: a short run on the bundled synthetic data (a few minutes on a laptop CPU)."""
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: bound of values the optimizer applies to float32 weights (--lr 1e300 overflows)."""
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -190,13 +194,22 @@ class TrainConfig:
         _in_range(self, "weight_decay", low=0.0, low_inclusive=True)
         if self.min_recall is not None:
             _in_range(self, "min_recall", low=0.0, high=1.0)
+        for name in ("lr", "weight_decay"):
+            if getattr(self, name) > FLOAT32_MAX:
+                raise DliError(
+                    f"{flag(name)} {getattr(self, name)}: must be at most {FLOAT32_MAX:.6g} (float32)"
+                )
         for name in ("epochs", "batch_size", "max_steps"):
             _positive_int(self, name, optional=True)
         for name in ("eval_every", "num_threads"):
             _positive_int(self, name)
         _positive_int(self, "seed", minimum=0)
         if self.image_size is not None:
+            from dli.pipeline.loader import MAX_IMAGE_SIZE
+
             _positive_int(self, "image_size", minimum=32)
+            if self.image_size > MAX_IMAGE_SIZE:
+                raise DliError(f"--image-size {self.image_size}: must be at most {MAX_IMAGE_SIZE}")
             stride = 2 ** ENCODERS[self.encoder].depth
             if self.image_size % stride:
                 raise DliError(
@@ -320,11 +333,40 @@ def _positive_int(config: TrainConfig, name: str, *, optional: bool = False, min
         raise DliError(f"{flag(name)} {value}: must be an integer >= {minimum}")
 
 
+PATH_FIELDS: tuple[str, ...] = ("data", "split", "out", "data_path")
+"""Keys of a stored config (and its runtime section) that may hold a path."""
+
+
+def portable_paths(document: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """`document` with its `PATH_FIELDS` paths made relative to the run `folder` where they lie
+    inside the folder's parent (an experiment folder holding both its runs and their data), so
+    the experiment folder can be moved or copied. Other paths stay absolute."""
+    folder = Path(folder).absolute()
+    out = dict(document)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(folder.parent):
+            out[key] = os.path.relpath(value, folder)
+    return out
+
+
+def resolved_paths(document: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """The inverse of `portable_paths`: relative `PATH_FIELDS` paths made absolute against `folder`."""
+    out = dict(document)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and value not in SPLITS and not Path(value).is_absolute():
+            out[key] = os.path.normpath(Path(folder).absolute() / value)
+    return out
+
+
 def write_run_config(path: str | Path, config: TrainConfig, runtime: dict[str, Any]) -> None:
-    """Write `config.yaml`: the resolved config, then a `runtime` section (atomic)."""
+    """Write `config.yaml`: the resolved config, then a `runtime` section (atomic; paths as in
+    `portable_paths`)."""
     from dli.atomic import atomic_write_text
 
-    document = {**config.to_dict(), "runtime": runtime}
+    folder = Path(path).absolute().parent
+    document = {**portable_paths(config.to_dict(), folder), "runtime": portable_paths(runtime, folder)}
     atomic_write_text(path, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
 
 
@@ -340,4 +382,6 @@ def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     if not isinstance(document, dict):
         raise DliError(f"run config {path} is not a mapping")
     runtime = document.pop("runtime", {}) or {}
-    return TrainConfig.from_dict(document), runtime
+    folder = path.absolute().parent
+    runtime = resolved_paths(runtime, folder) if isinstance(runtime, dict) else runtime
+    return TrainConfig.from_dict(resolved_paths(document, folder)), runtime

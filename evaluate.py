@@ -25,7 +25,7 @@ import torch
 
 from dli.atomic import atomic_write_text
 from dli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from dli.config import SPLITS, TrainConfig
+from dli.config import SPLITS, TrainConfig, resolved_paths
 from dli.errors import DliError
 from dli.models.image_metrics import ImageDecisionCounter, ImageScores
 from dli.models.metrics import THRESHOLD, ConfusionCounter, SegmentationScores, evaluate_model
@@ -149,7 +149,7 @@ def evaluate_checkpoint(
     if min_recall is not None and not calibrate:
         raise DliError("--min-recall applies to --calibrate; pass both")
     document = load_checkpoint(checkpoint)
-    trained = TrainConfig.from_dict(document["config"])
+    trained = TrainConfig.from_dict(resolved_paths(document["config"], Path(checkpoint).absolute().parent))
     torch_device = resolve_device(device)
     data = data if data is not None else trained.data
     split = split or trained.split

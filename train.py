@@ -6,7 +6,10 @@ otherwise, fp32 on CPU or with `--no-amp`; activations are channels-last. `--pro
 (`dli.config.PROTOCOL_DEFAULTS`) chooses the loss terms, decoder depth, resizing, Poisson
 label, schedule (cosine per step or per epoch), last-batch policy and precision as a whole,
 each overridable by its own flag; a run resumes only under the protocol it started with. A
-step whose loss is not finite is skipped (no optimizer update) and counted.
+step whose loss or gradients are not finite is skipped on the device (no update of weights,
+optimizer state or BatchNorm statistics) and counted; after `MAX_SKIPPED_IN_A_ROW` such steps
+in a row the run stops as diverged (`DliError`, exit status 2). A checkpoint whose weights are
+not finite is never written.
 
 A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv` and
 `metrics.jsonl` (one record per epoch, rewritten atomically), TensorBoard events in `tb/`,
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dli.atomic import atomic_write_text
+from dli.atomic import atomic_write_text, remove_stale_temp_files
 from dli.checkpoint import (
     ModelInfo,
     capture_rng_state,
@@ -67,10 +70,13 @@ from dli.config import (
     SPLITS,
     TrainConfig,
     flag,
+    portable_paths,
     read_run_config,
+    resolved_paths,
     write_run_config,
 )
 from dli.errors import DliError
+from dli.lock import FolderLock
 from dli.models.losses import (
     ClassPixelCounts,
     LossOptions,
@@ -223,6 +229,48 @@ def class_pixel_counts(datasets: Datasets, image_size: int) -> ClassPixelCounts:
     return count_class_pixels(datasets.train, image_size, fractions=datasets.mask_fractions)
 
 
+def manifest_entries(manifest: Manifest) -> dict[str, str]:
+    """What identifies each sample of `manifest`: its image path relative to the dataset root ->
+    its class and the sizes in bytes of its image and mask (a replaced file changes them)."""
+
+    def size(path: Path | None) -> int:
+        try:
+            return path.stat().st_size if path is not None else 0
+        except OSError:
+            return -1
+
+    return {
+        manifest.sort_key(s): f"{manifest.class_name(s.class_id)}|{size(s.image)}|{size(s.mask)}"
+        for s in manifest.samples
+    }
+
+
+def data_record(datasets: Datasets) -> dict[str, Any]:
+    """The training and validation sets as a run records them (checked on `--resume`)."""
+    return {"train": manifest_entries(datasets.train), "val": manifest_entries(datasets.val)}
+
+
+def check_same_data(now: Mapping[str, Any], saved: Mapping[str, Any] | None, path: Path) -> None:
+    """Refuse to resume when the dataset (`data_record`) changed since the run started; names the changes."""
+    if not saved:
+        return  # written before data records
+    changes = []
+    for part in ("train", "val"):
+        before, after = dict(saved.get(part) or {}), now[part]
+        for what, names in (
+            ("added", sorted(after.keys() - before.keys())),
+            ("removed", sorted(before.keys() - after.keys())),
+            ("changed", sorted(k for k in after.keys() & before.keys() if after[k] != before[k])),
+        ):
+            if names:
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                changes.append(f"{part}: {len(names)} {what} ({shown})")
+    if changes:
+        raise DliError(
+            f"cannot resume {path}: the dataset changed since the run started: {'; '.join(changes)}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Device and precision.
 
@@ -329,13 +377,22 @@ def default_run_name(config: TrainConfig) -> str:
 
 
 def prepare_run_folder(config: TrainConfig) -> RunFolder:
-    """The run folder: new for a fresh run (refusing to overwrite one), existing for `--resume`."""
+    """The run folder: new for a fresh run (refusing to overwrite one), existing for `--resume`.
+
+    A folder without `last.pt` holds no epoch to resume (a run killed before its first save, with
+    at most a `best.pt`): a fresh run starts it over.
+    """
     root = Path(config.out) if config.out else Path("runs") / default_run_name(config)
     folder = RunFolder(root.absolute())
+    if folder.root.exists() and not folder.root.is_dir():
+        raise DliError(f"--out {root}: exists and is not a folder")
     if config.resume:
         if not folder.last.is_file():
-            raise DliError(f"--resume: no {LAST} in {folder.root} to resume from")
-    elif folder.last.exists() or folder.best.exists():
+            hint = "; it stopped before its first epoch was saved: run it again without --resume"
+            raise DliError(
+                f"--resume: no {LAST} in {folder.root} to resume from{hint if folder.best.exists() else ''}"
+            )
+    elif folder.last.exists():
         raise DliError(
             f"--out {root}: already holds a run; pass --resume to continue it or choose another folder"
         )
@@ -473,6 +530,7 @@ class Trainer:
         self.amp_dtype = amp_dtype_for(self.device, config.amp)
 
         self.datasets = datasets_of(config)
+        self.data_record = data_record(self.datasets)
         self.class_names = self.datasets.class_names
         empty = self.datasets.train.empty_classes()
         if empty and self.writer_rank:
@@ -484,7 +542,8 @@ class Trainer:
         config = self.config = replace(config, out=str(self.folder.root))  # recorded where it really is
         checkpoint = load_checkpoint(self.folder.last) if config.resume else None
         if checkpoint is not None:
-            check_resumable(config, checkpoint["config"], self.folder.last)
+            check_resumable(config, resolved_paths(checkpoint["config"], self.folder.root), self.folder.last)
+            check_same_data(self.data_record, checkpoint.get("data"), self.folder.last)
 
         # Shuffling, flips and injection plans are functions of (seed, epoch) alone.
         injection = (
@@ -551,9 +610,7 @@ class Trainer:
             decoder_convs=int(config.decoder_convs or 2),
         )
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay)
         # Cosine annealing to 0 over the run, stepped after every step or after every epoch.
         self.per_epoch_schedule = config.lr_schedule == "per-epoch"
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -561,6 +618,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
+        self._skipped_in_a_row = 0  # non-finite steps in a row, across epochs (see `train_epoch`)
         if checkpoint is not None:
             self._load_state(checkpoint)
 
@@ -585,8 +643,13 @@ class Trainer:
             resize=str(config.resize),
         )
         self.tensorboard: Any = None
+        self.lock = FolderLock(self.folder.root, "run folder")
         if self.writer_rank:
-            self._open_run_folder()
+            try:
+                self._open_run_folder()
+            except BaseException:
+                self.lock.release()
+                raise
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -643,9 +706,21 @@ class Trainer:
         }
 
     def _open_run_folder(self) -> None:
+        """Lock the run folder (one writer at a time), tidy what a killed run left, write its config."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder.root.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        prepare_run_folder(self.config)  # again, under the lock: another run may have written meanwhile
+        for stale in remove_stale_temp_files(self.folder.root):
+            print(f"dli train: removed {stale.name}, left by a write that was killed", file=sys.stderr)
+        if not self.config.resume and self.folder.best.exists():
+            warnings.warn(
+                f"{self.folder.root} holds a {BEST} but no {LAST} (a run killed before its first epoch "
+                f"was saved): starting it over, {BEST} removed",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.folder.best.unlink()
         write_run_config(self.folder.config, self.config, self.runtime())
         if self.pixel_counts is not None:
             atomic_write_text(
@@ -661,7 +736,7 @@ class Trainer:
         payload: dict[str, Any] = {
             "model": unwrap(self.model).state_dict(),
             "model_info": self.info.to_dict(),
-            "config": self.config.to_dict(),
+            "config": portable_paths(self.config.to_dict(), self.folder.root),
             "epoch": self.progress.epoch,
             "metrics": self.progress.history[-1] if self.progress.history else {},
         }
@@ -673,6 +748,7 @@ class Trainer:
                 "rng": capture_rng_state(),
                 "progress": self.progress.to_state(),
                 "pretrained": self.pretrained.to_dict(),
+                "data": self.data_record,
             }
         return payload
 
@@ -706,6 +782,7 @@ class Trainer:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
+            self.lock.release()
             self.train_loader.close()  # DALI pipelines hold worker threads and buffers
             self.val_loader.close()
         return RunResult(
@@ -723,18 +800,23 @@ class Trainer:
         )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training loader; returns the epoch's training record."""
+        """One pass over the training loader; returns the epoch's training record.
+
+        Raises `DliError` once `MAX_SKIPPED_IN_A_ROW` steps in a row were skipped as non-finite
+        (read one step late: the loop never waits for the step it has just queued).
+        """
         started = time.perf_counter()
         self.train_loader.set_epoch(epoch)
         self.net.train()
         counter = ConfusionCounter(self.class_names, device=self.device)
-        loss_sum, finite_steps, skipped, images = 0.0, 0, 0, 0
+        monitor = StepMonitor(self.device, self._skipped_in_a_row)
+        steps, images = 0, 0
         bar = self._progress_bar(epoch)
         for batch in bar if bar is not None else self.train_loader:
             if self.progress.step >= self.total_steps:
                 break
             y = batch.masks.to(self.device, non_blocking=True)
-            value, logits, stepped = train_step(
+            loss, logits, stepped = train_step(
                 self.net,
                 self.loss_fn,
                 self.optimizer,
@@ -742,27 +824,31 @@ class Trainer:
                 batch.images,
                 y,
                 amp_dtype=self.amp_dtype,
-                all_finite=self._finite_everywhere,
+                agree=self._agree if self.world_size > 1 else None,
             )
-            if stepped:
-                loss_sum, finite_steps = loss_sum + value, finite_steps + 1
-            else:
-                skipped += 1
+            previous = monitor.add(loss, stepped)
+            if previous is not None:
+                self._check_divergence(previous)
             if not self.per_epoch_schedule:
                 self.scheduler.step()
             self.progress.step += 1
+            steps += 1
             counter.update(logits, y)
             images += len(y)
             if bar is not None:
                 last = self.progress.last
                 bar.set_postfix(
-                    loss=f"{loss_sum / max(finite_steps, 1):.4f}",
+                    loss="-" if previous is None else f"{previous.mean_loss:.4f}",
                     val_iou="-" if last is None else f"{100 * last.iou:.1f}",
                     img_s=f"{images * self.world_size / max(time.perf_counter() - started, 1e-9):.1f}",
                     refresh=False,
                 )
         if bar is not None:
             bar.close()
+        totals = monitor.read()
+        self._skipped_in_a_row = totals.skipped_in_a_row
+        self._check_divergence(totals)
+        skipped = steps - totals.finite_steps
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (per-epoch schedule)
         if self.per_epoch_schedule:
             self.scheduler.step()
@@ -772,19 +858,28 @@ class Trainer:
             "epoch": epoch + 1,
             "step": self.progress.step,
             "lr": lr,
-            "train_loss": _all_mean(loss_sum, finite_steps, self.device),
+            "train_loss": _all_mean(totals.loss_sum, totals.finite_steps, self.device),
             "train_iou": counter.compute().iou,
             "skipped_steps": skipped,
             "images_per_s": images * self.world_size / max(seconds, 1e-9),
             "seconds": seconds,
         }
 
-    def _finite_everywhere(self, loss: float) -> bool:
-        """Whether the step's loss is finite on every rank (all ranks must skip together)."""
-        if self.world_size == 1:
-            return math.isfinite(loss)
-        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=self.device)
-        return all_reduce_sum(bad).item() == 0
+    def _agree(self, stepped: torch.Tensor) -> torch.Tensor:
+        """Whether every process may step (all must skip together); on the device, no host sync."""
+        bad = all_reduce_sum((~stepped).to(torch.float32))
+        return bad == 0
+
+    def _check_divergence(self, totals: StepTotals) -> None:
+        """Stop the run once too many steps in a row were skipped (`MAX_SKIPPED_IN_A_ROW`)."""
+        if totals.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+            return
+        kept = "; nothing of them was saved" if self.writer_rank else ""
+        raise DliError(
+            f"training diverged: {totals.skipped_in_a_row} steps in a row had a non-finite loss or "
+            f"gradient and were skipped (epoch {self.progress.epoch + 1}, step {self.progress.step}){kept}. "
+            f"Lower --lr ({self.config.lr:g}) or check the data"
+        )
 
     def validate_epoch(self) -> dict[str, Any]:
         """Score the model on the validation set; keeps `best.pt` when the IoU improves.
@@ -848,6 +943,70 @@ class Trainer:
         )
 
 
+MAX_SKIPPED_IN_A_ROW = 10
+"""Steps in a row skipped as non-finite after which a run stops as diverged (`DliError`)."""
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """An epoch's step sums as read on the host: loss over the finite steps, their count, the skip streak."""
+
+    loss_sum: float
+    finite_steps: int
+    skipped_in_a_row: int
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.finite_steps if self.finite_steps else math.nan
+
+
+class StepMonitor:
+    """An epoch's loss sum, finite-step count and skip streak, kept on the device, read one step late.
+
+    `add` records a step without waiting for it and returns the totals up to the step before,
+    whose host copy (pinned, non-blocking) it waits for: on a GPU the step just queued keeps
+    running meanwhile, so the loop never stalls the device. `read` waits for everything.
+    """
+
+    def __init__(self, device: torch.device, skipped_in_a_row: int = 0) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.finite_steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.streak = torch.full((), float(skipped_in_a_row), dtype=torch.float64, device=device)
+        cuda = device.type == "cuda"
+        self._host = torch.zeros(3, dtype=torch.float64, pin_memory=cuda)
+        self._copied: Any = torch.cuda.Event() if cuda else None
+        self._pending = False
+
+    def add(self, loss: torch.Tensor, stepped: torch.Tensor) -> StepTotals | None:
+        """Record one step (`train_step`'s loss and decision); the totals before it, if any."""
+        previous = self._host_totals() if self._pending else None
+        self.loss_sum += torch.where(stepped, loss.to(torch.float64), 0.0)
+        self.finite_steps += stepped
+        self.streak = torch.where(stepped, 0.0, self.streak + 1)
+        self._host.copy_(torch.stack([self.loss_sum, self.finite_steps, self.streak]), non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self._pending = True
+        return previous
+
+    def read(self) -> StepTotals:
+        """The totals of every step added (waits for them)."""
+        if not self._pending:
+            return StepTotals(0.0, 0, int(self.streak.item()))
+        return self._host_totals()
+
+    def _host_totals(self) -> StepTotals:
+        if self._copied is not None:
+            self._copied.synchronize()
+        loss_sum, finite_steps, streak = self._host.tolist()
+        return StepTotals(loss_sum, int(finite_steps), int(streak))
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The AdamW of `dli train`, fused: it can skip a step on the device (see `train_step`)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def train_step(
     net: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -857,27 +1016,46 @@ def train_step(
     masks: torch.Tensor,
     *,
     amp_dtype: torch.dtype | None,
-    all_finite: Callable[[float], bool] = math.isfinite,
-) -> tuple[float, torch.Tensor, bool]:
-    """One optimisation step as `dli train` takes it: (loss value, detached logits, whether it stepped).
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step as `dli train` takes it: (loss, detached logits, whether it stepped).
 
     Channels-last inputs, the forward pass under autocast (`amp_dtype`; None = fp32), the loss
-    in fp32, one host sync on the loss value, and no update when `all_finite(value)` says the
-    loss is not finite (on any process, under DDP). `masks` must already be on the model's device.
+    in fp32. All three results stay on the device: the step has no host sync. A step whose loss
+    (or, without a loss scaler, any gradient) is not finite changes nothing: the fused AdamW of
+    `make_optimizer` skips it on the device (`found_inf`; with fp16 the `GradScaler` does the
+    same from the gradients), and the BatchNorm statistics its forward pass updated are put
+    back. `agree(stepped)` (multi-process runs) combines the decision of every process, so all
+    skip together. `masks` must already be on the model's device.
     """
     device = masks.device
+    buffers = list(unwrap(net).buffers())
+    before = [b.clone() for b in buffers]
     x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = net(x)
     loss = loss_fn(logits, masks)
-    value = float(loss.detach())  # the step's one host sync: it decides whether to step
-    stepped = all_finite(value)
-    if stepped:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
+    stepped = torch.isfinite(loss.detach())
+    scaler.scale(loss).backward()
+    if not scaler.is_enabled():
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            stepped &= torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))
+    if agree is not None:
+        stepped = agree(stepped)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fp16: skips non-finite gradients on the device (fused AdamW)
         scaler.update()
+    else:
+        optimizer.found_inf = (~stepped).float()  # type: ignore[attr-defined]  # read by fused AdamW
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
     optimizer.zero_grad(set_to_none=True)
-    return value, logits.detach(), stepped
+    for buffer, old in zip(buffers, before, strict=True):
+        buffer.copy_(torch.where(stepped, buffer, old))
+    return loss.detach(), logits.detach(), stepped
 
 
 def train(

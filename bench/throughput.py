@@ -68,7 +68,7 @@ from dli.pipeline.inject import inject, region_boxes
 from dli.pipeline.loader import MT_MEAN, MT_STD, Loader, build_loader
 from dli.pipeline.manifest import FREE, Manifest, read_dataset, validate
 from dli.pipeline.planner import DliConfig, Plan
-from dli.train import amp_dtype_for, train_step
+from dli.train import amp_dtype_for, make_optimizer, train_step
 
 SCHEMA_VERSION = 1
 """Bumped when the JSON layout changes."""
@@ -693,7 +693,7 @@ class TrainStep:
         self.parameters = count_parameters(model).total
         self.device = device
         self.model = model.to(device, memory_format=torch.channels_last).train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
         self.amp_dtype = amp_dtype_for(device, config.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn, _ = build_loss("dli")
@@ -702,12 +702,12 @@ class TrainStep:
     def precision(self) -> str:
         return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
 
-    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> float:
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         y = masks.to(self.device, non_blocking=True)
-        value, _, _ = train_step(
+        loss, _, _ = train_step(
             self.model, self.loss_fn, self.optimizer, self.scaler, images, y, amp_dtype=self.amp_dtype
         )
-        return value
+        return loss
 
 
 def _memory(bench: Bench) -> dict[str, int | None]:

@@ -58,20 +58,30 @@ def decode_augment(
     """Decode (GRAY), resize to `size`, warp image and mask by the same matrix, normalize.
 
     Outputs per sample: the image (H, W, 1) float32 normalized as (x - mean) / std on [0, 1]
-    intensities; the mask (H, W, 1) float32, 1 where the stored value is > `MASK_THRESHOLD`;
+    intensities; the mask (H, W, 1) float32, 1 where the stored value is > `MASK_THRESHOLD` in
+    the mask's own bit depth (any channel of a colour or palette mask, as `read_mask` reads it);
     the tag (1,) int64. Images are resized with antialiased linear interpolation (`resize`
     ``linear``) or nearest neighbour (``nearest``), masks always with nearest neighbour so their
     edges are not blended; the warp uses linear interpolation for
     images and nearest for masks, with the same matrix, so both stay aligned. Pixels mapped
     from outside the image repeat its border (DALI's default: no fill value). `decoder` is
-    "cpu" or "mixed" (nvJPEG on the GPU; PNG masks decode on the CPU inside it). Element-wise
+    "cpu" or "mixed" (nvJPEG on the GPU) for the images; masks always decode on the CPU. Element-wise
     work is done here, on DALI's threads, rather than on the training loop's.
     """
     images = fn.external_source(name=IMAGES, dtype=types.UINT8, ndim=1)
     masks = fn.external_source(name=MASKS, dtype=types.UINT8, ndim=1)
     tags = fn.external_source(name=TAGS, dtype=types.INT64, ndim=1)
     images = fn.decoders.image(images, device=decoder, output_type=types.GRAY)
-    masks = fn.decoders.image(masks, device=decoder, output_type=types.GRAY)
+    # Masks keep their own bit depth: a 16-bit 0/1 mask decoded to 8 bits would lose every
+    # defect pixel. RGB output at 16 bits holds every mask kind (grayscale of any depth,
+    # palette, RGB(A)); a pixel is defect where any channel is > MASK_THRESHOLD. They decode on
+    # the CPU in both pipelines (the mixed decoder decodes PNGs on the CPU too) and move to the
+    # GPU as 0/1 bytes.
+    masks = fn.decoders.image(masks, device="cpu", output_type=types.RGB, dtype=types.UINT16)
+    masks = fn.reductions.max(masks, axes=[2], keep_dims=True)
+    masks = fn.reshape(fn.cast(masks > MASK_THRESHOLD, dtype=types.UINT8), layout="HWC")
+    if decoder == "mixed":
+        masks = masks.gpu()
     if resize == "nearest":
         images = fn.resize(images, size=size, interp_type=types.INTERP_NN, dtype=types.FLOAT)
     else:
@@ -88,7 +98,7 @@ def decode_augment(
             masks, matrix=matrices, size=size, inverse_map=False, interp_type=types.INTERP_NN
         )
     images = (images - 255.0 * mean) * (1.0 / (255.0 * std))
-    masks = fn.cast(masks > MASK_THRESHOLD, dtype=types.FLOAT)
+    masks = fn.cast(masks, dtype=types.FLOAT)
     return images, masks, tags
 
 

@@ -19,7 +19,12 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 """File suffixes (lower case) read as images."""
 
 MASK_THRESHOLD = 0
-"""A mask pixel is defect when its 8-bit value is `> MASK_THRESHOLD`.
+"""A mask pixel is defect when its value, in the mask's own bit depth, is `> MASK_THRESHOLD`.
+
+The value is the stored sample itself for grayscale masks of any depth (1-, 8- and 16-bit:
+0/1, 0/255 and 0/65535 masks all mean the same) and the largest colour channel for RGB(A) and
+palette masks (the palette's colour, alpha ignored). `defect_pixels` (PIL: validation, class
+pixel counts, preview) and the DALI pipeline (training, `dli eval`) both apply this rule.
 
 Magnetic Tile masks are nearly binary: about 95% of their non-zero pixels are 255 and the
 rest are anti-aliased edge values 1..254. Counting every non-zero pixel as defect follows the
@@ -47,14 +52,32 @@ def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
         raise DliError(f"cannot read {what} {path}: {error}") from None
 
 
+def defect_pixels(mask: Image.Image) -> np.ndarray:
+    """The (H, W) bool defect map of an opened mask, by the rule of `MASK_THRESHOLD`."""
+    mode = mask.mode
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+        values = np.asarray(mask)
+    elif mode == "LA":
+        values = np.asarray(mask)[..., 0]
+    else:  # RGB, RGBA, palette and the rest: the colour each pixel shows, channel by channel
+        values = np.asarray(mask if mode == "RGB" else mask.convert("RGB")).max(axis=2)
+    return values > MASK_THRESHOLD
+
+
 def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
     """The image at `path` as a (H, W) uint8 array; colour images are converted to luminance."""
     return _read_l(path, "image")
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """The mask at `path` as a (H, W) bool array (pixel value > `MASK_THRESHOLD`)."""
-    return _read_l(path, "mask") > MASK_THRESHOLD
+    """The mask at `path` as a (H, W) bool array (see `MASK_THRESHOLD` and `defect_pixels`)."""
+    try:
+        with Image.open(path) as mask:
+            return defect_pixels(mask)
+    except FileNotFoundError:
+        raise DliError(f"mask not found: {path}") from None
+    except READ_ERRORS as error:
+        raise DliError(f"cannot read mask {path}: {error}") from None
 
 
 def is_image_file(path: Path) -> bool:

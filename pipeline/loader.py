@@ -51,6 +51,9 @@ MT_STD = 0.11959978240241884
 """Magnetic Tile intensity statistics on [0, 1] (the reference implementation's normalization)."""
 
 MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 4096
+"""Bounds of an output side; one 64-image float32 batch of 4096 px is already 4 GB per channel."""
+
 FLIP_PROBABILITY = 0.5
 """Training flips of batch images: horizontal and vertical, each with this probability."""
 
@@ -77,6 +80,8 @@ def _image_size(value: int | tuple[int, int] | Any) -> Size:
         raise DliError(f"image size {value!r}: expected an integer or a (height, width) pair")
     if min(size) < MIN_IMAGE_SIZE:
         raise DliError(f"image size {value!r}: each side must be >= {MIN_IMAGE_SIZE} pixels")
+    if max(size) > MAX_IMAGE_SIZE:
+        raise DliError(f"image size {value!r}: each side must be <= {MAX_IMAGE_SIZE} pixels")
     return size
 
 

@@ -59,7 +59,12 @@ from PIL import Image
 
 from dli.atomic import atomic_write_text
 from dli.errors import DliError
-from dli.pipeline.imageio import IMAGE_EXTENSIONS, MASK_THRESHOLD, READ_ERRORS, is_image_file
+from dli.pipeline.imageio import (
+    IMAGE_EXTENSIONS,
+    READ_ERRORS,
+    defect_pixels,
+    is_image_file,
+)
 
 FREE = -1
 """Class id of a defect-free image."""
@@ -92,8 +97,9 @@ class Sample:
 
     Attributes:
         image: path of the image file.
-        mask: path of its mask (8-bit, same size; pixels > 0 are defect), or None for a
-            defect-free image that ships without one (read as all zeros).
+        mask: path of its mask (same size; defect where its value > 0 in its own bit depth, see
+            `dli.pipeline.imageio.MASK_THRESHOLD`), or None for a defect-free image that ships
+            without one (read as all zeros).
         class_id: `FREE` (-1) or a defect class id in `0..num_classes-1`.
     """
 
@@ -407,7 +413,43 @@ def _read_simple_csv(path: Path, rows: list[dict[str, str]], class_names: Sequen
         samples.append(Sample(image, _resolve(base, row["mask"]) if row["mask"] else None, class_id))
     if problems:
         raise problems_error(problems, path)
+    if origin is None:
+        _warn_of_look_alike_classes(path, rows, order)
     return Manifest(tuple(samples), order, base)
+
+
+LOOK_ALIKE_CUTOFF = 0.8
+"""`difflib` similarity from which two class names of a CSV look like one name misspelt."""
+
+
+def _warn_of_look_alike_classes(path: Path, rows: list[dict[str, str]], order: Sequence[str]) -> None:
+    """Without a declared class list every name found is a class, so a typo silently makes a new
+    one: warn (one `DatasetWarning`, listing its rows) of each class whose name resembles another
+    class with at least as many rows, or a Magnetic Tile class."""
+    import difflib
+
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for number, row in enumerate(rows, start=2):
+        rows_of[row["class"].lower()].append(number)
+    problems = []
+    for name in order:
+        others = [n for n in order if n != name and len(rows_of[n]) >= len(rows_of[name])]
+        others += [n for n in MT_CLASSES if n not in order]
+        match = difflib.get_close_matches(name, others, n=1, cutoff=LOOK_ALIKE_CUTOFF)
+        if match:
+            numbers = rows_of[name]
+            listed = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+            problems.append(
+                Problem(
+                    path,
+                    "class name like another",
+                    f"class {name!r} in row(s) {listed} looks like {match[0]!r}; it is trained as a class "
+                    f"of its own. List the classes in {CLASSES_FILE} beside the CSV to make a misspelt "
+                    "class an error",
+                )
+            )
+    if problems:
+        _warn(problems, path)
 
 
 def _reference_root(path: Path, first_image: str) -> Path:
@@ -591,10 +633,9 @@ def _check_sample(sample: Sample, check_pixels: bool) -> _SampleCheck:
         with Image.open(sample.mask) as mask:
             mask_size = (mask.height, mask.width)
             if check_pixels:
-                pixels = np.asarray(mask if mask.mode == "L" else mask.convert("L"))
-                defect_pixels = pixels > MASK_THRESHOLD
-                out.mask_fraction = np.count_nonzero(defect_pixels) / max(1, pixels.size)
-                out.mask_box = defect_box(defect_pixels)
+                pixels = defect_pixels(mask)
+                out.mask_fraction = np.count_nonzero(pixels) / max(1, pixels.size)
+                out.mask_box = defect_box(pixels)
     except READ_ERRORS as error:
         out.errors.append(Problem(sample.mask, "unreadable mask", str(error)))
         return out

@@ -242,11 +242,13 @@ def preview(
     The whole dataset is the training set here (its defect images are the injection pool).
     `data` None means the bundled synthetic dataset.
     """
-    from dli.pipeline.loader import build_loader
+    from dli.pipeline.loader import MAX_IMAGE_SIZE, build_loader
     from dli.pipeline.manifest import read_dataset, validate
 
     if batches < 1:
         raise DliError(f"--batches {batches}: must be >= 1")
+    if image_size > MAX_IMAGE_SIZE:  # before the dataset is read (the loader checks it too)
+        raise DliError(f"--image-size {image_size}: must be at most {MAX_IMAGE_SIZE}")
     if data is None:
         from dli.pipeline.synth import default_dataset
 
