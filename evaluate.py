@@ -151,6 +151,13 @@ def evaluate_checkpoint(
     document = load_checkpoint(checkpoint)
     trained = TrainConfig.from_dict(resolved_paths(document["config"], Path(checkpoint).absolute().parent))
     torch_device = resolve_device(device)
+    if data is None and trained.data is not None and not Path(trained.data).exists():
+        # Paths inside an experiment folder are stored relative to the run, so a checkpoint
+        # copied out of its folder no longer finds its data.
+        raise DliError(
+            f"{checkpoint}: the dataset it was trained on, {trained.data}, is not there "
+            "(copied away from its run folder?); pass --data"
+        )
     data = data if data is not None else trained.data
     split = split or trained.split
     if split not in (*SPLITS, ALL) and not Path(split).is_dir():

@@ -77,7 +77,11 @@ def test_eval_calibrate_chooses_what_training_chose_and_stores_it(trained, tmp_p
     assert "threshold 0.5 for every class (0.5 (not calibrated))" in out
     assert "thresholds" not in load_checkpoint(checkpoint)
 
-    assert main(["eval", "--checkpoint", str(checkpoint), "--calibrate", "--num-threads", "1"]) == 0
+    # Copied out of its run folder, the checkpoint's relative data path leads nowhere: one line.
+    assert main(["eval", "--checkpoint", str(checkpoint), "--calibrate", "--num-threads", "1"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    calibrate = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--calibrate"]
+    assert main([*calibrate, "--num-threads", "1"]) == 0
     out = capsys.readouterr().out
     assert f"thresholds stored in {checkpoint}" in out
     stored = load_checkpoint(checkpoint)["thresholds"]
@@ -88,7 +92,7 @@ def test_eval_calibrate_chooses_what_training_chose_and_stores_it(trained, tmp_p
             assert float(row["f1"]) >= float(row["f1_at_0.5"])
 
     # A recall constraint can only lower the thresholds of calibrated classes.
-    assert main(["eval", "--checkpoint", str(checkpoint), "--calibrate", "--min-recall", "0.99"]) == 0
+    assert main([*calibrate, "--min-recall", "0.99"]) == 0
     capsys.readouterr()
     constrained = load_checkpoint(checkpoint)["thresholds"]
     assert constrained["rule"] == "max-f1 at recall >= 0.99"
@@ -98,7 +102,8 @@ def test_eval_calibrate_chooses_what_training_chose_and_stores_it(trained, tmp_p
         assert low <= free or not calibrated
 
     # --threshold overrides what the checkpoint holds.
-    assert main(["eval", "--checkpoint", str(checkpoint), "--threshold", "0.5", "--min-area", "3"]) == 0
+    override = ["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--threshold", "0.5"]
+    assert main([*override, "--min-area", "3"]) == 0
     out = capsys.readouterr().out
     assert "(--threshold 0.5)" in out and ">= 3 predicted pixels" in out
 
