@@ -3,6 +3,9 @@
 The checkpoint carries what rebuilding the model needs (encoder, classes, image size,
 normalization) and the training config, whose split settings are the defaults here: without
 flags, a checkpoint is scored on the validation part of the data it was trained on.
+
+`--out` names the CSV file, or a folder (any path not ending in ``.csv``) that receives
+`eval.csv` and `predictions.png`, the prediction grid of `dli.figures` for the scored images.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str = "auto",
     num_threads: int = 2,
+    predictions: str | Path | None = None,
 ) -> SegmentationScores:
     """Score `checkpoint` on a dataset's validation part (or all of it with `split="all"`).
 
-    Unset arguments take the checkpoint's training settings.
+    Unset arguments take the checkpoint's training settings. With `predictions`, the prediction
+    grid of the scored images is written there (PNG).
     """
     from dli.pipeline.loader import build_loader
     from dli.train import amp_dtype_for, load_datasets, resolve_device
@@ -76,9 +81,25 @@ def evaluate_checkpoint(
         num_threads=num_threads,
     )
     model = model.to(memory_format=torch.channels_last)
-    evaluation = evaluate_model(
-        model, loader, info.class_names, device=torch_device, amp_dtype=amp_dtype_for(torch_device)
-    )
+    amp_dtype = amp_dtype_for(torch_device)
+    evaluation = evaluate_model(model, loader, info.class_names, device=torch_device, amp_dtype=amp_dtype)
+    loader.close()
+    if predictions is not None:
+        from dli.figures import PredictionGrid
+
+        grid = PredictionGrid(
+            manifest,
+            image_size=info.image_size,
+            device=torch_device,
+            amp_dtype=amp_dtype,
+            num_threads=num_threads,
+        )
+        try:
+            grid.write(
+                model, predictions, title=f"{Path(checkpoint).name} on {len(manifest)} images ({split})"
+            )
+        finally:
+            grid.close()
     return evaluation.scores
 
 
@@ -95,6 +116,22 @@ def default_output(checkpoint: str | Path) -> Path:
     """Where the table goes without `--out`: beside the checkpoint, `<stem>_eval.csv`."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}_eval.csv")
+
+
+EVAL_CSV = "eval.csv"
+PREDICTIONS_PNG = "predictions.png"
+
+
+def output_paths(checkpoint: str | Path, out: str | None) -> tuple[Path, Path | None]:
+    """(CSV path, prediction grid path or None) for `--out`: a ``.csv`` file, a folder, or unset."""
+    if out is None:
+        return default_output(checkpoint), None
+    path = Path(out)
+    if path.suffix.lower() == ".csv":
+        return path, None
+    if path.exists() and not path.is_dir():
+        raise DliError(f"--out {out}: exists and is not a folder (a CSV path must end in .csv)")
+    return path / EVAL_CSV, path / PREDICTIONS_PNG
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,10 +163,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--num-threads", type=int, default=2, help="DALI worker threads")
-    parser.add_argument("--out", default=None, help="CSV path; unset: <checkpoint stem>_eval.csv beside it")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"a .csv path, or a folder that receives {EVAL_CSV} and {PREDICTIONS_PNG} (the prediction "
+        "grid); unset: <checkpoint stem>_eval.csv beside the checkpoint",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    out, predictions = output_paths(args.checkpoint, args.out)
     scores = evaluate_checkpoint(
         args.checkpoint,
         data=args.data,
@@ -140,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         num_threads=args.num_threads,
+        predictions=predictions,
     )
-    out = Path(args.out) if args.out else default_output(args.checkpoint)
     atomic_write_text(out, scores.to_csv())
     print(scores.table())
-    print(f"written: {out}")
+    print(f"written: {out}" + (f", {predictions}" if predictions is not None else ""))
     return 0
