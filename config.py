@@ -3,10 +3,10 @@
 `TrainConfig` is what `dli.train.train` takes. Fields left `None` are resolved by `resolved()`:
 without `--data` the run uses the bundled synthetic dataset and a short schedule
 (`QUICK_SCHEDULE`, sized to reach a working model in about two minutes on a 2-core CPU), with
-`--data` the paper's (`PAPER_SCHEDULE`). The resolved config, plus
-what happened at run time (pretrained weights, versions, device), is written to the run folder
-as `config.yaml` (the way timm saves `args.yaml`) and stored in every checkpoint, so a run can
-be resumed, evaluated and reproduced from its folder alone.
+`--data` the paper's (`PAPER_SCHEDULE`). The resolved config, plus what happened at run time
+(pretrained weights, versions, device), is written to the run folder as `config.yaml` (the way
+timm saves `args.yaml`) and stored in every checkpoint, so a run can be resumed, evaluated and
+reproduced from its folder alone.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Schedule:
 PAPER_SCHEDULE = Schedule(epochs=1000, batch_size=64, image_size=256, lr=5e-4)
 """The paper's training schedule (used with `--data`)."""
 
-QUICK_SCHEDULE = Schedule(epochs=6, batch_size=8, image_size=64, lr=3e-3)
+QUICK_SCHEDULE = Schedule(epochs=4, batch_size=8, image_size=64, lr=3e-3)
 """Without `--data`: a short run on the bundled synthetic data. Small images and batches give
 many optimizer steps per CPU second, and the higher learning rate suits so short a schedule;
 measured in README.md ("What you should see")."""
