@@ -11,8 +11,8 @@ A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv
 optimizer, scheduler, scaler, RNG states, epoch, history), and two pictures (`dli.figures`),
 `curves.png` and `val_predictions.png`, redrawn at every epoch that improves the best IoU.
 `--patience N` ends a run after N evaluations without a better IoU. `--resume` continues a
-killed run from `last.pt`; the loader's shuffling and injection plans depend only on (seed, epoch), so the
-resumed run sees the same batches as an uninterrupted one.
+killed run from `last.pt`; the loader's shuffling and injection plans depend only on (seed,
+epoch), so the resumed run sees the same batches as an uninterrupted one.
 
 Several GPUs (`dli train --devices K`, or `torchrun --nproc_per_node=K -m dli.train`; see
 `dli.distributed`): K processes train one model with `DistributedDataParallel`. `--batch-size`
