@@ -65,6 +65,7 @@ def render_curves(
     """PNG bytes of three panels over epochs: loss (train, val), validation IoU (overall, per class), lr."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(12.0, 3.6), dpi=DPI, facecolor="white", layout="constrained")
     FigureCanvasAgg(figure)
@@ -87,10 +88,12 @@ def render_curves(
     lr_ax.set_title("learning rate (end of epoch)")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
 
+    last_epoch = max((int(r["epoch"]) for r in history), default=1)
     for ax in (loss_ax, iou_ax, lr_ax):
+        ax.set_xlim(0.5, last_epoch + 0.5)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     loss_ax.legend(fontsize=8)
     iou_ax.legend(fontsize=7, ncol=2)
     if title:
