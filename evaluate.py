@@ -11,6 +11,9 @@ evaluated images (max F1, or `--min-recall R`) and stores them in the checkpoint
 atomically). Image-level accept/reject metrics (`dli.models.image_metrics`, `--min-area`
 pixels at the model's input size) use the thresholds in use. The CSV has one row per class and
 an `overall` row (pixel counts summed over classes; its image-level columns are "any defect").
+
+`--out` names the CSV file, or a folder (any path not ending in ``.csv``) that receives
+`eval.csv` and `predictions.png`, the prediction grid of `dli.figures` for the scored images.
 """
 
 from __future__ import annotations
@@ -129,12 +132,14 @@ def evaluate_checkpoint(
     calibrate: bool = False,
     min_recall: float | None = None,
     min_area: int = 1,
+    predictions: str | Path | None = None,
 ) -> EvalReport:
     """Score `checkpoint` on a dataset's validation part (or all of it with `split="all"`).
 
     Unset arguments take the checkpoint's training settings. `threshold` overrides the
     checkpoint's thresholds; `calibrate` chooses new ones on these images first (maximum F1, or
-    the best F1 at recall >= `min_recall`) and writes them into the checkpoint.
+    the best F1 at recall >= `min_recall`) and writes them into the checkpoint. With
+    `predictions`, the prediction grid of the scored images is written there (PNG).
     """
     from dli.pipeline.loader import build_loader
     from dli.train import amp_dtype_for, load_datasets, resolve_device
@@ -209,6 +214,22 @@ def evaluate_checkpoint(
             raise DliError(
                 f"cannot store the thresholds in {checkpoint}: {error.strerror or error}"
             ) from None
+    if predictions is not None:
+        from dli.figures import PredictionGrid
+
+        grid = PredictionGrid(
+            manifest,
+            image_size=info.image_size,
+            device=torch_device,
+            amp_dtype=amp_dtype,
+            num_threads=num_threads,
+        )
+        try:
+            grid.write(
+                model, predictions, title=f"{Path(checkpoint).name} on {len(manifest)} images ({split})"
+            )
+        finally:
+            grid.close()
     return EvalReport(evaluation.scores, thresholds, pixels.compute(), images.compute(), calibrate)
 
 
@@ -225,6 +246,22 @@ def default_output(checkpoint: str | Path) -> Path:
     """Where the table goes without `--out`: beside the checkpoint, `<stem>_eval.csv`."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}_eval.csv")
+
+
+EVAL_CSV = "eval.csv"
+PREDICTIONS_PNG = "predictions.png"
+
+
+def output_paths(checkpoint: str | Path, out: str | None) -> tuple[Path, Path | None]:
+    """(CSV path, prediction grid path or None) for `--out`: a ``.csv`` file, a folder, or unset."""
+    if out is None:
+        return default_output(checkpoint), None
+    path = Path(out)
+    if path.suffix.lower() == ".csv":
+        return path, None
+    if path.exists() and not path.is_dir():
+        raise DliError(f"--out {out}: exists and is not a folder (a CSV path must end in .csv)")
+    return path / EVAL_CSV, path / PREDICTIONS_PNG
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,7 +293,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--num-threads", type=int, default=2, help="DALI worker threads")
-    parser.add_argument("--out", default=None, help="CSV path; unset: <checkpoint stem>_eval.csv beside it")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"a .csv path, or a folder that receives {EVAL_CSV} and {PREDICTIONS_PNG} (the prediction "
+        "grid); unset: <checkpoint stem>_eval.csv beside the checkpoint",
+    )
     parser.add_argument(
         "--threshold",
         type=float,
@@ -284,7 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else default_output(args.checkpoint)
+    out, predictions = output_paths(args.checkpoint, args.out)
     report = evaluate_checkpoint(
         args.checkpoint,
         data=args.data,
@@ -299,10 +341,11 @@ def run(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         min_recall=args.min_recall,
         min_area=args.min_area,
+        predictions=predictions,
     )
     atomic_write_text(out, report.to_csv())
     print(report.text())
     if report.calibrated_now:
         print(f"thresholds stored in {args.checkpoint}")
-    print(f"written: {out}")
+    print(f"written: {out}" + (f", {predictions}" if predictions is not None else ""))
     return 0

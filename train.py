@@ -14,9 +14,11 @@ not finite is never written.
 A run folder holds `config.yaml` (resolved config + runtime facts), `metrics.csv` and
 `metrics.jsonl` (one record per epoch, rewritten atomically), TensorBoard events in `tb/`,
 `best.pt` (highest validation IoU) and `last.pt` (everything needed to resume: model,
-optimizer, scheduler, scaler, RNG states, epoch, history). `--resume` continues a killed run
-from `last.pt`; the loader's shuffling and injection plans depend only on (seed, epoch), so the
-resumed run sees the same batches as an uninterrupted one.
+optimizer, scheduler, scaler, RNG states, epoch, history), and two pictures (`dli.figures`),
+`curves.png` and `val_predictions.png`, redrawn at every epoch that improves the best IoU.
+`--patience N` ends a run after N evaluations without a better IoU. `--resume` continues a
+killed run from `last.pt`; the loader's shuffling and injection plans depend only on (seed,
+epoch), so the resumed run sees the same batches as an uninterrupted one.
 
 Several GPUs (`dli train --devices K`, or `torchrun --nproc_per_node=K -m dli.train`; see
 `dli.distributed`): K processes train one model with `DistributedDataParallel`. `--batch-size`
@@ -76,6 +78,7 @@ from dli.config import (
     write_run_config,
 )
 from dli.errors import DliError
+from dli.figures import CURVES_FILE, PREDICTIONS_FILE, PredictionGrid, write_curves
 from dli.lock import FolderLock
 from dli.models.losses import (
     ClassPixelCounts,
@@ -108,7 +111,9 @@ IOU_BY_IMAGE_CLASS = "iou_by_image_class"
 """Prefix of the validation record's per-class IoU grouped by each image's true class (the
 reference implementation's per-class figure; see `dli.models.metrics.ImageClassCounter`)."""
 
-RUNTIME_FIELDS = frozenset({"out", "resume", "device", "compile", "num_threads", "progress", "eval_every"})
+RUNTIME_FIELDS = frozenset(
+    {"out", "resume", "device", "compile", "num_threads", "progress", "eval_every", "patience"}
+)
 """Config fields a resumed run may change: they do not affect the weights it computes."""
 
 
@@ -336,6 +341,14 @@ class RunFolder:
     def tensorboard(self) -> Path:
         return self.root / TENSORBOARD_DIR
 
+    @property
+    def curves(self) -> Path:
+        return self.root / CURVES_FILE
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / PREDICTIONS_FILE
+
     def write_history(self, history: list[dict[str, Any]], class_names: tuple[str, ...]) -> None:
         """Rewrite `metrics.csv` and `metrics.jsonl` from the whole history (atomic)."""
         columns = metric_columns(class_names)
@@ -429,6 +442,8 @@ class Progress:
     best_epoch: int | None = None
     best: SegmentationScores | None = None
     last: SegmentationScores | None = None
+    evaluations_since_best: int = 0
+    """Evaluations in a row without a better IoU (what `--patience` counts)."""
 
     def improves(self, scores: SegmentationScores) -> bool:
         """Whether `scores` beat the best overall IoU so far (NaN never does)."""
@@ -443,6 +458,7 @@ class Progress:
             "best_epoch": self.best_epoch,
             "best_scores": self.best.to_state() if self.best else None,
             "last_scores": self.last.to_state() if self.last else None,
+            "evaluations_since_best": self.evaluations_since_best,
         }
 
     @classmethod
@@ -456,6 +472,7 @@ class Progress:
             best_epoch=state["best_epoch"],
             best=SegmentationScores.from_state(best) if best else None,
             last=SegmentationScores.from_state(last) if last else None,
+            evaluations_since_best=state.get("evaluations_since_best", 0),
         )
 
 
@@ -644,6 +661,7 @@ class Trainer:
         )
         self.tensorboard: Any = None
         self.lock = FolderLock(self.folder.root, "run folder")
+        self.prediction_grid: PredictionGrid | None = None  # built at the first figure
         if self.writer_rank:
             try:
                 self._open_run_folder()
@@ -769,6 +787,8 @@ class Trainer:
             )
         try:
             while progress.epoch < config.epochs and progress.step < self.total_steps:
+                if self._out_of_patience():
+                    break
                 record = self.train_epoch(progress.epoch)
                 progress.epoch += 1
                 last_epoch = progress.epoch == config.epochs or progress.step >= self.total_steps
@@ -783,6 +803,8 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
             self.lock.release()
+            if self.prediction_grid is not None:
+                self.prediction_grid.close()
             self.train_loader.close()  # DALI pipelines hold worker threads and buffers
             self.val_loader.close()
         return RunResult(
@@ -904,10 +926,13 @@ class Trainer:
             record |= {f"{IOU_BY_IMAGE_CLASS}/{name}": value for name, value in grouped}
         if progress.improves(scores):
             progress.best, progress.best_epoch = scores, progress.epoch
+            progress.evaluations_since_best = 0
             calibration = self._calibration(calibrator)  # every rank: the histograms are summed across them
             if self.writer_rank:
                 payload = self._payload(resumable=False) | {"metrics": record} | calibration
                 save_checkpoint(self.folder.best, payload)
+        else:
+            progress.evaluations_since_best += 1
         return record
 
     def _calibration(self, calibrator: ThresholdCalibrator) -> dict[str, Any]:
@@ -923,8 +948,34 @@ class Trainer:
         # killed between the two writes resumes from what its metrics say (and rewrites them).
         save_checkpoint(self.folder.last, self._payload(resumable=True))
         self.folder.write_history(self.progress.history, self.class_names)
+        if "iou" in record and self.progress.best_epoch == record["epoch"]:
+            self._write_figures()
         _log_tensorboard(self.tensorboard, record)
         _print_epoch(record, self.config.epochs or 0)
+        if self._out_of_patience():
+            print(
+                f"stopping: no better validation IoU in {self.config.patience} evaluations "
+                f"(best at epoch {self.progress.best_epoch})",
+                file=sys.stderr,
+            )
+
+    def _out_of_patience(self) -> bool:
+        patience = self.config.patience
+        return patience is not None and self.progress.evaluations_since_best >= patience
+
+    def _write_figures(self) -> None:
+        """Redraw `curves.png` and `val_predictions.png` (the best model's predictions; rank 0)."""
+        title = f"{self.folder.root.name}  \u00b7  best epoch {self.progress.best_epoch}"
+        write_curves(self.folder.curves, self.progress.history, self.class_names, title=title)
+        if self.prediction_grid is None:
+            assert self.config.image_size is not None
+            self.prediction_grid = PredictionGrid(
+                self.datasets.val,
+                image_size=self.config.image_size,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+            )
+        self.prediction_grid.write(self.model, self.folder.predictions, title=f"validation, {title}")
 
     def _progress_bar(self, epoch: int) -> Any:
         """A tqdm bar over the training loader, or None when quiet or not rank 0."""
@@ -1149,9 +1200,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quick, paper = QUICK_SCHEDULE, PAPER_SCHEDULE
     parser.description = (
         "Train a UNet for defect segmentation. Without --data: a short run on bundled synthetic data "
-        f"({quick.epochs} epochs, batch {quick.batch_size}, {quick.image_size} px; a few minutes on a laptop "
-        f"CPU). With --data: the paper's schedule ({paper.epochs} epochs, batch {paper.batch_size}, "
-        f"{paper.image_size} px) unless --epochs/--batch-size/--image-size say otherwise."
+        f"({quick.epochs} epochs, batch {quick.batch_size}, {quick.image_size} px, lr {quick.lr:g}; about "
+        f"two minutes on a 2-core CPU). With --data: the paper's schedule ({paper.epochs} epochs, batch "
+        f"{paper.batch_size}, {paper.image_size} px, lr {paper.lr:g}) unless --epochs/--batch-size/"
+        "--image-size/--lr say otherwise."
     )
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -1257,7 +1309,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"images per batch; unset: {quick.batch_size} without --data, {paper.batch_size} with it",
     )
     model.add_argument(
-        "--lr", type=float, default=d.lr, help="AdamW learning rate (cosine-annealed to 0, see --lr-schedule)"
+        "--lr",
+        type=float,
+        default=d.lr,
+        help=f"AdamW learning rate, cosine-annealed to 0 (see --lr-schedule); unset: {quick.lr:g} without "
+        f"--data, {paper.lr:g} with it",
     )
     model.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     model.add_argument(
@@ -1282,6 +1338,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     run.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="validate every k epochs (and at the end)"
+    )
+    run.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="stop after this many evaluations without a better validation IoU; unset: never",
     )
     run.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     run.add_argument(
@@ -1389,6 +1451,9 @@ def _train_and_report(config: TrainConfig, **placement: Any) -> int:
         warnings.showwarning = _one_line_warnings  # a CLI user needs the message, not our source line
         result = train(config, **placement)
     print(f"run folder: {result.run_dir}")
+    pictures = [p for p in (result.run_dir / CURVES_FILE, result.run_dir / PREDICTIONS_FILE) if p.is_file()]
+    if pictures:
+        print(f"pictures: {', '.join(str(p) for p in pictures)}")
     if result.skipped_steps:
         print(f"{result.skipped_steps} steps skipped for a non-finite loss")
     if result.best is None:

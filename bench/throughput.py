@@ -56,7 +56,7 @@ from dli.bench.baseline import (
     sample_files,
 )
 from dli.bench.poisson import copy_bandwidth
-from dli.config import TrainConfig
+from dli.config import PAPER_SCHEDULE, TrainConfig
 from dli.errors import DliError
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
@@ -693,7 +693,8 @@ class TrainStep:
         self.parameters = count_parameters(model).total
         self.device = device
         self.model = model.to(device, memory_format=torch.channels_last).train()
-        self.optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+        # The paper's learning rate: the bundled default's quick schedule would set another.
+        self.optimizer = make_optimizer(model, lr=PAPER_SCHEDULE.lr, weight_decay=config.weight_decay)
         self.amp_dtype = amp_dtype_for(device, config.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn, _ = build_loss("dli")

@@ -13,6 +13,7 @@ from dli.cli import main
 from dli.errors import DliError
 from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset, validate
 from dli.pipeline.synth import (
+    BUNDLED_SIZE_RANGE,
     DEFAULT_SIZE_RANGE,
     GENERATOR_VERSION,
     MARKER_FILE,
@@ -94,6 +95,31 @@ def test_images_look_like_mt_tiles(dataset):
     assert values <= {0, 255}
 
 
+def test_defects_stand_out_from_their_tile(dataset):
+    # What makes the classes learnable at 64 px: every defect's mean intensity differs from the
+    # rest of its tile by at least 10%, and a fray (an edge band) is darker than its tile.
+    for sample in dataset.samples:
+        if sample.class_id == FREE:
+            continue
+        image = np.asarray(Image.open(sample.image), dtype=np.float64)
+        mask = np.asarray(Image.open(sample.mask)) > 0
+        inside, outside = image[mask].mean(), image[~mask].mean()
+        name = MT_CLASSES[sample.class_id]
+        assert abs(inside - outside) >= 0.1 * outside, (name, sample.image.name, inside, outside)
+        if name == "fray":
+            assert inside < 0.9 * outside, (sample.image.name, inside, outside)
+
+
+def test_uneven_patches_lie_inside_the_tile(dataset):
+    # A band along a whole edge is a fray: an uneven patch covers no edge of its tile (an edge
+    # band would cover all of one).
+    for sample in dataset.samples:
+        if sample.class_id == MT_CLASSES.index("uneven"):
+            mask = np.asarray(Image.open(sample.mask)) > 0
+            covered = max(mask[0].mean(), mask[-1].mean(), mask[:, 0].mean(), mask[:, -1].mean())
+            assert covered < 0.8, (sample.image.name, covered)
+
+
 def test_refuses_an_unrelated_non_empty_folder(tmp_path: Path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(DliError, match="is not empty and does not hold a dataset from dli synth"):
@@ -136,6 +162,9 @@ def test_default_dataset_is_generated_once_into_the_cache(tmp_path: Path, monkey
     assert (path / MARKER_FILE).stat().st_mtime_ns == marker_time  # reused, not regenerated
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]
     assert len(read_dataset(path)) == 20
+    (h0, h1), (w0, w1) = BUNDLED_SIZE_RANGE  # the bundled data: half Magnetic Tile's sizes
+    sizes = validate(read_dataset(path)).image_sizes
+    assert all(h0 <= h <= h1 and w0 <= w <= w1 for h, w in sizes) and max(h for h, _ in sizes) < 222
 
 
 def test_dli_synth_command(tmp_path: Path, capsys):
