@@ -140,7 +140,7 @@ def test_eval_out_folder_gets_the_table_and_the_prediction_grid(trained_run, tmp
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(out), "--num-threads", "1"]) == 0
     assert f"written: {out / 'eval.csv'}, {out / 'predictions.png'}" in capsys.readouterr().out
-    assert (out / "eval.csv").read_text().startswith("class,iou,f1")
+    assert (out / "eval.csv").read_text().startswith("class,threshold,iou,f1")  # eval's CSV header
     assert_png(out / "predictions.png")
     # A CSV path still means the table alone.
     table = tmp_path / "table.csv"
