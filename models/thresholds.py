@@ -239,13 +239,20 @@ class ThresholdCalibrator:
 def choose_thresholds(
     curves: ThresholdCurves, *, min_recall: float | None = None, source: str = ""
 ) -> Thresholds:
-    """Per class, the grid threshold of highest F1 (subject to recall >= `min_recall`)."""
+    """Per class, the grid threshold of highest F1 (subject to recall >= `min_recall`).
+
+    A class without defect pixels keeps `DEFAULT_THRESHOLD`, and so, under the max-F1 rule, does a
+    class the model finds no pixel of at that threshold: a model that has not learnt the class
+    offers no operating point, and the "best" F1 of a few stray true positives among floods of
+    false ones (a threshold near 0) would only fit noise and swamp the other classes' counts.
+    """
     check_min_recall(min_recall)
     f1, recall = curves.f1, curves.recall
     positives = curves.tp[:, 0] + curves.fn[:, 0]
+    found_at_default = curves.tp[:, GRID.index(DEFAULT_THRESHOLD)] > 0
     values, calibrated, met = [], [], []
     for c in range(len(curves.class_names)):
-        if positives[c] == 0:
+        if positives[c] == 0 or (min_recall is None and not found_at_default[c]):
             values.append(DEFAULT_THRESHOLD)
             calibrated.append(False)
             met.append(True)

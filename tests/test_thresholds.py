@@ -159,3 +159,17 @@ def test_counters_run_without_host_syncs_on_the_gpu():
     curves = counters[0].curves()
     scores = counters[1].compute()
     assert curves.counts_at((0.3, 0.5, 0.7)) == (scores.tp, scores.fp, scores.fn)
+
+
+def test_a_class_the_model_does_not_find_at_one_half_keeps_one_half():
+    # Every defect pixel below 0.5; at 0.005 one true positive among many false ones has F1 > 0.
+    probabilities = [0.01, 0.2, 0.3, 0.02, 0.04, 0.05, 0.06]
+    labels = [1, 0, 0, 0, 0, 0, 0]
+    calibrator = ThresholdCalibrator(["blowhole"])
+    calibrator.update(*_batch(probabilities, labels))
+    assert max(_f1(probabilities, labels, t) for t in GRID) > 0  # a "best" F1 exists
+    chosen = choose_thresholds(calibrator.curves())
+    assert chosen.values == (0.5,) and chosen.calibrated == (False,)
+    # A recall constraint still chooses: the user asked for that recall.
+    constrained = choose_thresholds(calibrator.curves(), min_recall=1.0)
+    assert constrained.values[0] < 0.01 and constrained.calibrated == (True,)
