@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from dli.models.metrics import all_reduce_sum
-from dli.models.thresholds import threshold_tensor
+from dli.models.thresholds import check_batch_shapes, threshold_tensor
 
 ANY_DEFECT = "any defect"
 """Name of the row for the whole decision (rejected for any class)."""
@@ -167,11 +167,7 @@ class ImageDecisionCounter:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Add the images of a batch: `logits` and `targets` are (N, C, H, W)."""
-        if logits.shape != targets.shape or logits.shape[1] != len(self.class_names):
-            raise ValueError(
-                f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
-                f"(N, {len(self.class_names)}, H, W)"
-            )
+        check_batch_shapes(logits, targets, len(self.class_names))
         predicted_area = (torch.sigmoid(logits.float()) > self.thresholds.to(logits.device)).sum((2, 3))
         rejected = predicted_area >= self.min_area  # (N, C)
         defective = (targets > 0.5).any(3).any(2)

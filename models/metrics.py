@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dli.models.thresholds import threshold_tensor
+from dli.models.thresholds import check_batch_shapes, threshold_tensor
 from dli.pipeline.batch import Batch
 
 THRESHOLD = 0.5
@@ -167,11 +167,7 @@ class ConfusionCounter:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Add the counts of a batch: `logits` and `targets` are (N, C, H, W)."""
-        if logits.shape != targets.shape or logits.shape[1] != len(self.class_names):
-            raise ValueError(
-                f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
-                f"(N, {len(self.class_names)}, H, W)"
-            )
+        check_batch_shapes(logits, targets, len(self.class_names))
         predicted = torch.sigmoid(logits.float()) > self.threshold.to(logits.device)
         actual = targets > 0.5
         dims = (0, 2, 3)
@@ -196,11 +192,7 @@ class ImageClassCounter(ConfusionCounter):
     @torch.no_grad()
     def update_by_image(self, logits: torch.Tensor, targets: torch.Tensor, class_ids: torch.Tensor) -> None:
         """Add a batch: `logits`, `targets` (N, C, H, W), `class_ids` (N,) with -1 for defect-free."""
-        if logits.shape != targets.shape or logits.shape[1] != len(self.class_names):
-            raise ValueError(
-                f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
-                f"(N, {len(self.class_names)}, H, W)"
-            )
+        check_batch_shapes(logits, targets, len(self.class_names))
         predicted = torch.sigmoid(logits.float()) > self.threshold
         actual = targets > 0.5
         dims = (1, 2, 3)

@@ -133,6 +133,18 @@ def thresholds_of(
     return Thresholds.uniform(class_names, DEFAULT_THRESHOLD, "0.5 (not calibrated)")
 
 
+def check_batch_shapes(logits: Any, targets: Any, num_classes: int) -> None:
+    """Raise `ValueError` unless `logits` and `targets` are both (N, `num_classes`, H, W).
+
+    The check of every counter that takes batches (pixel, image-level, calibration).
+    """
+    if logits.shape != targets.shape or logits.shape[1] != num_classes:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
+            f"(N, {num_classes}, H, W)"
+        )
+
+
 def threshold_tensor(
     values: float | Sequence[float], num_classes: int, device: torch.device | str
 ) -> torch.Tensor:
@@ -205,11 +217,7 @@ class ThresholdCalibrator:
         import torch
 
         num_classes, bins = len(self.class_names), self.histogram.shape[-1]
-        if logits.shape != targets.shape or logits.shape[1] != num_classes:
-            raise ValueError(
-                f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
-                f"(N, {num_classes}, H, W)"
-            )
+        check_batch_shapes(logits, targets, num_classes)
         logits, targets = logits.detach(), targets.detach()
         probabilities = torch.sigmoid(logits.float()).contiguous()  # bucketize wants contiguous
         # bin b holds GRID[b-1] < p <= GRID[b], so "p > GRID[k]" is "bin > k".
