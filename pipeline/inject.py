@@ -56,8 +56,10 @@ class InjectionIndex:
 
     `*_items` index the sources (plan order), `*_slots` the batch, `*_classes` the label
     channels; `poisson_channels` indexes labels viewed as (N * C, H, W): slot * C + class.
+    `is_poisson` is the host-side (K,) bool mask of the Poisson injections, in plan order.
     """
 
+    is_poisson: np.ndarray
     poisson_items: torch.Tensor
     poisson_slots: torch.Tensor
     poisson_channels: torch.Tensor
@@ -73,6 +75,7 @@ class InjectionIndex:
         poisson = np.array([i.method == "poisson" for i in plan.injections], dtype=bool)
         channels = slots * plan.num_classes + classes
         return cls(
+            poisson,
             *(to_device(a[poisson], device) for a in (items, slots, channels)),
             *(to_device(a[~poisson], device) for a in (items, slots, classes)),
         )
@@ -173,9 +176,7 @@ def inject(
     if boxes is not None and np.shape(boxes) != (count, 4):
         raise ValueError(f"boxes of shape {np.shape(boxes)} for {count} injections")
     index = InjectionIndex.from_plan(plan, images.device)
-    poisson_boxes = None
-    if boxes is not None:
-        poisson_boxes = np.asarray(boxes)[[i.method == "poisson" for i in plan.injections]]
+    poisson_boxes = None if boxes is None else np.asarray(boxes)[index.is_poisson]
     info = None
     # index_select / index_copy_ rather than advanced indexing: several times faster on the CPU.
     with torch_stream(images.device):
