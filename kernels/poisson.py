@@ -308,9 +308,9 @@ def measured_boxes(omega: Any) -> np.ndarray:
 
 
 def fast_side(need: int) -> int:
-    """The smallest window side >= `need` whose transform is fast: side - 1 has no prime factor above 5.
+    """The smallest window side >= `need` whose transform is fast: no prime factor above 5.
 
-    A window of side s has s - 2 interior points, and the DST-I of m points is an FFT of 2(m + 1).
+    The preconditioner's DST-II runs over the whole window side, as an FFT of that length.
     """
     side = max(need, 3)
     while True:
@@ -462,6 +462,19 @@ class _Bucket:
         """Advanced index of the windows' pixels in (N, H, W) arrays: (B, height, width)."""
         return self.images[:, None, None], self.rows[:, :, None], self.cols[:, None, :]
 
+    def region(self, mask: Any) -> Any:
+        """The windows' part of the (N, H, W) region mask as bool, off the image and window edges.
+
+        Image-border pixels are never region; nor are the window's own edge pixels (a region a
+        box left out there stays unsolved and is counted as outside its box).
+        """
+        _, height, width = mask.shape
+        omega = mask[self.index()].astype(bool, copy=False)  # advanced indexing: a new array
+        omega &= ((self.rows > 0) & (self.rows < height - 1))[:, :, None]
+        omega &= ((self.cols > 0) & (self.cols < width - 1))[:, None, :]
+        _clear_edges(omega)
+        return omega
+
     def crop(self, xp: ModuleType, images: Any) -> Any:
         """(N, C, H, W) -> contiguous (B, C, height, width)."""
         return xp.ascontiguousarray(images.transpose(0, 2, 3, 1)[self.index()].transpose(0, 3, 1, 2))
@@ -495,10 +508,8 @@ def _blend(
     n, c, h, w = target.shape
     dtype = target.dtype
     source = source.astype(dtype, copy=False)
-    omega = mask.astype(bool)  # a copy: the caller's mask is never modified
-    _clear_edges(omega)
-    if boxes is None:
-        boxes = measured_boxes(omega)
+    if boxes is None:  # `window_plan` clips them to the unknowns, off the image border
+        boxes = measured_boxes(mask.astype(bool, copy=False))
     sides, corners = window_plan(boxes, h, w, BUCKET_OVERHEAD_PIXELS["cpu" if xp is np else "cuda"])
 
     transfers = _Transfers(xp)
@@ -506,13 +517,13 @@ def _blend(
     iterations = xp.zeros((n, c), dtype=np.int32)
     residuals = xp.zeros((n, c), dtype=dtype)
     converged = xp.ones((n, c), dtype=bool)
-    solved = xp.zeros((n, h, w), dtype=bool)  # region pixels inside their windows
+    # Region pixels off the image border, less those solved in a window: what the boxes left out.
+    outside_box = xp.count_nonzero(mask[:, 1:-1, 1:-1], axis=(1, 2))
     steps = traffic = 0
     for bucket in _Bucket.group(transfers, sides, corners, h, w):
-        omega_w = omega[bucket.index()]
-        _clear_edges(omega_w)  # what a box left out stays unsolved and is counted
+        omega_w = bucket.region(mask)
         target_w, source_w = bucket.crop(xp, target), bucket.crop(xp, source)
-        system = _WindowSystem(xp, omega_w, dtype, _inverse_eigenvalues(transfers, *omega_w.shape[1:], dtype))
+        system = _WindowSystem(xp, omega_w, dtype, _Spectrum.of(transfers, *omega_w.shape[1:], dtype))
         rhs = _right_hand_side(xp, target_w, source_w, omega_w, mixed_gradients)
         start = _starting_guess(xp, target_w, source_w, omega_w, x0, bucket)
         solution, result = _preconditioned_cg(system, rhs, start, tol, max_iter, check=xp is np)
@@ -520,10 +531,9 @@ def _blend(
         iterations[bucket.images] = result.iterations
         residuals[bucket.images] = _true_residuals(system, rhs, solution, result.scale)
         converged[bucket.images] = ~result.active
-        solved[bucket.index()] = omega_w
+        outside_box[bucket.images] -= xp.count_nonzero(omega_w, axis=(1, 2))
         steps += result.steps
         traffic += system.bytes_per_system_step(dtype) * result.system_steps
-    outside_box = (omega & ~solved).sum(axis=(1, 2))
     transfers.to_host(
         iterations=iterations, residuals=residuals, converged=converged, outside_box=outside_box
     )
@@ -605,13 +615,13 @@ class _WindowSystem:
 
     words_per_pixel_step = 17 + 5 + 5 + 5 + 6 + 14
 
-    def __init__(self, xp: ModuleType, omega: Any, dtype: Any, inverse_eigenvalues: Any) -> None:
+    def __init__(self, xp: ModuleType, omega: Any, dtype: Any, spectrum: _Spectrum) -> None:
         self.xp = xp
         self.fft = _fft_module(xp)
         self.omega = omega
         self.dtype = np.dtype(dtype)
         self.chi = omega[:, None].astype(dtype)
-        self.inverse_eigenvalues = inverse_eigenvalues
+        self.spectrum = spectrum
         self.pixels = omega.shape[1] * omega.shape[2]
 
     def bytes_per_system_step(self, dtype: Any) -> int:
@@ -637,15 +647,21 @@ class _WindowSystem:
 
     def precondition(self, r: Any) -> Any:
         """z = χ_Ω L⁻¹ r, with L the window's Laplacian, Dirichlet half a pixel outside (r zero outside Ω)."""
-        spectrum = self.fft.dstn(r, type=2, axes=(-2, -1), norm="ortho")
-        spectrum *= self.inverse_eigenvalues
-        z = self.fft.idstn(spectrum, type=2, axes=(-2, -1), norm="ortho", overwrite_x=True)
+        spectrum = self.spectrum
+        if spectrum.rows is None:
+            coefficients = self.fft.dstn(r, type=2, axes=(-2, -1), norm="ortho")
+            coefficients *= spectrum.inverse_eigenvalues
+            z = self.fft.idstn(coefficients, type=2, axes=(-2, -1), norm="ortho", overwrite_x=True)
+        else:  # the same orthonormal transforms as dense products: S_h r S_wᵀ, then S_hᵀ (.) S_w
+            coefficients = spectrum.rows @ r @ spectrum.cols_t
+            coefficients *= spectrum.inverse_eigenvalues
+            z = spectrum.rows_t @ coefficients @ spectrum.cols
         z *= self.chi
         return z
 
     def restricted(self, images: Any) -> _WindowSystem:
         """The same system for a subset of the images (a bool or index selection)."""
-        return type(self)(self.xp, self.omega[images], self.dtype, self.inverse_eigenvalues)
+        return type(self)(self.xp, self.omega[images], self.dtype, self.spectrum)
 
     @staticmethod
     def dot(a: Any, b: Any) -> Any:
@@ -658,22 +674,61 @@ class _WindowSystem:
         return (a.reshape(*rows, 1, cols) @ b.reshape(*rows, cols, 1))[..., 0, 0]
 
 
-_EIGENVALUES: dict[tuple[Any, ...], Any] = {}
-"""Inverse eigenvalue tables on their devices, by (height, width, dtype, device): made once each."""
+DENSE_TRANSFORM_MAX_SIDE = {"cpu": 80, "cuda": 128}
+"""Windows with no side above this apply their DSTs as dense matrix products, larger ones by FFT.
+
+A DST of n points as a product with its n x n matrix costs n multiply-adds per point against the
+FFT's O(log n), but it is one BLAS call with no planning or dispatch: on the CPU it is faster up to
+sides of about 90 (2-8x at the 8..48 of most MT windows at 128², measured in docs/kernels.md). The
+CUDA value is an estimate (cuBLAS batched products against cuFFT's several kernels per
+transform), not yet measured on a GPU."""
 
 
-def _inverse_eigenvalues(transfers: _Transfers, height: int, width: int, dtype: Any) -> Any:
-    """1 / λ_ij of the height x width 5-point Laplacian with its Dirichlet boundary half a pixel outside.
+@dataclass(frozen=True)
+class _Spectrum:
+    """The preconditioner's transform data for one window shape, dtype and device (made once each).
 
-    λ_ij = 4 sin²(πi / 2·height) + 4 sin²(πj / 2·width), i, j from 1: the DST-II spectrum.
+    `inverse_eigenvalues` is (height, width): 1 / λ_ij of the 5-point Laplacian with its Dirichlet
+    boundary half a pixel outside, λ_ij = 4 sin²(πi / 2·height) + 4 sin²(πj / 2·width), i, j from
+    1: the DST-II spectrum. `rows`/`cols` (and their transposes, contiguous) are the orthonormal
+    DST-II matrices of the two sides when the window is small enough for dense transforms
+    (`DENSE_TRANSFORM_MAX_SIDE`), else None.
     """
-    device = None if transfers.xp is np else transfers.xp.cuda.Device().id
-    key = (height, width, np.dtype(dtype).str, device)
-    if key not in _EIGENVALUES:
-        rows = 4.0 * np.sin(np.pi * np.arange(1, height + 1) / (2 * height)) ** 2
-        cols = 4.0 * np.sin(np.pi * np.arange(1, width + 1) / (2 * width)) ** 2
-        _EIGENVALUES[key] = transfers.to_device((1.0 / (rows[:, None] + cols[None, :])).astype(dtype))
-    return _EIGENVALUES[key]
+
+    inverse_eigenvalues: Any
+    rows: Any = None
+    rows_t: Any = None
+    cols: Any = None
+    cols_t: Any = None
+
+    @staticmethod
+    def of(transfers: _Transfers, height: int, width: int, dtype: Any) -> _Spectrum:
+        xp = transfers.xp
+        device = None if xp is np else xp.cuda.Device().id
+        key = (height, width, np.dtype(dtype).str, device)
+        if key not in _SPECTRA:
+            rows = 4.0 * np.sin(np.pi * np.arange(1, height + 1) / (2 * height)) ** 2
+            cols = 4.0 * np.sin(np.pi * np.arange(1, width + 1) / (2 * width)) ** 2
+            host = {"inverse_eigenvalues": 1.0 / (rows[:, None] + cols[None, :])}
+            if max(height, width) <= DENSE_TRANSFORM_MAX_SIDE["cpu" if xp is np else "cuda"]:
+                row_matrix, col_matrix = _dst2_matrix(height), _dst2_matrix(width)
+                host |= {"rows": row_matrix, "rows_t": row_matrix.T}
+                host |= {"cols": col_matrix, "cols_t": col_matrix.T}
+            _SPECTRA[key] = _Spectrum(
+                **{k: transfers.to_device(np.ascontiguousarray(v, dtype=dtype)) for k, v in host.items()}
+            )
+        return _SPECTRA[key]
+
+
+_SPECTRA: dict[tuple[Any, ...], _Spectrum] = {}
+"""Transform data on their devices, by (height, width, dtype, device)."""
+
+
+def _dst2_matrix(n: int) -> np.ndarray:
+    """The orthonormal type-II DST of n points as an n x n float64 matrix: S x = dst(x, 2, "ortho")."""
+    import scipy.fft
+
+    return scipy.fft.dst(np.eye(n), type=2, norm="ortho", axis=0)
 
 
 @dataclass
