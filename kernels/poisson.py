@@ -47,6 +47,7 @@ NumPy and CuPy.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -307,6 +308,7 @@ def measured_boxes(omega: Any) -> np.ndarray:
     return to_host(bounds).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=4096)
 def fast_side(need: int) -> int:
     """The smallest window side >= `need` whose transform is fast: no prime factor above 5.
 
@@ -331,26 +333,35 @@ def bucket_shapes(sides: np.ndarray, overhead_pixels: int) -> np.ndarray:
     from one bucket per distinct shape, the pair whose merge (to the larger side on each axis)
     lowers the total most is merged, until no merge lowers it.
     """
-    out = sides.copy()
-    shapes, counts = np.unique(sides[sides[:, 0] > 0], axis=0, return_counts=True)
-    members = [[tuple(s)] for s in shapes.tolist()]
-    while len(shapes) > 1:
-        merged = np.maximum(shapes[:, None, :], shapes[None, :, :])
-        cost = counts[:, None] + counts[None, :]
-        before = counts * shapes.prod(axis=1) + overhead_pixels
-        gain = before[:, None] + before[None, :] - (cost * merged.prod(axis=2) + overhead_pixels)
-        np.fill_diagonal(gain, -1)
-        i, j = np.unravel_index(np.argmax(gain), gain.shape)
-        if gain[i, j] <= 0:
+    # Plain Python: a batch has a handful of shapes, and NumPy calls on arrays that small cost
+    # more than the arithmetic (this runs once per blend, on the host).
+    counts: dict[tuple[int, int], int] = {}
+    for shape in map(tuple, sides.tolist()):
+        if shape[0]:
+            counts[shape] = counts.get(shape, 0) + 1
+    buckets = [(shape, count, [shape]) for shape, count in sorted(counts.items())]
+
+    def cost(shape: tuple[int, int], count: int) -> int:
+        return count * shape[0] * shape[1] + overhead_pixels
+
+    while len(buckets) > 1:
+        best = (0, 0, 0, (0, 0))  # gain, i, j, merged shape: only a positive gain merges
+        for i, (a, count_a, _) in enumerate(buckets):
+            for j in range(i + 1, len(buckets)):
+                b, count_b, _ = buckets[j]
+                merged = (max(a[0], b[0]), max(a[1], b[1]))
+                gain = cost(a, count_a) + cost(b, count_b) - cost(merged, count_a + count_b)
+                if gain > best[0]:
+                    best = (gain, i, j, merged)
+        gain, i, j, merged = best
+        if gain <= 0:
             break
-        shapes[i], counts[i] = merged[i, j], counts[i] + counts[j]
-        members[i] += members[j]
-        shapes, counts = np.delete(shapes, j, axis=0), np.delete(counts, j)
-        del members[j]
-    for shape, group in zip(shapes.tolist(), members, strict=True):
-        for original in group:
-            out[(sides == original).all(axis=1)] = shape
-    return out
+        buckets[i] = (merged, buckets[i][1] + buckets[j][1], buckets[i][2] + buckets[j][2])
+        del buckets[j]
+    bucket_of = {original: shape for shape, _, members in buckets for original in members}
+    return np.array([bucket_of.get(tuple(s), (0, 0)) for s in sides.tolist()], dtype=sides.dtype).reshape(
+        sides.shape
+    )
 
 
 def window_plan(
@@ -768,11 +779,12 @@ def _preconditioned_cg(
     solution, live = x, None  # full-size solution; `live` indexes the working images once compacted
     zero = rhs.dtype.type(0)
     for _ in range(max_iter):
-        if check:
-            alive = active.any(axis=1)
-            if not alive.any():
+        if check:  # host reads: the CPU only (count_nonzero: no reduction machinery on tiny arrays)
+            alive = active[:, 0] if active.shape[1] == 1 else active.any(axis=1)
+            working = np.count_nonzero(alive)
+            if not working:
                 break
-            if 2 * int(alive.sum()) <= alive.size:
+            if 2 * working <= alive.size:
                 live = _keep_results(result, solution, live, x, active, iterations)[alive]
                 x, r, p, ap, rz, scale = x[alive], r[alive], p[alive], ap[alive], rz[alive], scale[alive]
                 scratch = scratch[alive]
