@@ -26,7 +26,7 @@ from dli.bench.baseline import (
     sample_files,
     warp,
 )
-from dli.bench.throughput import call_times, stream_rates, summary
+from dli.bench.timing import call_times, stream_rates, summary
 from dli.cli import run_command
 from dli.pipeline.augment import (
     apply_affine_numpy,

@@ -192,7 +192,7 @@ def test_every_public_kernel_taking_arrays_is_an_entry_point_on_torchs_stream() 
 
 def test_bench_reports_a_cupy_that_fails_to_import(monkeypatch: pytest.MonkeyPatch) -> None:
     """`import cupy` raises PermissionError (not ImportError) when it cannot create its kernel cache."""
-    from dli.bench import throughput
+    from dli.bench import report, throughput
 
     real_import = builtins.__import__
 
@@ -210,4 +210,4 @@ def test_bench_reports_a_cupy_that_fails_to_import(monkeypatch: pytest.MonkeyPat
     with pytest.raises(DliError, match=r"PermissionError.*CUPY_CACHE_DIR"):
         throughput.prepare(settings)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert throughput.versions()["cupy"] is None  # recorded as unavailable, not a crash
+    assert report.versions()["cupy"] is None  # recorded as unavailable, not a crash
