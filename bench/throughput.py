@@ -4,76 +4,56 @@
     dli bench --quick --device cpu          # a CPU smoke run of under a minute
     python -m dli.bench.throughput ...      # the same; also `python bench/throughput.py ...`
 
-One run, one device, one dataset (default: the bundled synthetic set), one batch and image size:
+One run, one device, one dataset (default: the bundled synthetic set), one batch and image size,
+in three sections, each in its own module:
 
-1. Data path: images/s of the DALI loader (decode, resize, flips; on the training device)
-   without and with Dynamic Label Injection, and of the practitioner's alternative
-   (`dli.bench.baseline`: a PyTorch DataLoader with worker processes, OpenCV decoding and
-   augmentation, `cv2.seamlessClone` per image) executing the very same plans.
-2. Injection kernels, per batch: the planner (host), the whole `inject` call, cut-paste, the
-   Poisson CG solve with the boundary-matched start and from zeros (with iterations), its
-   setup alone, OpenCV's injection of the same plan; and for one CG step the memory it must
-   move, the floor that sets at the measured copy bandwidth (`dli.bench.poisson`) and the
-   measured time.
-3. Training: images/s of training steps (forward, backward, AdamW; AMP and channels-last as
-   `dli train` runs them) fed by the DALI + DLI loader, by pre-made tensors already on the
-   device (the ratio is the pipeline's overhead) and by the baseline; peak GPU memory.
+1. Data path (`dli.bench.data_path`): images/s of the DALI loader without and with Dynamic Label
+   Injection, and of the practitioner's alternative (`dli.bench.baseline`: a PyTorch DataLoader
+   with OpenCV) executing the very same plans.
+2. Injection kernels (`dli.bench.injection`), per batch: the planner, `inject` and each of its
+   steps, OpenCV's injection of the same plan; one CG step against its memory-bandwidth floor.
+3. Training (`dli.bench.training_steps`): images/s of `dli train` steps fed by the DALI + DLI
+   loader, by pre-made tensors already on the device and by the baseline; peak GPU memory.
 
 Every figure is timed over `--repeats` windows of `--batches` batches after a warm-up (GPU work
-synchronized at both ends of a window) and reported as median, min and max, with the samples,
-in a JSON file beside a short table. Speed is never asserted by the tests; this measures it.
+synchronized at both ends of a window; `dli.bench.timing`) and reported as median, min and max,
+with the samples, in a JSON file beside a short table (`dli.bench.report`). Speed is never
+asserted by the tests; this measures it.
+
+This module is the command: its flags and their defaults (`add_arguments`, `resolve_settings`),
+`prepare` (the device, the validated dataset and the state the sections share,
+`dli.bench.state.Bench`), `measure` (the sections and the JSON record) and `run`.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from dli.atomic import atomic_write_text
-from dli.bench.baseline import (
-    DecodedPlan,
-    PlannedBatches,
-    SampleFiles,
-    build_baseline_loader,
-    decode_plan,
-    inject_opencv,
-    sample_files,
-)
-from dli.bench.poisson import copy_bandwidth
-from dli.config import PAPER_SCHEDULE, TrainConfig
+from dli.bench.baseline import sample_files
+from dli.bench.data_path import measure_data_path
+from dli.bench.injection import measure_kernels
+from dli.bench.report import SCHEMA_VERSION, device_name, git_state, load_average, table, versions
+from dli.bench.state import Bench, Settings
+from dli.bench.training_steps import measure_training
+from dli.config import TrainConfig
 from dli.errors import DliError
-from dli.kernels.morphology import dilate
-from dli.kernels.paste import paste
-from dli.kernels.poisson import PoissonConvergenceWarning, PoissonInfo, poisson_blend
-from dli.models.losses import build_loss
-from dli.models.unet import ENCODERS, build_model, count_parameters
-from dli.pipeline.batch import Batch
-from dli.pipeline.inject import inject, region_boxes
-from dli.pipeline.loader import MT_MEAN, MT_STD, Loader, build_loader
-from dli.pipeline.manifest import FREE, Manifest, read_dataset, validate
-from dli.pipeline.planner import DliConfig, Plan
-from dli.train import amp_dtype_for, make_optimizer, train_step
-
-SCHEMA_VERSION = 1
-"""Bumped when the JSON layout changes."""
-
-T = TypeVar("T")
+from dli.models.unet import ENCODERS
+from dli.pipeline.loader import MT_MEAN, MT_STD
+from dli.pipeline.manifest import FREE, read_dataset, validate
+from dli.pipeline.planner import DliConfig
 
 
 @dataclass(frozen=True)
@@ -92,26 +72,6 @@ FULL_CUDA = Defaults(batch_size=64, image_size=256, repeats=5, batches=10, warmu
 FULL_CPU = Defaults(batch_size=64, image_size=256, repeats=3, batches=2, warmup=1)
 QUICK = Defaults(batch_size=8, image_size=64, repeats=1, batches=1, warmup=1, workers=0)
 """`--quick`: a CPU smoke run of under a minute (what the test suite runs)."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One benchmark run's resolved settings (recorded in the JSON)."""
-
-    device: str
-    data: str
-    images: int
-    batch_size: int
-    image_size: int
-    repeats: int
-    batches: int
-    warmup: int
-    workers: int
-    num_threads: int
-    encoders: tuple[str, ...]
-    poisson_prob: float
-    seed: int
-    quick: bool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,574 +215,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing.
-
-
-def summary(samples: Sequence[float]) -> dict[str, Any]:
-    """Median, min and max of timing samples, with the samples themselves."""
-    values = [float(v) for v in samples]
-    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "samples": values}
-
-
-def stream_rates(
-    batches: Iterator[T],
-    step: Callable[[T], object],
-    *,
-    batch_size: int,
-    warmup: int,
-    per_window: int,
-    windows: int,
-    sync: Callable[[], None],
-) -> list[float]:
-    """Images/s of `step(next(batches))` in each of `windows` windows of `per_window` batches.
-
-    Fetching the batch is inside the window: the loader's time is what is being measured.
-    `sync` waits for the device at both ends of a window, so queued GPU work is counted.
-    """
-    for _ in range(warmup):
-        step(next(batches))
-    rates = []
-    for _ in range(windows):
-        sync()
-        start = time.perf_counter()
-        for _ in range(per_window):
-            step(next(batches))
-        sync()
-        rates.append(per_window * batch_size / (time.perf_counter() - start))
-    return rates
-
-
-def call_times(
-    call: Callable[..., object],
-    *,
-    repeats: int,
-    sync: Callable[[], None],
-    setup: Callable[[], tuple[Any, ...]] = tuple,
-) -> list[float]:
-    """Seconds of `call(*setup())` per repeat after one untimed call; `setup` (e.g. fresh copies of
-    arrays that `call` writes in place) runs outside the timed region."""
-    call(*setup())
-    times = []
-    for _ in range(repeats):
-        arguments = setup()
-        sync()
-        start = time.perf_counter()
-        call(*arguments)
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-# ---------------------------------------------------------------------------------------------
-# The benchmark's shared state.
-
-
-@dataclass
-class Bench:
-    """Settings, device, dataset and the loaders' common arguments of one run."""
-
-    settings: Settings
-    device: torch.device
-    manifest: Manifest
-    samples: tuple[SampleFiles, ...]
-    donors: tuple[int, ...]  # manifest indices injection may take defects from
-    source_boxes: np.ndarray  # (len(manifest), 4) defect boxes: Poisson windows sized on the host
-    dli: DliConfig
-    mean: float
-    std: float
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.settings.image_size, self.settings.image_size)
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def loader(self, *, inject: bool) -> Loader:
-        """The `dli train` loader of the whole dataset (training mode: flips, plans)."""
-        s = self.settings
-        return build_loader(
-            self.manifest,
-            batch_size=s.batch_size,
-            image_size=s.image_size,
-            train=True,
-            dli=self.dli if inject else None,
-            seed=s.seed,
-            device=str(self.device),
-            num_threads=s.num_threads,
-            donors=self.donors if inject else None,
-            source_boxes=self.source_boxes if inject else None,
-        )
-
-    def plans(self, loader: Loader, count: int) -> list[Plan]:
-        """The first `count` plans `loader` runs, across epochs (the batches it yields, in order)."""
-        plans: list[Plan] = []
-        epoch = 0
-        while len(plans) < count:
-            plans += loader.plans(epoch)
-            epoch += 1
-        return plans[:count]
-
-    def baseline(self, plans: Sequence[Plan], *, inject: bool) -> torch.utils.data.DataLoader:
-        """The baseline DataLoader over `plans` (see `dli.bench.baseline`)."""
-        dataset = PlannedBatches(
-            self.samples,
-            plans,
-            size=self.size,
-            config=self.dli if inject else None,
-            mean=self.mean,
-            std=self.std,
-        )
-        return build_baseline_loader(dataset, workers=self.settings.workers, pin_memory=self.cuda)
-
-    def to_device(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.to(self.device, non_blocking=True) for t in tensors]
-
-    def rates(
-        self, batches: Iterator[T], step: Callable[[T], object], *, extra_warmup: int = 0
-    ) -> list[float]:
-        s = self.settings
-        return stream_rates(
-            batches,
-            step,
-            batch_size=s.batch_size,
-            warmup=s.warmup + extra_warmup,
-            per_window=s.batches,
-            windows=s.repeats,
-            sync=self.sync,
-        )
-
-    def batches_needed(self, extra_warmup: int = 0) -> int:
-        s = self.settings
-        return s.warmup + extra_warmup + s.repeats * s.batches
-
-
-def endless(loader: Loader) -> Iterator[Batch]:
-    """The loader's batches, epoch after epoch (what a training run sees)."""
-    for epoch in itertools.count():
-        loader.set_epoch(epoch)
-        yield from loader
-
-
-def _progress(message: str) -> None:
-    print(f"dli bench: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. The data path.
-
-
-def measure_data_path(bench: Bench) -> dict[str, Any]:
-    """Images/s of the DALI loader without and with injection, and of the baseline, same plans."""
-    out: dict[str, Any] = {}
-    workers = bench.settings.workers
-    for injecting, name, baseline in ((False, "dali", "baseline"), (True, "dali_dli", "baseline_dli")):
-        _progress(f"data path: {name}")
-        loader = bench.loader(inject=injecting)
-        stream = endless(loader)
-        try:
-            out[name] = {"images_per_s": summary(bench.rates(stream, lambda batch: None))}
-        finally:
-            stream.close()
-            loader.close()
-        # The baseline runs the same plans; every worker finishes a batch before timing starts.
-        _progress(f"data path: {baseline} ({workers} workers)")
-        plans = bench.plans(bench.loader(inject=injecting), bench.batches_needed(workers))
-        batches = iter(bench.baseline(plans, inject=injecting))
-        rates = bench.rates(batches, bench.to_device, extra_warmup=workers)
-        del batches  # shuts the worker processes down
-        out[baseline] = {"images_per_s": summary(rates)}
-    out["dli_over_baseline"] = _ratio(out["dali_dli"], out["baseline_dli"])
-    out["plain_over_baseline"] = _ratio(out["dali"], out["baseline"])
-    out["dli_over_plain"] = _ratio(out["dali_dli"], out["dali"])
-    return out
-
-
-def _ratio(ours: dict[str, Any], theirs: dict[str, Any]) -> float:
-    return ours["images_per_s"]["median"] / theirs["images_per_s"]["median"]
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. The injection kernels.
-
-
-@dataclass
-class KernelBatch:
-    """One plan's decoded pixels, as the loader hands them to `inject` (normalized, on the device)."""
-
-    plan: Plan
-    decoded: DecodedPlan
-    images: torch.Tensor  # (N, 1, H, W)
-    labels: torch.Tensor  # (N, C, H, W)
-    sources: torch.Tensor  # (K, 1, H, W)
-    source_masks: torch.Tensor  # (K, H, W) float 0/1
-
-    def items(self, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(source items, batch slots, classes) of the injections of `method`, on the device."""
-        chosen = [(k, i.slot, i.class_id) for k, i in enumerate(self.plan.injections) if i.method == method]
-        columns = np.array(chosen, dtype=np.int64).reshape(-1, 3).T
-        return tuple(torch.from_numpy(np.ascontiguousarray(c)).to(self.images.device) for c in columns)
-
-
-def kernel_batch(bench: Bench, plan: Plan) -> KernelBatch:
-    """Decode `plan` with the baseline's OpenCV code and lay it out as `inject` receives it."""
-    decoded = decode_plan(plan, bench.samples, bench.size)
-
-    def normalized(pixels: np.ndarray) -> torch.Tensor:
-        values = torch.from_numpy(pixels.astype(np.float32) / 255.0)[:, None]
-        return ((values - bench.mean) / bench.std).to(bench.device).contiguous()
-
-    ids = np.asarray(plan.class_ids_before, dtype=np.int64)
-    labels = np.zeros((len(ids), plan.num_classes, *bench.size), dtype=np.float32)
-    defect = np.flatnonzero(ids >= 0)
-    labels[defect, ids[defect]] = decoded.masks[defect]
-    return KernelBatch(
-        plan=plan,
-        decoded=decoded,
-        images=normalized(decoded.images),
-        labels=torch.from_numpy(labels).to(bench.device),
-        sources=normalized(decoded.sources),
-        source_masks=torch.from_numpy(decoded.source_masks.astype(np.float32)).to(bench.device),
-    )
-
-
-KERNEL_FIGURES: tuple[str, ...] = (
-    "inject",
-    "paste",
-    "poisson",
-    "poisson_zero_start",
-    "poisson_setup",
-    "opencv_inject",
-)
-"""Per-batch timings of the injection section (keys of `seconds_per_batch`, with "planner")."""
-
-
-@dataclass
-class KernelSamples:
-    """Times of each injection step summed over the measured batches, per repeat; solver reports.
-
-    Repeat r of every batch makes pass r over the batches, and `totals[step][r] / batches` is the
-    mean time per batch of that step in pass r: the figures are taken over passes, like the
-    stream figures over windows, so their medians are comparable between steps. A step that a
-    batch does not need (cut-paste without paste injections) adds nothing for that batch.
-    """
-
-    repeats: int
-    totals: dict[str, np.ndarray] = field(init=False)
-    ran: set[str] = field(default_factory=set)
-    counts: dict[str, list[int]] = field(default_factory=lambda: {"poisson": [], "paste": []})
-    matched: list[PoissonInfo] = field(default_factory=list)  # boundary-matched start
-    zero: list[PoissonInfo] = field(default_factory=list)  # zero start
-    cg_seconds: float = 0.0  # solve minus setup (medians over repeats), summed over the batches
-
-    def __post_init__(self) -> None:
-        self.totals = {step: np.zeros(self.repeats) for step in KERNEL_FIGURES}
-
-    def add(self, step: str, seconds: Sequence[float]) -> None:
-        self.totals[step] += np.asarray(seconds)
-        self.ran.add(step)
-
-    def per_batch(self, step: str, batches: int) -> dict[str, Any] | None:
-        """`summary` of the mean seconds per batch of `step` over the passes (None: never ran)."""
-        return summary(self.totals[step] / batches) if step in self.ran else None
-
-
-def time_injection(bench: Bench, batch: KernelBatch, samples: KernelSamples) -> None:
-    """Time every injection step of one batch `bench.settings.repeats` times (after one warm-up)."""
-    dli, sync, repeats = bench.dli, bench.sync, bench.settings.repeats
-    value_range = ((0.0 - bench.mean) / bench.std, (1.0 - bench.mean) / bench.std)
-
-    def fresh() -> tuple[torch.Tensor, torch.Tensor]:  # inject and paste write in place
-        return batch.images.clone(), batch.labels.clone()
-
-    # As the training loader runs it: region boxes from the host, so the solve reads nothing back.
-    boxes = region_boxes(batch.plan, bench.source_boxes, bench.size, dli.dilate_radius)
-
-    def run_inject(images: torch.Tensor, labels: torch.Tensor) -> None:
-        inject(
-            images,
-            labels,
-            batch.sources,
-            batch.source_masks,
-            batch.plan,
-            dli,
-            value_range=value_range,
-            boxes=boxes,
-        )
-
-    samples.add("inject", call_times(run_inject, repeats=repeats, sync=sync, setup=fresh))
-
-    items, slots, classes = batch.items("paste")
-    samples.counts["paste"].append(len(items))
-    if len(items):
-        sources, masks = batch.sources[items], batch.source_masks[items]
-
-        def run_paste(images: torch.Tensor, labels: torch.Tensor) -> None:
-            paste(images, sources, masks, labels=labels, class_ids=classes, slots=slots)
-
-        samples.add("paste", call_times(run_paste, repeats=repeats, sync=sync, setup=fresh))
-
-    items, slots, _ = batch.items("poisson")
-    poisson = np.array([i.method == "poisson" for i in batch.plan.injections], dtype=bool)
-    samples.counts["poisson"].append(len(items))
-    if len(items):
-        target, source = batch.images[slots], batch.sources[items]
-        domain = dilate(batch.source_masks[items], dli.dilate_radius)
-
-        def blend(**options: Any) -> Any:
-            # CuPy launches on its current stream (the legacy default stream, as torch's here);
-            # `sync` waits for the whole device either way.
-            return poisson_blend(
-                target,
-                source,
-                domain,
-                mixed_gradients=dli.mixed_gradients,
-                tol=dli.poisson_tol,
-                boxes=None if boxes is None else boxes[poisson],
-                **options,
-            )
-
-        matched = call_times(blend, repeats=repeats, sync=sync)
-        samples.add("poisson", matched)
-        samples.add("poisson_zero_start", call_times(lambda: blend(x0="zeros"), repeats=repeats, sync=sync))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PoissonConvergenceWarning)
-            setup = call_times(lambda: blend(max_iter=0), repeats=repeats, sync=sync)
-        samples.add("poisson_setup", setup)
-        samples.matched.append(blend()[1])
-        samples.zero.append(blend(x0="zeros")[1])
-        samples.cg_seconds += max(float(np.median(matched)) - float(np.median(setup)), 0.0)
-
-    def run_opencv(decoded: DecodedPlan) -> None:
-        inject_opencv(decoded, batch.plan, dli)
-
-    def fresh_decoded() -> tuple[DecodedPlan]:  # OpenCV's injection writes images and masks
-        d = batch.decoded
-        return (DecodedPlan(d.images.copy(), d.masks.copy(), d.sources, d.source_masks),)
-
-    samples.add(
-        "opencv_inject", call_times(run_opencv, repeats=repeats, sync=lambda: None, setup=fresh_decoded)
-    )
-
-
-def measure_kernels(bench: Bench) -> dict[str, Any]:
-    """Per-batch times of the planner and of each injection step, over the first plans with injections."""
-    s = bench.settings
-    loader = bench.loader(inject=True)
-    _progress("kernels: planner")
-    epoch = call_times(lambda: loader.plans(0), repeats=s.repeats, sync=bench.sync)
-    planner = [t / len(loader) for t in epoch]
-    plans = [p for p in bench.plans(loader, 4 * s.batches) if p.injections][: s.batches]
-    if not plans:
-        raise DliError(f"{s.data}: no batch of {s.batch_size} receives an injection")
-    samples = KernelSamples(s.repeats)
-    for number, plan in enumerate(plans):
-        _progress(f"kernels: batch {number + 1}/{len(plans)}")
-        time_injection(bench, kernel_batch(bench, plan), samples)
-
-    seconds: dict[str, Any] = {"planner": summary(planner)}
-    seconds |= {step: samples.per_batch(step, len(plans)) for step in KERNEL_FIGURES}
-    out: dict[str, Any] = {
-        "batches": len(plans),
-        # Speed of `inject` relative to OpenCV's injection of the same plans (> 1: ours is faster).
-        "inject_speed_over_opencv": seconds["opencv_inject"]["median"] / seconds["inject"]["median"],
-        "injections_per_batch": {k: float(np.mean(v)) for k, v in samples.counts.items()},
-        "seconds_per_batch": seconds,
-        "poisson_iterations": None,
-        "cg_step": None,
-    }
-    if samples.matched:
-        out["poisson_iterations"] = {
-            "boundary_matched_start": _iterations(samples.matched),
-            "zero_start": _iterations(samples.zero),
-        }
-        out["cg_step"] = _cg_step(bench, samples.matched, samples.cg_seconds)
-    return out
-
-
-def _iterations(infos: Sequence[PoissonInfo]) -> dict[str, Any]:
-    iterations = np.concatenate([info.iterations.ravel() for info in infos])
-    return {
-        "median": float(np.median(iterations)),
-        "max": int(iterations.max()),
-        "systems": int(iterations.size),
-        "all_converged": all(info.all_converged for info in infos),
-    }
-
-
-def _cg_step(bench: Bench, infos: Sequence[PoissonInfo], steps_time: float) -> dict[str, Any]:
-    """Traffic, bandwidth floor and measured time of one CG step, averaged over the batches' steps."""
-    if bench.cuda:
-        import cupy
-
-        xp, nbytes = cupy, 1 << 28
-    else:
-        xp, nbytes = np, 1 << 26  # a host copy this size already runs at memory speed
-    bandwidth = copy_bandwidth(xp, bench.sync, nbytes)
-    steps = sum(info.steps for info in infos)
-    traffic = sum(info.traffic_bytes for info in infos) / max(steps, 1)
-    return {
-        "steps": steps,
-        "traffic_bytes": traffic,
-        "bandwidth_bytes_per_s": bandwidth,
-        "floor_seconds": traffic / bandwidth,
-        "measured_seconds": steps_time / max(steps, 1),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Training steps.
-
-
-class TrainStep:
-    """One `dli train` optimisation step (`dli.train.train_step`: BCE + Dice, AdamW) on a fresh model.
-
-    The trainer's precision (bf16 autocast where the GPU supports it, fp16 with a loss scaler
-    otherwise, fp32 on the CPU). The learning-rate schedule and metric counting are left out
-    (host work that does not depend on the data path).
-    """
-
-    def __init__(self, encoder: str, num_classes: int, device: torch.device) -> None:
-        config = TrainConfig().resolved()  # the dli protocol's precision, as `dli train` resolves it
-        model, _ = build_model(encoder, num_classes, pretrained=False)
-        self.parameters = count_parameters(model).total
-        self.device = device
-        self.model = model.to(device, memory_format=torch.channels_last).train()
-        # The paper's learning rate: the bundled default's quick schedule would set another.
-        self.optimizer = make_optimizer(model, lr=PAPER_SCHEDULE.lr, weight_decay=config.weight_decay)
-        self.amp_dtype = amp_dtype_for(device, config.amp)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.loss_fn, _ = build_loss("dli")
-
-    @property
-    def precision(self) -> str:
-        return str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
-
-    def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        y = masks.to(self.device, non_blocking=True)
-        loss, _, _ = train_step(
-            self.model, self.loss_fn, self.optimizer, self.scaler, images, y, amp_dtype=self.amp_dtype
-        )
-        return loss
-
-
-def _memory(bench: Bench) -> dict[str, int | None]:
-    """Peak torch allocation since the last reset, CuPy's pool and the device's used memory."""
-    if not bench.cuda:
-        return {"peak_torch_bytes": None, "cupy_pool_bytes": None, "device_used_bytes": None}
-    free, total = torch.cuda.mem_get_info(bench.device)
-    cupy_bytes = None
-    if "cupy" in sys.modules:
-        cupy_bytes = int(sys.modules["cupy"].get_default_memory_pool().total_bytes())
-    return {
-        "peak_torch_bytes": int(torch.cuda.max_memory_allocated(bench.device)),
-        "cupy_pool_bytes": cupy_bytes,
-        "device_used_bytes": int(total - free),
-    }
-
-
-def measure_training(bench: Bench, encoder: str, inject_seconds: float | None) -> dict[str, Any]:
-    """Training images/s of `encoder` fed by DALI + DLI, by pre-made device tensors and by the baseline."""
-    step = TrainStep(encoder, bench.manifest.num_classes, bench.device)
-    out: dict[str, Any] = {"parameters": step.parameters, "precision": step.precision}
-
-    def measured(name: str, batches: Iterator[Any], run: Callable[[Any], object], extra: int = 0) -> None:
-        _progress(f"training {encoder}: {name}")
-        if bench.cuda:
-            torch.cuda.reset_peak_memory_stats(bench.device)
-        rates = bench.rates(batches, run, extra_warmup=extra)
-        out[name] = {"images_per_s": summary(rates), "memory": _memory(bench)}
-
-    loader = bench.loader(inject=True)
-    stream = endless(loader)
-    try:
-        first = next(stream)
-        premade = (first.images.clone(), first.masks.clone())
-        measured("dali_dli", stream, lambda batch: step(batch.images, batch.masks))
-    finally:
-        stream.close()
-        loader.close()
-    measured("premade", itertools.repeat(premade), lambda batch: step(*batch))
-    del premade
-
-    workers = bench.settings.workers
-    plans = bench.plans(bench.loader(inject=True), bench.batches_needed(workers))
-    batches = iter(bench.baseline(plans, inject=True))
-    measured("baseline_dli", batches, lambda batch: step(batch[0], batch[1]), extra=workers)
-    del batches
-
-    out["dli_over_premade"] = _ratio(out["dali_dli"], out["premade"])
-    out["dli_over_baseline"] = _ratio(out["dali_dli"], out["baseline_dli"])
-    step_seconds = bench.settings.batch_size / out["premade"]["images_per_s"]["median"]
-    out["premade_step_seconds"] = step_seconds
-    out["injection_share_of_step"] = None if inject_seconds is None else inject_seconds / step_seconds
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment.
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of the libraries on the measured path (None: not installed)."""
-    import dli
-
-    found: dict[str, str | None] = {"dli": dli.__version__, "python": platform.python_version()}
-    for name, module in (
-        ("torch", "torch"),
-        ("nvidia-dali", "nvidia.dali"),
-        ("cupy", "cupy"),
-        ("segmentation-models-pytorch", "segmentation_models_pytorch"),
-        ("timm", "timm"),
-        ("numpy", "numpy"),
-        ("opencv", "cv2"),
-    ):
-        try:
-            found[name] = str(__import__(module, fromlist=["__version__"]).__version__)
-        except (ImportError, OSError, RuntimeError):  # absent, or present but failing to load
-            found[name] = None
-    if torch.cuda.is_available():
-        found["cuda"] = torch.version.cuda
-        found["cudnn"] = str(torch.backends.cudnn.version())
-    return found
-
-
-def git_state() -> dict[str, Any]:
-    """The commit of the source tree this module runs from and whether it has local changes."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*arguments: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", "-C", str(root), *arguments], capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-# ---------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -876,17 +268,9 @@ def prepare(settings: Settings) -> Bench:
     )
 
 
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other work on a shared machine skews CPU figures."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def measure(settings: Settings) -> dict[str, Any]:
     """Every figure of one run, as a JSON-ready dict (layout: `SCHEMA_VERSION`)."""
-    started, load_before = time.perf_counter(), _load_average()
+    started, load_before = time.perf_counter(), load_average()
     bench = prepare(settings)
     if bench.cuda:
         torch.cuda.init()
@@ -909,7 +293,7 @@ def measure(settings: Settings) -> dict[str, Any]:
             "name": device_name(bench.device),
             "cpu_count": os.cpu_count(),
             "load_average_before": load_before,
-            "load_average_after": _load_average(),
+            "load_average_after": load_average(),
         },
         "versions": versions(),
         "settings": asdict(bench.settings) | {"dli": bench.dli.to_dict()},
@@ -922,91 +306,6 @@ def measure(settings: Settings) -> dict[str, Any]:
             "total": marks[-1] - started,
         },
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# The table.
-
-
-def _rate(figure: dict[str, Any]) -> str:
-    r = figure["images_per_s"]
-    return f"{r['median']:10.1f}  [{r['min']:.1f} - {r['max']:.1f}]"
-
-
-def _ms(figure: dict[str, Any] | None) -> str:
-    if figure is None:
-        return f"{'-':>10}"
-    return f"{figure['median'] * 1e3:10.2f}  [{figure['min'] * 1e3:.2f} - {figure['max'] * 1e3:.2f}]"
-
-
-def _mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.0f} MiB"
-
-
-def table(figures: dict[str, Any]) -> str:
-    """The figures as a short aligned table."""
-    s, data, k = figures["settings"], figures["data_path"], figures["kernels"]
-    workers = f"DataLoader, {s['workers']} workers"
-    device, load = figures["device"], figures["device"]["load_average_before"]
-    lines = [
-        f"dli bench on {device['type']} ({device['name']}, {device['cpu_count']} CPUs"
-        + (f", load {load[0]:g}" if load else "")
-        + f"), {s['data']} ({s['images']} images)",
-        f"batch {s['batch_size']}, {s['image_size']}x{s['image_size']}, Poisson share {s['poisson_prob']:g}; "
-        f"median [min - max] of {s['repeats']} windows x {s['batches']} batches after {s['warmup']} warm-up",
-        "",
-        f"{'data path':44}{'images/s':>10}",
-        f"  {'DALI, no injection':42}{_rate(data['dali'])}",
-        f"  {'DALI + DLI':42}{_rate(data['dali_dli'])}",
-        f"  {'OpenCV ' + workers + ', no injection':42}{_rate(data['baseline'])}",
-        f"  {'OpenCV ' + workers + ' + DLI':42}{_rate(data['baseline_dli'])}",
-        f"  ours / OpenCV: {data['plain_over_baseline']:.2f} without injection, "
-        f"{data['dli_over_baseline']:.2f} with DLI",
-        "",
-        f"{'injection, mean per batch':44}{'ms':>10}   (over {k['batches']} batches with "
-        f"{k['injections_per_batch']['poisson']:.1f} Poisson + {k['injections_per_batch']['paste']:.1f} "
-        "cut-paste injections on average)",
-    ]
-    secs, its = k["seconds_per_batch"], k["poisson_iterations"]
-    rows = [
-        ("planner (host)", secs["planner"]),
-        ("inject (all of it)", secs["inject"]),
-        ("  cut-paste", secs["paste"]),
-        ("  Poisson, boundary-matched start", secs["poisson"]),
-        ("  Poisson, zero start", secs["poisson_zero_start"]),
-        ("  Poisson setup only (max_iter=0)", secs["poisson_setup"]),
-        ("OpenCV seamlessClone + NumPy paste", secs["opencv_inject"]),
-    ]
-    lines += [f"  {name:42}{_ms(value)}" for name, value in rows]
-    lines.append(f"  ours / OpenCV for the same plan: {k['inject_speed_over_opencv']:.2f} (speed)")
-    if its is not None:
-        matched, zero = its["boundary_matched_start"], its["zero_start"]
-        cg = k["cg_step"]
-        lines.append(
-            f"  CG iterations median/max: {matched['median']:g}/{matched['max']} (matched start), "
-            f"{zero['median']:g}/{zero['max']} (zero start) over {matched['systems']} systems"
-        )
-        lines.append(
-            f"  one CG step: {cg['traffic_bytes'] / 1e6:.2f} MB moved, "
-            f"floor {cg['floor_seconds'] * 1e6:.1f} us at {cg['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
-            f"measured {cg['measured_seconds'] * 1e6:.1f} us"
-        )
-    for encoder, t in figures["training"].items():
-        title = f"training {encoder} ({t['precision']})"
-        lines += ["", f"{title:44}{'images/s':>10}{'':22}peak torch memory"]
-        for name, key in (
-            ("pre-made tensors on the device", "premade"),
-            ("DALI + DLI", "dali_dli"),
-            ("OpenCV " + workers + " + DLI", "baseline_dli"),
-        ):
-            lines.append(f"  {name:42}{_rate(t[key]):32}{_mib(t[key]['memory']['peak_torch_bytes'])}")
-        share = t["injection_share_of_step"]
-        lines.append(
-            f"  DLI / pre-made: {t['dli_over_premade']:.3f}; ours / OpenCV: {t['dli_over_baseline']:.2f}; "
-            f"injection = {'-' if share is None else f'{100 * share:.1f}%'} of a "
-            f"{t['premade_step_seconds'] * 1e3:.1f} ms step"
-        )
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

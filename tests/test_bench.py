@@ -26,7 +26,7 @@ from dli.bench.baseline import (
     sample_files,
     warp,
 )
-from dli.bench.throughput import call_times, stream_rates, summary
+from dli.bench.timing import call_times, stream_rates, summary
 from dli.cli import run_command
 from dli.pipeline.augment import (
     apply_affine_numpy,
@@ -285,9 +285,9 @@ def test_quick_cuda_run_reports_gpu_memory(dataset: Manifest, tmp_path: Path) ->
 
 def test_the_bench_trains_in_the_precision_dli_train_resolves(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mixed precision is on, as `dli train` resolves it (an unresolved config would say fp32)."""
-    from dli.bench import throughput
+    from dli.bench import training_steps
 
     asked: list[object] = []
-    monkeypatch.setattr(throughput, "amp_dtype_for", lambda device, enabled=True: asked.append(enabled))
-    throughput.TrainStep("l-resnet18", 5, torch.device("cpu"))
+    monkeypatch.setattr(training_steps, "amp_dtype_for", lambda device, enabled=True: asked.append(enabled))
+    training_steps.TrainStep("l-resnet18", 5, torch.device("cpu"))
     assert asked == [True]

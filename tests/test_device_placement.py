@@ -192,7 +192,7 @@ def test_every_public_kernel_taking_arrays_is_an_entry_point_on_torchs_stream() 
 
 def test_bench_reports_a_cupy_that_fails_to_import(monkeypatch: pytest.MonkeyPatch) -> None:
     """`import cupy` raises PermissionError (not ImportError) when it cannot create its kernel cache."""
-    from dli.bench import throughput
+    from dli.bench import report, state, throughput
 
     real_import = builtins.__import__
 
@@ -203,11 +203,11 @@ def test_bench_reports_a_cupy_that_fails_to_import(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(builtins, "__import__", failing_import)
-    settings = throughput.Settings(
+    settings = state.Settings(
         device="cuda", data="", images=0, batch_size=8, image_size=64, repeats=1, batches=1, warmup=0,
         workers=0, num_threads=1, encoders=("l-resnet18",), poisson_prob=0.5, seed=0, quick=True,
     )  # fmt: skip
     with pytest.raises(DliError, match=r"PermissionError.*CUPY_CACHE_DIR"):
         throughput.prepare(settings)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert throughput.versions()["cupy"] is None  # recorded as unavailable, not a crash
+    assert report.versions()["cupy"] is None  # recorded as unavailable, not a crash
