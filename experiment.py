@@ -5,7 +5,7 @@ runs also Poisson probability x fill policy. Every run is trained under its grid
 (`dli train --protocol`, `protocols: [reference, dli]` in a grid file): the presets of the
 paper's experiments use ``reference`` and the published split, so their numbers compare with
 the paper's; a grid over both protocols asks whether DLI's margin survives corrected baselines.
-The grid comes from a preset (`dli.experiment_presets`), a YAML or TOML file (`--config`) and
+The grid comes from a preset (`dli.experiments.presets`), a YAML or TOML file (`--config`) and
 flags, later sources overriding earlier ones. Every run trains with
 `dli.train.train` in its own folder under EXPDIR, named by its factors
 (`dli-p0.5-all-free__l-resnet18__f1.0__s0`, prefixed `reference__` under the reference
@@ -63,7 +63,7 @@ from dli.config import (
     read_run_config,
 )
 from dli.errors import DliError
-from dli.experiment_presets import PRESETS
+from dli.experiments.presets import PRESETS
 
 EXPERIMENT_FILE = "experiment.yaml"
 SUMMARY_MD = "summary.md"
