@@ -12,21 +12,13 @@ import pytest
 import yaml
 
 import dli.train
-from dli import experiment
 from dli.cli import main
 from dli.config import TrainConfig, write_run_config
 from dli.errors import DliError
-from dli.experiment import (
-    Grid,
-    RunState,
-    aggregate,
-    read_grid_file,
-    read_stored_grid,
-    resolve_grid,
-    run_grid,
-    run_state,
-    write_grid,
-)
+from dli.experiments import report
+from dli.experiments.grid import Grid, read_grid_file, resolve_grid
+from dli.experiments.report import aggregate
+from dli.experiments.run import RunState, read_stored_grid, run_grid, run_state, write_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("blowhole", "break", "crack")
@@ -349,7 +341,7 @@ def test_an_interrupted_aggregation_keeps_the_previous_summary(hand_made, monkey
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiment, "render_markdown", killed)
+    monkeypatch.setattr(report, "render_markdown", killed)
     with pytest.raises(KeyboardInterrupt):
         aggregate(hand_made)
     assert (hand_made / "summary.md").read_bytes() == before

@@ -336,7 +336,7 @@ def test_bad_protocol_values_are_one_line_errors(capsys, flags, named):
 
 
 def test_a_grid_file_over_both_protocols_trains_each_run_under_its_protocol(tmp_path):
-    from dli.experiment import Grid, read_grid_file
+    from dli.experiments.grid import Grid, read_grid_file
 
     (tmp_path / "grid.yaml").write_text(
         "protocols: [reference, dli]\nmethods: [wce, dli]\nseeds: [0]\n"
@@ -398,7 +398,7 @@ def _run_folder(expdir: Path, name: str, iou: float, seed: int, protocol: str, g
 
 
 def test_summary_labels_protocols_and_offers_the_papers_spread_and_grouping(tmp_path):
-    from dli.experiment import aggregate
+    from dli.experiments.report import aggregate
 
     for seed, iou in enumerate((0.50, 0.54, 0.58)):
         _run_folder(tmp_path, f"r{seed}", iou, seed, "reference", grouped=True)
@@ -430,7 +430,7 @@ def test_summary_labels_protocols_and_offers_the_papers_spread_and_grouping(tmp_
 
 
 def aggregate_one(expdir: Path, protocol: str):
-    from dli.experiment import Summary, read_runs
+    from dli.experiments.aggregate import Summary, read_runs
 
     return Summary([r for r in read_runs(expdir) if r.config.protocol == protocol])
 

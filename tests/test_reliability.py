@@ -325,7 +325,8 @@ def test_an_experiment_folder_can_be_moved(tmp_path):
     import json
 
     from dli.config import read_run_config, write_run_config
-    from dli.experiment import RunState, resolve_grid, run_state
+    from dli.experiments.grid import resolve_grid
+    from dli.experiments.run import RunState, run_state
 
     flags = {
         "methods": "bce",

@@ -1,6 +1,6 @@
 """The paper's experiment grids as `dli experiment --preset NAME` documents.
 
-Each preset is a grid document in the same form as a `--config` file (see `dli.experiment`):
+Each preset is a grid document in the same form as a `--config` file (see `dli.experiments.grid`):
 the factors to cross, plus `train` settings shared by every run. Flags given on the command
 line override a preset's values. Settings a preset leaves out keep the `dli train` defaults,
 which follow the paper (with `--data`: 1000 epochs, batch 64, 256 px, AdamW 5e-4).
