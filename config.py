@@ -1,6 +1,6 @@
 """The configuration of one training run: every `dli train` flag as a dataclass field.
 
-`TrainConfig` is what `dli.train.train` takes. Fields left `None` are resolved by `resolved()`:
+`TrainConfig` is what `dli.trainer.train` takes. Fields left `None` are resolved by `resolved()`:
 without `--data` the run uses the bundled synthetic dataset and a short schedule
 (`QUICK_SCHEDULE`, sized to reach a working model in about two minutes on a 2-core CPU), with
 `--data` the paper's (`PAPER_SCHEDULE`). The resolved config, plus what happened at run time
@@ -26,10 +26,8 @@ from typing import Any
 import yaml
 
 from dli.errors import DliError
+from dli.models.losses import METHODS
 from dli.pipeline.planner import FILL_POLICIES
-
-METHODS: tuple[str, ...] = ("bce", "focal", "balanced", "wce", "dli")
-"""Training methods: four losses without injection, and `dli` (BCE + Dice on injected batches)."""
 
 FILLS: tuple[str, ...] = FILL_POLICIES
 """How DLI chooses which defect-free images of a batch receive a defect."""

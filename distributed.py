@@ -3,7 +3,7 @@
 `torchrun --nproc_per_node=K -m dli.train ...` and `dli train --devices K ...` run the same job:
 K processes, each told its place by torchrun's environment contract (RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which join one process group (NCCL on GPUs, gloo on CPUs)
-and train with `DistributedDataParallel` (`dli.train.Trainer`).
+and train with `DistributedDataParallel` (`dli.trainer.Trainer`).
 
 `dli train --devices K` starts the processes with `launch`, a few lines of its own rather than
 torchrun's elastic agent: when one process fails it stops the others and returns that exit

@@ -141,8 +141,9 @@ def evaluate_checkpoint(
     the best F1 at recall >= `min_recall`) and writes them into the checkpoint. With
     `predictions`, the prediction grid of the scored images is written there (PNG).
     """
+    from dli.datasets import load_datasets
     from dli.pipeline.loader import build_loader
-    from dli.train import amp_dtype_for, load_datasets, resolve_device
+    from dli.trainer import amp_dtype_for, resolve_device
 
     if batch_size < 1:
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
@@ -234,8 +235,9 @@ def evaluate_checkpoint(
 
 
 def _whole_dataset(data: str | None) -> Manifest:
-    from dli.pipeline.manifest import read_dataset, validate
+    from dli.pipeline.manifest import read_dataset
     from dli.pipeline.synth import default_dataset
+    from dli.pipeline.validation import validate
 
     manifest = read_dataset(default_dataset() if data is None else data)
     validate(manifest)

@@ -128,7 +128,7 @@ class CheckpointPredictor:
 
         from dli.checkpoint import load_checkpoint, model_from_checkpoint
         from dli.models.thresholds import thresholds_of
-        from dli.train import amp_dtype_for, resolve_device
+        from dli.trainer import amp_dtype_for, resolve_device
 
         self.device = resolve_device(device)
         document = load_checkpoint(checkpoint)

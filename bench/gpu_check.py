@@ -717,7 +717,8 @@ def dry_run(plan: Plan, extra_path: str | None) -> int:
 def check_data(data: Path) -> str:
     """Read and validate `--data` up front (as training would): a summary line, or CheckError."""
     from dli.errors import DliError
-    from dli.pipeline.manifest import read_dataset, validate
+    from dli.pipeline.manifest import read_dataset
+    from dli.pipeline.validation import validate
 
     try:
         manifest = read_dataset(data)

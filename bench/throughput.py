@@ -52,8 +52,9 @@ from dli.config import TrainConfig
 from dli.errors import DliError
 from dli.models.unet import ENCODERS
 from dli.pipeline.loader import MT_MEAN, MT_STD
-from dli.pipeline.manifest import FREE, read_dataset, validate
+from dli.pipeline.manifest import FREE, read_dataset
 from dli.pipeline.planner import DliConfig
+from dli.pipeline.validation import validate
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dli import train as training
+from dli import run_folder
 from dli.config import FILLS, PROTOCOLS, TrainConfig, read_run_config
 from dli.errors import DliError
 from dli.experiments.grid import Setting, Variant, variant_of
@@ -115,8 +115,8 @@ def best_record(records: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | Non
 def read_run(folder: str | Path) -> RunRecord:
     """Read a run folder's `config.yaml` and `metrics.jsonl` (`DliError` naming a bad file)."""
     folder = Path(folder)
-    config, runtime = read_run_config(folder / training.CONFIG_FILE)
-    records = _read_metrics(folder / training.METRICS_JSONL)
+    config, runtime = read_run_config(folder / run_folder.CONFIG_FILE)
+    records = _read_metrics(folder / run_folder.METRICS_JSONL)
     last = records[-1] if records else None
     total_steps = runtime.get("total_steps")
     if last is None:
@@ -137,7 +137,7 @@ def read_run(folder: str | Path) -> RunRecord:
     if best is not None:
         keys = ["iou", "f1", *(f"{m}/{n}" for m in ("iou", "f1") for n in class_names)]
         scores = {key: _as_score(best.get(key)) for key in keys}
-        grouped = [f"{training.IOU_BY_IMAGE_CLASS}/{n}" for n in class_names]
+        grouped = [f"{run_folder.IOU_BY_IMAGE_CLASS}/{n}" for n in class_names]
         scores |= {key: _as_score(best[key]) for key in grouped if key in best}  # older runs lack them
     return RunRecord(
         folder=folder,
@@ -156,7 +156,7 @@ def read_runs(expdir: str | Path) -> list[RunRecord]:
     expdir = Path(expdir)
     if not expdir.is_dir():
         raise DliError(f"experiment folder not found: {expdir}")
-    folders = sorted(p for p in expdir.iterdir() if (p / training.CONFIG_FILE).is_file())
+    folders = sorted(p for p in expdir.iterdir() if (p / run_folder.CONFIG_FILE).is_file())
     return [read_run(folder) for folder in folders]
 
 
@@ -349,7 +349,7 @@ class Summary:
         fraction = self.full_fraction
         variants = self._variants_at(encoder, fraction)
         rows = (*self.class_names, "overall")
-        prefix = training.IOU_BY_IMAGE_CLASS if by_image_class else "iou"
+        prefix = run_folder.IOU_BY_IMAGE_CLASS if by_image_class else "iou"
         cells = {}
         for v in variants:
             setting = Setting(v, encoder, fraction)
@@ -430,6 +430,6 @@ class Summary:
 
     def metrics(self) -> list[str]:
         names = self.class_names
-        grouped = [f"{training.IOU_BY_IMAGE_CLASS}/{n}" for n in names]
+        grouped = [f"{run_folder.IOU_BY_IMAGE_CLASS}/{n}" for n in names]
         grouped = [m for m in grouped if any(m in r.scores for r in self.usable)]
         return ["iou", "f1", *(f"iou/{n}" for n in names), *(f"f1/{n}" for n in names), *grouped]

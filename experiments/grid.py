@@ -30,7 +30,6 @@ import yaml
 from dli.config import (
     DEFAULT_PROTOCOL,
     FILLS,
-    METHODS,
     PROTOCOL_CHOICES,
     PROTOCOLS,
     SPLITS,
@@ -39,6 +38,7 @@ from dli.config import (
 )
 from dli.errors import DliError
 from dli.experiments.presets import PRESETS
+from dli.models.losses import METHODS
 
 LIST_KEYS: tuple[str, ...] = (
     "protocols",

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dli import train as training
+from dli import run_folder
 from dli.atomic import atomic_write_bytes, atomic_write_text
 from dli.config import PROTOCOL_CHOICES
 from dli.errors import DliError
@@ -248,7 +248,7 @@ def render_runs_csv(records: Sequence[RunRecord]) -> str:
     for record in records:
         names.update(dict.fromkeys(record.class_names))
     metrics = ["iou", "f1", *(f"iou/{n}" for n in names), *(f"f1/{n}" for n in names)]
-    grouped = [f"{training.IOU_BY_IMAGE_CLASS}/{n}" for n in names]
+    grouped = [f"{run_folder.IOU_BY_IMAGE_CLASS}/{n}" for n in names]
     metrics += [m for m in grouped if any(m in r.scores for r in records)]
     rows = [
         {"run": r.name, "status": r.status}
@@ -331,7 +331,7 @@ def aggregate(expdir: str | Path) -> Summary:
     expdir = Path(expdir)
     records = read_runs(expdir)
     if not records:
-        raise DliError(f"no run folders (sub-folders with {training.CONFIG_FILE}) in {expdir}")
+        raise DliError(f"no run folders (sub-folders with {run_folder.CONFIG_FILE}) in {expdir}")
     stored = read_stored_grid(expdir)
     summary = Summary(records, encoder_order=(stored or {}).get("encoders", ()))
     for encoder in summary.encoders:

@@ -1,6 +1,6 @@
 """Running a grid: each planned run trained, resumed or skipped, one after another on one device.
 
-Every run trains with `dli.train.train` in its own folder under EXPDIR (`Grid.runs`). Running a
+Every run trains with `dli.trainer.train` in its own folder under EXPDIR (`Grid.runs`). Running a
 grid again continues it: a finished run (its `metrics.jsonl` reaches the run's last step) is
 skipped, a killed one is resumed from its `last.pt` (`run_state`). A run folder holding a run
 with different settings is an error, never silently reused. The grid itself is kept in
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from dli import train as training
+from dli import run_folder, trainer
 from dli.atomic import atomic_write_text
 from dli.config import TrainConfig, flag
 from dli.errors import DliError
@@ -45,13 +45,13 @@ def changed_settings(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     return [
         f"{flag(f.name)} {getattr(wanted, f.name)} (folder has {getattr(saved, f.name)})"
         for f in fields(TrainConfig)
-        if f.name not in training.RUNTIME_FIELDS and getattr(saved, f.name) != getattr(wanted, f.name)
+        if f.name not in run_folder.RUNTIME_FIELDS and getattr(saved, f.name) != getattr(wanted, f.name)
     ]
 
 
 def run_state(run: PlannedRun) -> RunState:
     """Whether `run` is to be trained, resumed or skipped; `DliError` if its folder holds another run."""
-    config_file = run.folder / training.CONFIG_FILE
+    config_file = run.folder / run_folder.CONFIG_FILE
     if not config_file.is_file():
         return RunState.NEW
     record = read_run(run.folder)
@@ -63,12 +63,12 @@ def run_state(run: PlannedRun) -> RunState:
         )
     if record.complete:
         return RunState.FINISHED
-    return RunState.RESUME if (run.folder / training.LAST).is_file() else RunState.NEW
+    return RunState.RESUME if (run.folder / run_folder.LAST).is_file() else RunState.NEW
 
 
 def _discard_partial(folder: Path) -> None:
     """A run killed before its first `last.pt` may leave a `best.pt`; a fresh start replaces it."""
-    (folder / training.BEST).unlink(missing_ok=True)
+    (folder / run_folder.BEST).unlink(missing_ok=True)
 
 
 Log = Callable[[str], None]
@@ -99,7 +99,7 @@ def run_grid(grid: Grid, expdir: str | Path, *, log: Log = _print) -> dict[str, 
         if state is RunState.NEW:
             _discard_partial(run.folder)
         log(f"{prefix}: {'resuming' if state is RunState.RESUME else 'training'}")
-        result = training.train(replace(run.config, resume=state is RunState.RESUME))
+        result = trainer.train(replace(run.config, resume=state is RunState.RESUME))
         best = "undefined" if result.best is None else f"{100 * result.best.iou:.2f}%"
         log(f"{prefix}: best IoU {best} at epoch {result.best_epoch} of {result.epochs_completed}")
     return states

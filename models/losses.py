@@ -50,10 +50,12 @@ import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from dli.config import METHODS
 from dli.models.metrics import all_reduce_sum
 from dli.pipeline.imageio import read_mask
 from dli.pipeline.manifest import FREE, Manifest, Sample
+
+METHODS: tuple[str, ...] = ("bce", "focal", "balanced", "wce", "dli")
+"""Training methods: four losses without injection, and `dli` (BCE + Dice on injected batches)."""
 
 CB_BETA = 0.9999
 """β of the class-balanced weights (effective number of samples)."""
@@ -103,7 +105,7 @@ def count_class_pixels(
     """Count defect pixels per class over `manifest`'s masks (formula in the module docstring).
 
     `fractions` may give a sample's defect-pixel fraction already measured (e.g. by
-    `dli.pipeline.manifest.validate`); other masks are read with `read_mask`.
+    `dli.pipeline.validation.validate`); other masks are read with `read_mask`.
     """
     known = fractions or {}
     pixels = float(image_size * image_size)

@@ -243,7 +243,8 @@ def preview(
     `data` None means the bundled synthetic dataset.
     """
     from dli.pipeline.loader import MAX_IMAGE_SIZE, build_loader
-    from dli.pipeline.manifest import read_dataset, validate
+    from dli.pipeline.manifest import read_dataset
+    from dli.pipeline.validation import validate
 
     if batches < 1:
         raise DliError(f"--batches {batches}: must be >= 1")

@@ -36,7 +36,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def second_gpu(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """`--device cuda:1` resolved as on a 2-GPU machine; build_loader records its arguments and stops."""
     import dli.pipeline.loader
-    import dli.train
+    import dli.trainer
 
     calls: list[dict[str, Any]] = []
 
@@ -44,14 +44,14 @@ def second_gpu(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append(kwargs)
         raise LoaderBuilt
 
-    monkeypatch.setattr(dli.train, "resolve_device", lambda name, rank=0: torch.device("cuda", 1))
-    monkeypatch.setattr(dli.train, "amp_dtype_for", lambda device, enabled=True: None)
+    monkeypatch.setattr(dli.trainer, "resolve_device", lambda name, rank=0: torch.device("cuda", 1))
+    monkeypatch.setattr(dli.trainer, "amp_dtype_for", lambda device, enabled=True: None)
     monkeypatch.setattr(dli.pipeline.loader, "build_loader", build_loader)
     return calls
 
 
 def test_training_loads_its_batches_on_the_resolved_gpu(data: Path, tmp_path: Path, second_gpu) -> None:
-    from dli.train import Trainer
+    from dli.trainer import Trainer
 
     config = TrainConfig(data=str(data), out=str(tmp_path / "run"), device="cuda:1", image_size=64)
     with pytest.raises(LoaderBuilt):

@@ -26,7 +26,8 @@ from dli.config import TrainConfig
 from dli.distributed import ProcessPlace, free_port, launch
 from dli.errors import DliError
 from dli.pipeline.synth import generate
-from dli.train import Trainer, add_arguments, config_from_args, seed_everything
+from dli.train import add_arguments, config_from_args
+from dli.trainer import Trainer, seed_everything
 
 GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = 7  # 56 training images (stratified split of 60) / 8

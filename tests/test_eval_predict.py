@@ -15,7 +15,7 @@ from dli.cli import main
 from dli.config import TrainConfig
 from dli.pipeline.manifest import MT_CLASSES
 from dli.pipeline.synth import generate
-from dli.train import train
+from dli.trainer import train
 
 
 @pytest.fixture(scope="module")

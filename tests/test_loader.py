@@ -281,8 +281,8 @@ def test_unreadable_files_are_named(synthetic: Manifest, tmp_path: Path) -> None
 
 @pytest.mark.realdata
 def test_real_magnetic_tile_batches(mt_root: Path) -> None:
-    from dli.pipeline.manifest import validate
     from dli.pipeline.splits import reference_split
+    from dli.pipeline.validation import validate
 
     train, _ = reference_split(mt_root)
     fractions = validate(train).mask_fractions

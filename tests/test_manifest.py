@@ -13,16 +13,8 @@ from PIL import Image
 
 from dli.errors import DliError
 from dli.pipeline.imageio import read_gray, read_mask
-from dli.pipeline.manifest import (
-    FREE,
-    MT_CLASSES,
-    DatasetWarning,
-    Manifest,
-    Sample,
-    read_dataset,
-    validate,
-    write_csv,
-)
+from dli.pipeline.manifest import FREE, MT_CLASSES, DatasetWarning, Manifest, Sample, read_dataset, write_csv
+from dli.pipeline.validation import validate
 
 SIZE = (24, 16)  # (W, H) as PIL wants it
 

@@ -18,7 +18,8 @@ from dli.models.losses import count_class_pixels
 from dli.pipeline.dali import DecodePipeline, Work
 from dli.pipeline.imageio import read_mask
 from dli.pipeline.loader import build_loader
-from dli.pipeline.manifest import Manifest, Sample, validate
+from dli.pipeline.manifest import Manifest, Sample
+from dli.pipeline.validation import validate
 
 SIZE = 64
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from dli.cli import main
 from dli.config import PROTOCOL_DEFAULTS, TrainConfig
+from dli.datasets import datasets_of
 from dli.models.losses import (
     ClassPixelCounts,
     LossOptions,
@@ -26,7 +27,7 @@ from dli.models.losses import (
 from dli.models.metrics import ImageClassCounter
 from dli.models.unet import build_model, count_parameters
 from dli.pipeline.synth import generate
-from dli.train import datasets_of, train
+from dli.trainer import train
 
 REFERENCE = LossOptions(**{k: PROTOCOL_DEFAULTS["reference"][k] for k in ("wce_weights", "balanced_counts")})
 """The reference protocol's weight rules (the other loss options left at their defaults)."""
@@ -436,7 +437,7 @@ def aggregate_one(expdir: Path, protocol: str):
 
 
 def test_a_run_saved_before_protocols_existed_resumes_as_dli():
-    from dli.train import check_resumable
+    from dli.run_folder import check_resumable
 
     current = TrainConfig(data="/data", epochs=3).validate().resolved()
     saved = {k: v for k, v in current.to_dict().items() if k not in PROTOCOL_DEFAULTS and k != "protocol"}

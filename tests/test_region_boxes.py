@@ -19,9 +19,10 @@ from dli.pipeline import inject as inject_module
 from dli.pipeline.augment import AffineAugment, apply_affine_numpy, identities
 from dli.pipeline.inject import region_boxes
 from dli.pipeline.loader import build_loader
-from dli.pipeline.manifest import FREE, Manifest, defect_box, validate
+from dli.pipeline.manifest import FREE, Manifest
 from dli.pipeline.planner import DliConfig, Injection, Plan
 from dli.pipeline.synth import generate
+from dli.pipeline.validation import defect_box, validate
 
 RADIUS = 2
 WILD = AffineAugment(flip_p=0.5, ssr_p=1.0, rotate=40.0, shift=0.25, scale=0.4)

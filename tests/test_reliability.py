@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dli import atomic
-from dli import train as training
+from dli import atomic, trainer
 from dli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, weights_checksum
 from dli.cli import main
 from dli.config import TrainConfig
 from dli.errors import DliError
 from dli.lock import FolderLock
 from dli.pipeline.synth import generate
-from dli.train import train, train_step
+from dli.steps import make_optimizer, train_step
+from dli.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], command: str = "train") -
 
 
 def test_a_diverging_run_stops_with_an_error_and_saves_no_model(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(training, "MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr(trainer, "MAX_SKIPPED_IN_A_ROW", 3)
     out = tmp_path / "run"
     assert main(flags(data, out, "--lr", "1e30")) == 2
     line = one_error_line(capsys)
@@ -88,7 +88,7 @@ def test_a_skipped_step_changes_no_weight_no_optimizer_state_and_no_batchnorm_st
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 1, 1)
     )
-    optimizer = training.make_optimizer(net, lr=0.1, weight_decay=0.01)
+    optimizer = make_optimizer(net, lr=0.1, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     images, masks = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
@@ -110,7 +110,7 @@ def test_train_step_makes_no_host_sync(monkeypatch):
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 1, 1)
     )
-    optimizer = training.make_optimizer(net, lr=0.1, weight_decay=0.0)
+    optimizer = make_optimizer(net, lr=0.1, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     images, masks = torch.randn(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
 

@@ -31,7 +31,7 @@ from dli.models.metrics import Evaluation, SegmentationScores
 from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset
 from dli.pipeline.preview import CLASS_COLOURS
 from dli.pipeline.synth import generate
-from dli.train import Trainer
+from dli.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +66,16 @@ def scores_with_iou(iou: float) -> SegmentationScores:
 
 def scripted_validation(monkeypatch, trainer: Trainer, ious: dict[int, float], *, run_model=True) -> None:
     """Validation of `trainer` reports `ious[epoch]` (after running the model, unless `run_model` is off)."""
-    import dli.train
+    import dli.trainer
 
-    real = dli.train.evaluate_model
+    real = dli.trainer.evaluate_model
 
     def evaluate(*args, **kwargs) -> Evaluation:
         if run_model:
             real(*args, **kwargs)
         return Evaluation(scores_with_iou(ious[trainer.progress.epoch]), 0.5)
 
-    monkeypatch.setattr(dli.train, "evaluate_model", evaluate)
+    monkeypatch.setattr(dli.trainer, "evaluate_model", evaluate)
 
 
 def digest(path: Path) -> str:

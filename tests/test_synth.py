@@ -11,7 +11,7 @@ from PIL import Image
 
 from dli.cli import main
 from dli.errors import DliError
-from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset, validate
+from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset
 from dli.pipeline.synth import (
     BUNDLED_SIZE_RANGE,
     DEFAULT_SIZE_RANGE,
@@ -22,6 +22,7 @@ from dli.pipeline.synth import (
     default_dataset,
     generate,
 )
+from dli.pipeline.validation import validate
 
 
 def file_bytes(root: Path) -> dict[str, bytes]:
