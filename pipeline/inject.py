@@ -29,7 +29,7 @@ import torch
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import PoissonInfo, poisson_blend
-from dli.kernels.xp import torch_stream
+from dli.kernels.xp import array_module, as_array, torch_stream
 from dli.pipeline.augment import Size, as_3x3
 from dli.pipeline.planner import DliConfig, Plan
 
@@ -175,35 +175,46 @@ def inject(
         raise ValueError(f"labels have {labels.shape[1]} channels for a plan of {plan.num_classes} classes")
     if boxes is not None and np.shape(boxes) != (count, 4):
         raise ValueError(f"boxes of shape {np.shape(boxes)} for {count} injections")
+    if not labels.is_contiguous():
+        raise ValueError("labels must be C-contiguous (their channels are written through a flat view)")
     index = InjectionIndex.from_plan(plan, images.device)
     poisson_boxes = None if boxes is None else np.asarray(boxes)[index.is_poisson]
     info = None
-    # index_select / index_copy_ rather than advanced indexing: several times faster on the CPU.
-    with torch_stream(images.device):
+    # The gathers and scatters run in the kernels' array module too, on views of the tensors:
+    # NumPy on the CPU, where a torch op of this size waits for an intra-op thread that other
+    # work may hold for milliseconds (docs/performance.md), and CuPy on torch's stream on CUDA.
+    # Integer indices along the first axis: contiguous copies, no read-back.
+    with torch_stream(images.device):  # CuPy views are taken on torch's stream, like the kernels'
+        batch, label_array = as_array(images), as_array(labels)
+        source_array, mask_array = as_array(sources), as_array(source_masks)
+        xp = array_module(batch)
         if index.poisson_count:
-            masks = source_masks.index_select(0, index.poisson_items)
+            items, slots, channels = map(
+                as_array, (index.poisson_items, index.poisson_slots, index.poisson_channels)
+            )
+            masks = mask_array[items]
             domain = dilate(masks, config.dilate_radius)
             blended, info = poisson_blend(
-                images.index_select(0, index.poisson_slots),
-                sources.index_select(0, index.poisson_items),
+                batch[slots],
+                source_array[items],
                 domain,
                 mixed_gradients=config.mixed_gradients,
                 tol=config.poisson_tol,
                 boxes=poisson_boxes,
             )
             # The blend may overshoot the intensity range; clamp as an 8-bit result would be.
-            images.index_copy_(0, index.poisson_slots, blended.clamp_(*value_range))
-            flat = labels.view(-1, *labels.shape[2:])
-            current = flat.index_select(0, index.poisson_channels)
+            batch[slots] = xp.clip(blended, *value_range)
+            flat = label_array.reshape(-1, *label_array.shape[2:])  # a view: labels are contiguous
             label = masks if config.poisson_label == "source" else domain
-            flat.index_copy_(0, index.poisson_channels, torch.maximum(current, label.to(labels.dtype)))
+            flat[channels] = xp.maximum(flat[channels], label.astype(flat.dtype, copy=False))
         if index.paste_count:
+            items = as_array(index.paste_items)
             paste(
-                images,
-                sources.index_select(0, index.paste_items),
-                source_masks.index_select(0, index.paste_items),
-                labels=labels,
-                class_ids=index.paste_classes,
-                slots=index.paste_slots,
+                batch,
+                source_array[items],
+                mask_array[items],
+                labels=label_array,
+                class_ids=as_array(index.paste_classes),
+                slots=as_array(index.paste_slots),
             )
     return info

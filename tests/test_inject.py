@@ -130,3 +130,17 @@ def test_nothing_to_inject_and_shape_checks() -> None:
     torch.testing.assert_close(images, before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="3 sources"):
         inject(images, labels, sources[:3], source_masks[:3], plan, DliConfig())
+
+
+def test_strided_images_are_written_through_and_strided_labels_refused() -> None:
+    images, labels, sources, source_masks, plan = make_case(4)
+    expected_images, expected_labels = images.clone(), labels.clone()
+    inject(expected_images, expected_labels, sources, source_masks, plan, DliConfig())
+    strided = torch.zeros((N, 1, H, 2 * W))[..., ::2]  # every other column of a wider batch
+    strided.copy_(images)
+    inject(strided, labels, sources, source_masks, plan, DliConfig())
+    torch.testing.assert_close(strided, expected_images, rtol=0, atol=0)
+    torch.testing.assert_close(labels, expected_labels, rtol=0, atol=0)
+    strided_labels = torch.zeros((N, C, H, 2 * W))[..., ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        inject(images, strided_labels, sources, source_masks, plan, DliConfig())
