@@ -174,15 +174,17 @@ class PoissonInfo:
         )
 
     def check(self, stacklevel: int = 2) -> bool:
-        """Warn (`PoissonConvergenceWarning`, once per report) unless every system converged.
+        """Warn (`PoissonConvergenceWarning`, once per report) unless every system converged and
+        every region pixel lay inside its box (the message says which went wrong).
 
         Returns whether all did. On the CPU `poisson_blend` checks its report itself.
         """
         ok = self.all_converged
         if not ok and not self._warned:
             self._warned = True
+            what = "did not converge" if not self.converged.all() else "left region pixels unsolved"
             warnings.warn(
-                f"Poisson blend did not converge: {self.summary()}",
+                f"Poisson blend {what}: {self.summary()}",
                 PoissonConvergenceWarning,
                 stacklevel=stacklevel + 1,
             )

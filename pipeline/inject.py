@@ -96,8 +96,9 @@ def region_boxes(plan: Plan, source_boxes: np.ndarray, size: Size, dilate_radius
     `ValidationReport.mask_boxes`) is scaled to the resized H x W grid and its corners are mapped
     by the injection's source matrix; output pixels whose centres fall inside, widened by the
     dilation radius and `BOX_MARGIN`, hold the region. A box touching the source's edge is
-    extended past it, since the warp repeats edge pixels there. Returns None when some source's
-    box is unknown (NaN), so the solver measures the regions itself. Boxes are inclusive
+    extended past it, since the warp repeats edge pixels there; so is one the resize brings to
+    the edge (its first or last output pixel samples a defect row or column). Returns None when
+    some source's box is unknown (NaN), so the solver measures the regions itself. Boxes are inclusive
     (top, left, bottom, right); top > bottom where the region leaves the image.
     """
     if not plan.injections:
@@ -107,10 +108,12 @@ def region_boxes(plan: Plan, source_boxes: np.ndarray, size: Size, dilate_radius
     if np.isnan(boxes).any():
         return None
     far = 4.0 * max(height, width)  # beyond any edge: where the warp's clamping repeats the edge
-    top = np.where(boxes[:, 0] <= 0, -far, boxes[:, 0] * height)
-    left = np.where(boxes[:, 1] <= 0, -far, boxes[:, 1] * width)
-    bottom = np.where(boxes[:, 2] >= 1, far, boxes[:, 2] * height)
-    right = np.where(boxes[:, 3] >= 1, far, boxes[:, 3] * width)
+    # A box reaches the resized grid's edge when the resize's first or last output pixel, which
+    # samples the source at half a pixel from its edge, falls on it: then the warp repeats it.
+    top = np.where(boxes[:, 0] <= 0.5 / height, -far, boxes[:, 0] * height)
+    left = np.where(boxes[:, 1] <= 0.5 / width, -far, boxes[:, 1] * width)
+    bottom = np.where(boxes[:, 2] >= 1 - 0.5 / height, far, boxes[:, 2] * height)
+    right = np.where(boxes[:, 3] >= 1 - 0.5 / width, far, boxes[:, 3] * width)
     corners = np.stack(  # (K, 3, 4) homogeneous (x, y, 1) of the four corners
         [
             np.stack([left, right, left, right], axis=1),

@@ -77,6 +77,31 @@ def test_boxes_contain_every_warped_dilated_region(touch_edge: bool) -> None:
         assert np.median(slack) <= 3, slack
 
 
+def test_a_region_the_resize_brings_to_the_edge_counts_as_touching_it() -> None:
+    # Sources much larger than the output whose defect stops a row or column short of an edge:
+    # the resize's last output pixel still samples the defect, and the warp then repeats it.
+    rng = np.random.default_rng(1)
+    size = (128, 128)
+    masks, missed = [], 0
+    for k in range(60):
+        h0, w0 = rng.integers(300, 400, 2)
+        mask = np.zeros((h0, w0), bool)
+        rows, cols = slice(int(rng.integers(10, 100)), h0 - 1), slice(1, int(rng.integers(50, 150)))
+        if k % 2:  # the same on the other sides
+            rows, cols = slice(1, int(rng.integers(50, 150))), slice(int(rng.integers(10, 100)), w0 - 1)
+        mask[rows, cols] = True
+        masks.append(mask)
+    matrices = np.stack([WILD.sample(rng, size) for _ in masks])
+    boxes = region_boxes(plan_of(matrices), np.array([defect_box(m) for m in masks]), size, RADIUS)
+    for mask, matrix, (top, left, bottom, right) in zip(masks, matrices, boxes, strict=True):
+        warped = apply_affine_numpy(resize_nearest(mask, size), matrix, nearest=True)
+        region = ndimage.binary_dilation(warped, np.ones((5, 5), bool))
+        inside = np.zeros(size, bool)
+        inside[top : bottom + 1, left : right + 1] = True
+        missed += int((region & ~inside).any())
+    assert missed == 0, f"{missed} of {len(masks)} regions leave their host-computed boxes"
+
+
 def test_boxes_are_unknown_when_a_source_was_not_measured() -> None:
     plan = plan_of(identities(2))
     boxes = np.array([[0.1, 0.1, 0.5, 0.5], [np.nan] * 4])
