@@ -14,15 +14,18 @@ Solver: preconditioned conjugate gradient, matrix-free, over all N x C systems a
 
 - Windows. Each image is solved on its own window, a rectangle over its region Ω with a
   one-pixel ring, so a blowhole never pays for an uneven patch in the same batch. Window sides
-  come from a short ladder (`WINDOW_LADDER`, clamped to the image), so images fall into a few
-  size buckets and each bucket is one batch of equal-shape arrays.
-- Preconditioner. The operator of Ω is a principal block of the Dirichlet 5-point Laplacian L of
-  the window's interior, and L is diagonalized by the type-I discrete sine transform. So
-  M r = χ_Ω · L⁻¹ (χ_Ω · r) costs a DST, a division by L's known eigenvalues and an inverse DST
-  (domain embedding, as in capacitance-matrix methods). It is exact when Ω fills the window and
-  keeps the iteration count to tens for any MT region, against O(side) for plain CG (measured in
-  docs/kernels.md). The transforms are `scipy.fft.dstn` / `cupyx.scipy.fft.dstn` over the last
-  two axes: one call per bucket and step for all its systems.
+  are fast transform lengths (`fast_side`, no prime factor above 5), and windows are merged
+  into a few size buckets (`bucket_shapes`, a cost model of pixels against a per-bucket
+  overhead); each bucket is one batch of equal-shape arrays.
+- Preconditioner. The operator of Ω is a principal block of the 5-point Laplacian L of the
+  window with its Dirichlet boundary half a pixel outside, and L is diagonalized by the type-II
+  discrete sine transform. So M r = χ_Ω · L⁻¹ (χ_Ω · r) costs a DST, a division by L's known
+  eigenvalues and an inverse DST (domain embedding, as in capacitance-matrix methods). It is
+  exact when Ω fills the window and keeps the iteration count to tens for any MT region,
+  against O(side) for plain CG (measured in docs/kernels.md). The transforms are
+  `scipy.fft.dstn` / `cupyx.scipy.fft.dstn` over the last two axes, one call per bucket and
+  step for all its systems, or for small windows (`DENSE_TRANSFORM_MAX_SIDE`) the same
+  orthonormal transforms as batched products with their matrices.
 - Stopping. A system freezes when its true relative residual ||b - A f|| / ||b|| reaches `tol`
   (frozen systems keep their iterate; a step changes only active ones). On the CPU a bucket stops
   as soon as all its systems are frozen. On the GPU it runs the fixed budget `max_iter` with no
@@ -692,7 +695,7 @@ DENSE_TRANSFORM_MAX_SIDE = {"cpu": 80, "cuda": 128}
 
 A DST of n points as a product with its n x n matrix costs n multiply-adds per point against the
 FFT's O(log n), but it is one BLAS call with no planning or dispatch: on the CPU it is faster up to
-sides of about 90 (2-8x at the 8..48 of most MT windows at 128², measured in docs/kernels.md). The
+sides of about 90 (2-4x at sides 8 to 48, measured in docs/kernels.md). The
 CUDA value is an estimate (cuBLAS batched products against cuFFT's several kernels per
 transform), not yet measured on a GPU."""
 
