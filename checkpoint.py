@@ -12,6 +12,7 @@ are not finite is never saved, and `model_from_checkpoint` refuses one.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import pickle
 import random
@@ -216,3 +217,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     )
     py_state = state["python"]
     random.setstate((py_state["version"], tuple(py_state["state"]), py_state["gauss"]))
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """The required `--checkpoint` flag of the commands that read a trained model (eval, export)."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="a best.pt or last.pt written by dli train",
+    )

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dli.atomic import atomic_write_text
-from dli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from dli.checkpoint import add_checkpoint_argument, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dli.config import SPLITS, TrainConfig, resolved_paths
 from dli.errors import DliError
 from dli.models.image_metrics import ImageDecisionCounter, ImageScores
@@ -267,12 +267,7 @@ def output_paths(checkpoint: str | Path, out: str | None) -> tuple[Path, Path | 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        default=argparse.SUPPRESS,
-        help="a best.pt or last.pt written by dli train",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--data", default=None, help="dataset folder or CSV; unset: the checkpoint's training data"
     )

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dli.atomic import atomic_write_bytes
-from dli.checkpoint import ModelInfo, load_checkpoint, model_from_checkpoint
+from dli.checkpoint import ModelInfo, add_checkpoint_argument, load_checkpoint, model_from_checkpoint
 from dli.errors import DliError
 from dli.models.thresholds import thresholds_of
 from dli.models.unet import encoder_spec
@@ -318,12 +318,7 @@ def _metadata(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        default=argparse.SUPPRESS,
-        help="a best.pt or last.pt written by dli train",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument("--out", default=None, help="ONNX file; unset: <checkpoint stem>.onnx beside it")
     parser.add_argument(
         "--opset", type=int, default=None, help="ONNX operator set; unset: the exporter's default"
