@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dli.bench import MT_FOLDER, magnetic_tile_root
+from dli.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The benchmarks' lookup: $DLI_MT_ROOT, else shared/ beside the repository (named here for skip messages).
@@ -38,3 +40,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def mt_root() -> Path:
     """Root of the real Magnetic Tile data (tests using it are marked `realdata`)."""
     return MT_ROOT
+
+
+@pytest.fixture
+def small() -> Callable[..., TrainConfig]:
+    """`small(data, out, **overrides)`: the seconds-long CPU run the training tests start from."""
+
+    def make(data: Path, out: Path, **overrides: object) -> TrainConfig:
+        settings = {
+            "data": str(data),
+            "out": str(out),
+            "epochs": 2,
+            "batch_size": 8,
+            "image_size": 64,
+            "pretrained": False,
+            "progress": False,
+            "num_threads": 1,
+        }
+        return TrainConfig(**(settings | overrides))  # type: ignore[arg-type]
+
+    return make

@@ -40,20 +40,6 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def small(data: Path, out: Path, **overrides) -> TrainConfig:
-    settings = {
-        "data": str(data),
-        "out": str(out),
-        "epochs": 2,
-        "batch_size": 8,
-        "image_size": 64,
-        "pretrained": False,
-        "progress": False,
-        "num_threads": 1,
-    }
-    return TrainConfig(**(settings | overrides))
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights, from the masks, by an independent NumPy computation.
 
@@ -96,7 +82,7 @@ def test_reference_weights_on_the_published_split_follow_the_reference_formulas(
     np.testing.assert_allclose(expected_wce, published, atol=2e-3)
 
 
-def test_stored_pixels_count_masks_at_their_own_resolution(data):
+def test_stored_pixels_count_masks_at_their_own_resolution(data, small):
     train_set = datasets_of(small(data, Path("unused")).validate().resolved()).train
     expected = np.zeros(train_set.num_classes)
     for sample in train_set.samples:
@@ -247,7 +233,7 @@ def test_image_class_grouping_counts_every_channel_of_the_class_images():
 # Training: the schedule, the batches, the record, resume.
 
 
-def test_reference_protocol_trains_with_its_settings_and_records_them(data, tmp_path):
+def test_reference_protocol_trains_with_its_settings_and_records_them(data, tmp_path, small):
     config = small(data, tmp_path / "run", protocol="reference", method="wce", data_fraction=0.5)
     images = len(datasets_of(config.validate().resolved()).train)
     batch = next(b for b in range(8, 16) if images % b)  # a batch size that leaves a partial last batch
@@ -270,7 +256,7 @@ def test_reference_protocol_trains_with_its_settings_and_records_them(data, tmp_
     assert count_parameters(model).decoder == 932_608 and (info.decoder_convs, info.resize) == (4, "nearest")
 
 
-def test_dli_protocol_is_the_default_and_keeps_its_choices(data, tmp_path):
+def test_dli_protocol_is_the_default_and_keeps_its_choices(data, tmp_path, small):
     result = train(small(data, tmp_path / "run", method="wce", epochs=1, max_steps=2, dice="global"))
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["protocol"] == "dli" and saved["dice"] == "global"  # one setting flipped
@@ -297,7 +283,7 @@ def test_protocol_is_resumed_exactly_and_another_is_refused(data, tmp_path, caps
     assert saved["protocol"] == "reference" and saved["decoder_convs"] == 4
 
 
-def test_resume_under_the_reference_protocol_continues_the_run(data, tmp_path):
+def test_resume_under_the_reference_protocol_continues_the_run(data, tmp_path, small):
     common = {"protocol": "reference", "method": "dli", "epochs": 2, "data_fraction": 0.5}
     straight = train(small(data, tmp_path / "straight", **common))
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,19 +40,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def small(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    settings = {
-        "data": str(data),
-        "out": str(out),
-        "epochs": 1,
-        "batch_size": 8,
-        "image_size": 64,
-        "pretrained": False,
-        "progress": False,
-        "num_threads": 1,
-        "method": "bce",
-    }
-    return TrainConfig(**(settings | overrides))  # type: ignore[arg-type]
+@pytest.fixture
+def small(small: Callable[..., TrainConfig]) -> Callable[..., TrainConfig]:
+    """The shared small run, one epoch of plain BCE unless told otherwise."""
+    return lambda data, out, **overrides: small(data, out, **({"epochs": 1, "method": "bce"} | overrides))
 
 
 def flags(data: Path, out: Path, *extra: str) -> list[str]:
@@ -122,7 +114,7 @@ def test_train_step_makes_no_host_sync(monkeypatch):
     train_step(net, torch.nn.BCEWithLogitsLoss(), optimizer, scaler, images, masks, amp_dtype=None)
 
 
-def test_non_finite_checkpoints_are_neither_written_nor_used(data, tmp_path, capsys):
+def test_non_finite_checkpoints_are_neither_written_nor_used(data, tmp_path, capsys, small):
     result = train(small(data, tmp_path / "run", max_steps=2))
     document = load_checkpoint(result.run_dir / "best.pt")
     name = next(k for k, v in document["model"].items() if v.is_floating_point())
@@ -218,7 +210,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(data, tmp_pat
 # Killed runs, changed data.
 
 
-def test_a_run_killed_before_its_first_last_pt_starts_over(data, tmp_path, capsys):
+def test_a_run_killed_before_its_first_last_pt_starts_over(data, tmp_path, capsys, small):
     out = tmp_path / "run"
     train(small(data, out, max_steps=1))
     (out / "last.pt").unlink()  # killed while writing its first last.pt: best.pt only
@@ -230,7 +222,7 @@ def test_a_run_killed_before_its_first_last_pt_starts_over(data, tmp_path, capsy
     assert not list(out.glob(".*.tmp"))
 
 
-def test_resume_refuses_a_changed_dataset(data, tmp_path, capsys):
+def test_resume_refuses_a_changed_dataset(data, tmp_path, capsys, small):
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     out = tmp_path / "run"
@@ -242,7 +234,7 @@ def test_resume_refuses_a_changed_dataset(data, tmp_path, capsys):
     assert "dataset changed" in line and "1 removed" in line and victim.name in line
 
 
-def test_corrupted_weights_in_a_checkpoint_are_refused(data, tmp_path, capsys):
+def test_corrupted_weights_in_a_checkpoint_are_refused(data, tmp_path, capsys, small):
     result = train(small(data, tmp_path / "run", max_steps=1))
     path = result.run_dir / "best.pt"
     weights = load_checkpoint(path)["model"]

@@ -16,7 +16,6 @@ import yaml
 
 from dli.checkpoint import load_checkpoint
 from dli.cli import main
-from dli.config import TrainConfig
 from dli.models.losses import METHODS
 from dli.pipeline.synth import generate
 from dli.trainer import Trainer, train
@@ -32,22 +31,8 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def small(data: Path, out: Path, **overrides) -> TrainConfig:
-    settings = {
-        "data": str(data),
-        "out": str(out),
-        "epochs": 2,
-        "batch_size": 8,
-        "image_size": 64,
-        "pretrained": False,
-        "progress": False,
-        "num_threads": 1,
-    }
-    return TrainConfig(**(settings | overrides))
-
-
 @pytest.mark.slow
-def test_short_training_lowers_the_loss_and_finds_held_out_defects(data, tmp_path):
+def test_short_training_lowers_the_loss_and_finds_held_out_defects(data, tmp_path, small):
     # Cut-paste injection: Poisson blending costs CPU time and is covered by the resume test.
     config = small(data, tmp_path / "run", epochs=4, lr=2e-3, method="dli", poisson_prob=0.0)
     result = train(config)
@@ -74,7 +59,7 @@ def test_short_training_lowers_the_loss_and_finds_held_out_defects(data, tmp_pat
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_takes_training_steps(data, tmp_path, method):
+def test_every_method_takes_training_steps(data, tmp_path, method, small):
     result = train(small(data, tmp_path / method, method=method, epochs=1, max_steps=2))
     assert result.steps == 2 and result.skipped_steps == 0
     assert math.isfinite(result.history[0]["train_loss"])
@@ -91,7 +76,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(data, tmp_path):
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(data, tmp_path, small):
     common = {"epochs": 2, "method": "dli", "data_fraction": 0.5}
     reference = train(small(data, tmp_path / "straight", **common))
 
@@ -116,7 +101,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(data, tmp
     assert len((tmp_path / "killed" / "metrics.csv").read_text().splitlines()) == 3
 
 
-def test_non_finite_losses_are_skipped_and_counted(data, tmp_path):
+def test_non_finite_losses_are_skipped_and_counted(data, tmp_path, small):
     trainer = Trainer(small(data, tmp_path / "run", epochs=1, max_steps=3))
     loss_fn, calls = trainer.loss_fn, []
 
@@ -164,7 +149,7 @@ def test_bad_data_is_reported_before_training(data, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_run_folders_are_not_overwritten_and_resume_checks_its_settings(data, tmp_path, capsys):
+def test_run_folders_are_not_overwritten_and_resume_checks_its_settings(data, tmp_path, capsys, small):
     out = tmp_path / "run"
     train(small(data, out, epochs=1, max_steps=1))
     args = ["train", "--data", str(data), "--out", str(out), "--no-pretrained", "--no-progress"]
