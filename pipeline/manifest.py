@@ -372,13 +372,34 @@ def _row_origin(path: Path, row_number: int) -> str:
     return f"row {row_number} of {path.name}"
 
 
+@dataclass
+class _CsvRows:
+    """The samples and problems of one CSV's rows, each row's class and image already read."""
+
+    path: Path
+    samples: list[Sample] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    seen: dict[Path, int] = field(default_factory=dict)
+
+    def admit(self, number: int, image: Path, mask: Path | None, class_id: int) -> None:
+        """Keep row `number`'s sample, or its problem: a defect needs a mask, an image is listed once."""
+        if mask is None and class_id != FREE:
+            where = _row_origin(self.path, number)
+            self.problems.append(Problem(image, "defect sample without a mask", where))
+        elif image in self.seen:
+            rows = f"rows {self.seen[image]} and {number} of {self.path.name}"
+            self.problems.append(Problem(image, "listed twice", rows))
+        else:
+            self.seen[image] = number
+            self.samples.append(Sample(image, mask, class_id))
+
+
 def _read_simple_csv(path: Path, rows: list[dict[str, str]], class_names: Sequence[str] | None) -> Manifest:
     base = path.parent
     found = {r["class"].lower() for r in rows if r["class"] and r["class"].lower() not in FREE_NAMES}
     order, origin = _class_order(found, class_names, base / CLASSES_FILE)
-    samples: list[Sample] = []
-    problems: list[Problem] = []
-    seen: dict[Path, int] = {}
+    collected = _CsvRows(path)
+    problems = collected.problems
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         where = _row_origin(path, number)
         if not row["image"]:
@@ -396,19 +417,12 @@ def _read_simple_csv(path: Path, rows: list[dict[str, str]], class_names: Sequen
         else:
             problems.append(Problem(image, "unknown class", f"{_unknown_class(name, origin)}; {where}"))
             continue
-        if not row["mask"] and class_id != FREE:
-            problems.append(Problem(image, "defect sample without a mask", where))
-            continue
-        if image in seen:
-            problems.append(Problem(image, "listed twice", f"rows {seen[image]} and {number} of {path.name}"))
-            continue
-        seen[image] = number
-        samples.append(Sample(image, _resolve(base, row["mask"]) if row["mask"] else None, class_id))
+        collected.admit(number, image, _resolve(base, row["mask"]) if row["mask"] else None, class_id)
     if problems:
         raise problems_error(problems, path)
     if origin is None:
         _warn_of_look_alike_classes(path, rows, order)
-    return Manifest(tuple(samples), order, base)
+    return Manifest(tuple(collected.samples), order, base)
 
 
 LOOK_ALIKE_CUTOFF = 0.8
@@ -462,9 +476,8 @@ def _read_reference_csv(
         order = read_class_names(root / CLASSES_FILE)
     else:
         order = MT_CLASSES
-    samples: list[Sample] = []
-    problems: list[Problem] = []
-    seen: dict[Path, int] = {}
+    collected = _CsvRows(path)
+    problems = collected.problems
     for number, row in enumerate(rows, start=2):
         where = _row_origin(path, number)
         if not row["img_fpath"]:
@@ -483,18 +496,11 @@ def _read_reference_csv(
                 Problem(image, "unknown class", f"defect_id {class_id} not in -1..{len(order) - 1}; {where}")
             )
             continue
-        if not row["mask_fpath"] and class_id != FREE:
-            problems.append(Problem(image, "defect sample without a mask", where))
-            continue
-        if image in seen:
-            problems.append(Problem(image, "listed twice", f"rows {seen[image]} and {number} of {path.name}"))
-            continue
-        seen[image] = number
         mask = _resolve(root, row["mask_fpath"]) if row["mask_fpath"] else None
-        samples.append(Sample(image, mask, class_id))
+        collected.admit(number, image, mask, class_id)
     if problems:
         raise problems_error(problems, path)
-    return Manifest(tuple(samples), order, root)
+    return Manifest(tuple(collected.samples), order, root)
 
 
 # ---------------------------------------------------------------------------------------------
