@@ -212,6 +212,7 @@ def test_csv_row_problems_are_listed_together(tmp_path: Path):
     for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
         assert any(name in line for line in lines[1:]), name
     assert "row 2 of list.csv" in lines[1]
+    assert any("d.jpg: listed twice" in line and "rows 5 and 6 of list.csv" in line for line in lines)
 
 
 def test_csv_with_unknown_columns(tmp_path: Path):
@@ -237,6 +238,18 @@ def test_reference_csv_paths_are_relative_to_the_dataset_root(mt_like: Path, tmp
     (split / "bad.csv").write_text("img_fpath,mask_fpath,defect_id\nMT_Crack/Imgs/mt_crack_1.jpg,x.png,7\n")
     with pytest.raises(DliError, match=r"mt_crack_1.jpg: unknown class \(defect_id 7 not in -1..4"):
         read_dataset(split / "bad.csv")
+    (split / "twice.csv").write_text(
+        "img_fpath,mask_fpath,defect_id\n"
+        "MT_Crack/Imgs/mt_crack_1.jpg,MT_Crack/Imgs/mt_crack_1.png,2\n"
+        "MT_Crack/Imgs/mt_crack_2.jpg,,2\n"
+        "MT_Crack/Imgs/mt_crack_1.jpg,MT_Crack/Imgs/mt_crack_1.png,2\n"
+    )
+    with pytest.raises(DliError) as error:
+        read_dataset(split / "twice.csv")
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("2 problems in dataset")
+    assert any("mt_crack_2.jpg: defect sample without a mask" in line and "row 3" in line for line in lines)
+    assert any("mt_crack_1.jpg: listed twice" in line and "rows 2 and 4 of" in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
