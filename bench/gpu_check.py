@@ -15,7 +15,9 @@ Steps, in this order, each in a process of its own, timed, its output kept in DI
 
 Then DIR/gpu-report.md and DIR/gpu-report.json hold every figure, what was skipped and why, and
 what failed, with the end of its output. A step that fails or runs out of time is reported and
-the next one still runs. Exit status: 0 when no step failed, 1 otherwise, 2 for a bad flag.
+the next one still runs. Exit status: 0 when every step ran and passed; 1 when one failed, ran
+out of time or was skipped for a missing package (the machine is then not set up for dli, and the
+report says which steps did not test anything); 2 for a bad flag.
 
 Time. The budget (`--minutes`, default and most 8) is shared out by `SHARES`: each step may run
 for its share of the time that is left, among the steps still to run, so time a step leaves
@@ -24,9 +26,10 @@ group, then SIGKILL) and reported as timed out; a stopped training still reports
 finished.
 
 Missing pieces. Without a CUDA GPU visible to torch the environment step fails and the others
-are skipped. Without CuPy, DALI or segmentation-models-pytorch, the steps that need them are
-skipped with the reason (`REQUIRES`); `pytest -m gpu` still runs, and test modules that cannot be
-imported for a missing package are listed as not collected, not as failures. An `--out` that
+are skipped. Without CuPy, DALI, segmentation-models-pytorch or another package a step needs
+(`REQUIRES`), that step is skipped with the reason and the check fails; `pytest -m gpu` still
+runs where it can, and test modules that cannot be imported for a missing package are listed as
+not collected, not as failures. An `--out` that
 holds an earlier check is refused rather than overwritten.
 
 `--dry-run` checks what it can without a GPU (the imports, the data, the output folder), prints
@@ -79,12 +82,14 @@ SHARES: dict[str, float] = {
 }
 MIN_SECONDS: dict[str, float] = {"environment": 30.0}
 """Floors under a step's share (importing torch, CuPy and DALI takes a while on a busy machine)."""
+_DLI_CORE = ("torchvision", "yaml", "pillow")
+"""What importing dli itself needs beyond torch and NumPy (the tests' conftest imports it too)."""
 REQUIRES: dict[str, tuple[str, ...]] = {
     "environment": (),
-    "pytest-gpu": ("gpu", "pytest"),
-    "bench": ("gpu", "cupy", "dali", "smp", "timm", "opencv"),
-    "train-bce": ("gpu", "cupy", "dali", "smp", "timm"),
-    "train-dli": ("gpu", "cupy", "dali", "smp", "timm"),
+    "pytest-gpu": ("gpu", "pytest", *_DLI_CORE),
+    "bench": ("gpu", "cupy", "dali", "smp", "timm", "opencv", *_DLI_CORE),
+    "train-bce": ("gpu", "cupy", "dali", "smp", "timm", "tensorboard", "matplotlib", *_DLI_CORE),
+    "train-dli": ("gpu", "cupy", "dali", "smp", "timm", "tensorboard", "matplotlib", *_DLI_CORE),
 }
 PACKAGES: dict[str, str] = {
     "torch": "torch",
@@ -96,6 +101,11 @@ PACKAGES: dict[str, str] = {
     "scipy": "scipy",
     "opencv": "cv2",
     "pytest": "pytest",
+    "torchvision": "torchvision",
+    "yaml": "yaml",
+    "pillow": "PIL",
+    "tensorboard": "tensorboard",
+    "matplotlib": "matplotlib",
 }
 """Short name -> module of every package the steps use."""
 _CUDA_DISTRIBUTION = re.compile(r"^(cupy-cuda|nvidia-dali-cuda)(\d+?)(x|0)$")
@@ -555,7 +565,12 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
     found: dict[str, Any] = {}
     try:
         for position, step in enumerate(STEPS):
-            limit_s = limit_for(step, STEPS[position:], deadline - time.monotonic())
+            # Shares among the steps still to run that can run: a skipped step leaves its time.
+            have = available(found)
+            runnable = [
+                s for s in STEPS[position:] if s == step or not found or missing_reason(s, have) is None
+            ]
+            limit_s = limit_for(step, runnable, deadline - time.monotonic())
             print(f"{PROG}: {step} (up to {limit_s:.0f} s) ...", file=sys.stderr, flush=True)
             if step == "environment":
                 result, found = environment_step(plan, env, limit_s)
@@ -585,7 +600,7 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
         }
         _write(plan.out / "gpu-report.json", json.dumps(report, indent=2) + "\n")
         _write(plan.out / "gpu-report.md", markdown(report))
-    return report, 1 if report["failed"] else 0
+    return report, 1 if report["failed"] or report["skipped"] else 0
 
 
 def _write(path: Path, text: str) -> None:
@@ -618,6 +633,8 @@ def markdown(report: Mapping[str, Any]) -> str:
     ]
     for warning in report["warnings"]:
         lines += [f"> **WARNING: {warning}**", ""]
+    for name, reason in report["skipped"].items():  # a skipped step tested nothing: the check fails
+        lines += [f"> **NOT TESTED: {name} was skipped ({reason})**", ""]
     lines += ["## Environment", "", "| what | value |", "|---|---|"]
     gpu_text = "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in gpus) or "none"
     lines += [f"| GPU | {gpu_text} |", f"| driver | {env.get('driver') or '-'} |"]

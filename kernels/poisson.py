@@ -439,7 +439,8 @@ class _Transfers:
         stream = cupy.cuda.get_current_stream()
         for name, array in arrays.items():
             self._back[name] = self._pinned(array.shape, array.dtype)
-            array.get(stream=stream, out=self._back[name])
+            # `get` blocks the host by default, even into pinned memory; the event orders the reads.
+            array.get(stream=stream, out=self._back[name], blocking=False)
         self._event = stream.record()
 
     def fetch(self) -> dict[str, np.ndarray]:

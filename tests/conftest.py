@@ -60,3 +60,32 @@ def small() -> Callable[..., TrainConfig]:
         return TrainConfig(**(settings | overrides))  # type: ignore[arg-type]
 
     return make
+
+
+GPU_SLEEP_CYCLES = 4_000_000_000
+"""About 2 s of GPU clock queued ahead of a call checked for host waits: far longer than the call."""
+
+
+@pytest.fixture
+def runs_ahead_of_the_gpu() -> Callable[[Callable[[], object]], object]:
+    """`check(call)`: `call()` behind a long GPU sleep on torch's current stream, failing if the
+    call made the host wait for the device, i.e. if the stream had run dry by the time it returned.
+
+    CuPy work in the call runs on that stream too. Unlike `cupyx.allow_synchronize` (a no-op since
+    CuPy 10), this sees every kind of wait: CuPy or torch, copies, events, implicit syncs.
+    """
+    import torch
+
+    from dli.kernels.xp import external_stream
+
+    def check(call: Callable[[], object]) -> object:
+        stream = torch.cuda.current_stream()
+        torch.cuda._sleep(GPU_SLEEP_CYCLES)
+        with external_stream(stream.cuda_stream, stream.device.index or 0):
+            result = call()
+        busy = not stream.query()
+        torch.cuda.synchronize()
+        assert busy, "the call made the host wait for the GPU's queued work"
+        return result
+
+    return check

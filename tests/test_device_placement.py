@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -171,6 +172,36 @@ def test_kernel_entry_points_run_under_torch_stream_for_cuda_tensors(monkeypatch
     assert kernel(torch.zeros(2), mask=on_gpu) == "done" and entered == [torch.device("cuda", 1)]
     assert kernel(torch.zeros(2)) == "done" and kernel([1.0]) == "done" and len(entered) == 1
     assert len(seen) == 3
+
+
+def test_the_poisson_report_is_copied_back_without_waiting_for_the_stream(monkeypatch) -> None:
+    """`_Transfers.to_host` asks CuPy for non-blocking copies into pinned memory (a plain `get`
+    blocks the host until the stream has run the whole solve), then records one event."""
+    copies: list[dict[str, Any]] = []
+
+    class Stream:
+        def record(self) -> str:
+            copies.append({"recorded": True})
+            return "event"
+
+    class DeviceArray:
+        shape, dtype = (2, 1), np.dtype(np.float32)
+
+        def get(self, **kwargs: Any) -> None:
+            copies.append(kwargs)
+
+    stream = Stream()
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
+        get_current_stream=lambda: stream, alloc_pinned_memory=lambda size: bytearray(size)
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    transfers = poisson._Transfers(fake)
+    transfers.to_host(residuals=DeviceArray(), iterations=DeviceArray())
+    assert [c.get("blocking") for c in copies[:2]] == [False, False]
+    assert all(c["stream"] is stream and c["out"].shape == (2, 1) for c in copies[:2])
+    assert copies[2] == {"recorded": True} and transfers._event == "event"
+    transfers._event = None  # nothing to wait for when the fake is dropped
 
 
 def test_every_public_kernel_taking_arrays_is_an_entry_point_on_torchs_stream() -> None:

@@ -217,3 +217,28 @@ def test_without_a_gpu_the_environment_fails_and_the_gpu_steps_are_skipped(
         "NVIDIA DALI" in report["skipped"]["bench"] and "NVIDIA DALI" not in report["skipped"]["pytest-gpu"]
     )
     assert all(s["status"] == "skipped" for s in report["steps"][1:])
+
+
+def test_a_step_skipped_for_a_missing_package_fails_the_check_and_leaves_its_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packages = {name: {"version": "1.0", "error": None} for name in gpu_check.PACKAGES}
+    packages["dali"] = {"version": None, "error": "ModuleNotFoundError: No module named 'nvidia.dali'"}
+    packages["matplotlib"] = {"version": None, "error": "ModuleNotFoundError: No module named 'matplotlib'"}
+    environment = {"gpus": [{"name": "Fake GPU", "capability": "9.0", "memory_gib": 80.0}]}
+    environment |= {"packages": packages, "warnings": []}
+    monkeypatch.setattr(gpu_check, "probe", lambda *a: (dict(environment), 0.1))
+    monkeypatch.setattr(gpu_check.Plan, "command", lambda self, step: [sys.executable, "-c", "pass"])
+    out = tmp_path / "check"
+    plan = gpu_check.Plan(out=out, data=None, minutes=1, epochs=1, repo=Path(gpu_check.__file__).parents[1])
+    report, status = gpu_check.check(plan, None, time.monotonic())
+
+    steps = {s["name"]: s for s in report["steps"]}
+    assert report["failed"] == [] and steps["pytest-gpu"]["status"] == "passed"
+    assert status == 1 and set(report["skipped"]) == {"bench", "train-bce", "train-dli"}
+    assert "matplotlib" in report["skipped"]["train-dli"] and "matplotlib" not in report["skipped"]["bench"]
+    # The skipped steps' shares went to the one that ran: all the time left after the environment.
+    left = plan.budget_s - gpu_check.REPORT_RESERVE_S - steps["environment"]["limit_s"]
+    assert steps["pytest-gpu"]["limit_s"] >= 0.9 * left
+    text = (out / "gpu-report.md").read_text()
+    assert "NOT TESTED: bench was skipped (needs NVIDIA DALI: not available here)" in text

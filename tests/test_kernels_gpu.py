@@ -39,8 +39,9 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_poisson_cupy_matches_numpy(cupy, mixed: bool, channels: int) -> None:
-    target, source, mask = blend_case(c=channels)
+@pytest.mark.parametrize("size", [64, 256], ids=["dense-transforms", "fft"])
+def test_poisson_cupy_matches_numpy(cupy, mixed: bool, channels: int, size: int) -> None:
+    target, source, mask = blend_case(c=channels, size=size)
     expected, expected_info = poisson_blend(target, source, mask, mixed_gradients=mixed)
     blended, info = poisson_blend(
         cupy.asarray(target), cupy.asarray(source), cupy.asarray(mask), mixed_gradients=mixed
@@ -56,16 +57,14 @@ def test_poisson_cupy_matches_numpy(cupy, mixed: bool, channels: int) -> None:
     )
 
 
-def test_poisson_with_given_boxes_reads_nothing_back(cupy) -> None:
-    import cupyx
-
-    target, source, mask = blend_case(n=4, size=48, seed=1)
+@pytest.mark.parametrize("size", [48, 256], ids=["dense-transforms", "fft"])
+def test_poisson_with_given_boxes_reads_nothing_back(cupy, runs_ahead_of_the_gpu, size: int) -> None:
+    target, source, mask = blend_case(n=4, size=size, seed=1)
     expected, expected_info = poisson_blend(target, source, mask)
-    boxes = np.array([[0, 0, 47, 47]] * 4)
+    boxes = np.array([[0, 0, size - 1, size - 1]] * 4)
     gpu = [cupy.asarray(a) for a in (target, source, mask)]
     poisson_blend(*gpu, boxes=boxes)  # warm-up: FFT plans and kernels compiled outside the check
-    with cupyx.allow_synchronize(False):
-        blended, info = poisson_blend(*gpu, boxes=boxes)
+    blended, info = runs_ahead_of_the_gpu(lambda: poisson_blend(*gpu, boxes=boxes))
     # The report is read only now, after the solve was queued without a single host wait.
     assert info.all_converged and expected_info.all_converged
     assert info.steps == info.max_iter * info.buckets  # the fixed budget: no early exit on the GPU
