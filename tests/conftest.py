@@ -71,8 +71,9 @@ def runs_ahead_of_the_gpu() -> Callable[[Callable[[], object]], object]:
     """`check(call)`: `call()` behind a long GPU sleep on torch's current stream, failing if the
     call made the host wait for the device, i.e. if the stream had run dry by the time it returned.
 
-    CuPy work in the call runs on that stream too. Unlike `cupyx.allow_synchronize` (a no-op since
-    CuPy 10), this sees every kind of wait: CuPy or torch, copies, events, implicit syncs.
+    CuPy work in the call runs on that stream too. Unlike `cupyx.allow_synchronize` (deprecated
+    since CuPy 10; no compiled module of CuPy 14 calls its detection any more), this sees every
+    kind of wait: CuPy or torch, copies, events, implicit syncs.
     """
     import torch
 
