@@ -271,6 +271,14 @@ def missing_reason(step: str, have: set[str]) -> str | None:
     return "needs " + ", ".join(words.get(name, name) for name in missing) + ": not available here"
 
 
+def skip_reason(step: str, plan: Plan, have: set[str]) -> str | None:
+    """Why `step` will be skipped with this environment and checkout, or None: the one rule the run,
+    its time shares and the dry run all follow."""
+    if step == "pytest-gpu" and not (plan.repo / "tests").is_dir():
+        return f"no tests/ folder in {plan.repo} (run the check from a checkout)"
+    return missing_reason(step, have)
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps: what each runs and what it reports.
 
@@ -488,9 +496,7 @@ def training_figures(run: Path) -> dict[str, Any]:
 def run_step(step: str, plan: Plan, limit_s: float, env: Mapping[str, str], have: set[str]) -> StepResult:
     """Run one step within `limit_s` and read what it produced."""
     result = StepResult(name=step, status="skipped", limit_s=round(limit_s, 1))
-    reason = missing_reason(step, have) if step != "environment" else None
-    if step == "pytest-gpu" and not (plan.repo / "tests").is_dir():
-        reason = f"no tests/ folder in {plan.repo} (run the check from a checkout)"
+    reason = skip_reason(step, plan, have)
     if reason:
         result.reason = reason
         return result
@@ -568,7 +574,7 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
             # Shares among the steps still to run that can run: a skipped step leaves its time.
             have = available(found)
             runnable = [
-                s for s in STEPS[position:] if s == step or not found or missing_reason(s, have) is None
+                s for s in STEPS[position:] if s == step or not found or skip_reason(s, plan, have) is None
             ]
             limit_s = limit_for(step, runnable, deadline - time.monotonic())
             print(f"{PROG}: {step} (up to {limit_s:.0f} s) ...", file=sys.stderr, flush=True)
@@ -722,7 +728,7 @@ def dry_run(plan: Plan, extra_path: str | None) -> int:
     print(f"\nplan ({plan.budget_s:.0f} s, {reserve}; time a step leaves unused passes on):")
     budget = plan.budget_s - REPORT_RESERVE_S
     for step in STEPS:  # the limits if every step used its whole share
-        reason = None if step == "environment" else missing_reason(step, have)
+        reason = skip_reason(step, plan, have)
         state = f"skip: {reason}" if reason else "run"
         share = f"{100 * SHARES[step]:4.1f}%  {limit_for(step, (step,), budget * SHARES[step]):5.0f} s"
         print(f"  {STEPS.index(step) + 1}. {step:12} {share}  {state}")
