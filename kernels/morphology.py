@@ -1,10 +1,14 @@
-"""Binary mask dilation for a batch, on the CPU (SciPy) or the GPU (cupyx), one call per batch."""
+"""Binary mask dilation for a batch, on the CPU (NumPy) or the GPU (CuPy), one pass per offset.
+
+Written by hand instead of `scipy.ndimage.maximum_filter` (or `binary_dilation`): for the
+Poisson domain's small square (radius 2) a maximum over shifted slices is 14x faster than
+SciPy's filter on a batch of 20 masks at 256² (1.3 ms against 18 ms, bool masks; measured in
+docs/kernels.md), and the same array expressions run on CuPy.
+"""
 
 from __future__ import annotations
 
 from typing import Any
-
-import numpy as np
 
 from dli.kernels.xp import any_tensor, array_module, as_array, as_tensor, device_of, on_torch_stream
 
@@ -15,7 +19,8 @@ def dilate(mask: Any, radius: int) -> Any:
 
     Outside the image counts as background, so this matches a (2r+1)² max-pool with stride 1 and
     padding r (how the reference implementation grows masks before Poisson cloning: r = 2).
-    A separable maximum filter of size (1, ..., 2r+1, 2r+1) runs over the whole batch at once.
+    Separable: a running maximum over 2r shifted slices along each of the last two axes, so the
+    cost is 4r passes over the batch (bool masks move a quarter of float32's bytes).
     NumPy, CuPy or torch input; returns the same kind and dtype, as a new array.
     """
     if radius < 0:
@@ -24,16 +29,19 @@ def dilate(mask: Any, radius: int) -> Any:
     array = as_array(mask)
     if array.ndim < 2:
         raise ValueError(f"mask must be (..., H, W), got shape {array.shape}")
-    xp = array_module(array)
-    if xp is np:
-        from scipy import ndimage
-    else:
-        from cupyx.scipy import ndimage
-    size = (1,) * (array.ndim - 2) + (2 * radius + 1,) * 2
     with device_of(array):
-        # Bool travels as uint8: the maximum filters of both libraries take numeric input.
-        values = array.view(np.uint8) if array.dtype == np.bool_ else array
-        dilated = ndimage.maximum_filter(values, size=size, mode="constant", cval=0)
-        if array.dtype == np.bool_:
-            dilated = dilated.view(np.bool_)
+        dilated = _grow(_grow(array, radius, array.ndim - 1), radius, array.ndim - 2)
     return as_tensor(dilated) if torch_in else dilated
+
+
+def _grow(array: Any, radius: int, axis: int) -> Any:
+    """out[i] = max(array[i - r .. i + r]) along `axis`, the part inside the array (a new array)."""
+    xp = array_module(array)
+    out = array.copy()
+    size = array.shape[axis]
+    lead = (slice(None),) * axis
+    for shift in range(1, min(radius, size - 1) + 1):
+        later, earlier = (*lead, slice(shift, size)), (*lead, slice(0, size - shift))
+        xp.maximum(out[later], array[earlier], out=out[later])
+        xp.maximum(out[earlier], array[later], out=out[earlier])
+    return out

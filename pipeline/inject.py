@@ -196,7 +196,7 @@ def inject(
                 as_array, (index.poisson_items, index.poisson_slots, index.poisson_channels)
             )
             masks = mask_array[items]
-            domain = dilate(masks, config.dilate_radius)
+            domain = dilate(masks != 0, config.dilate_radius)  # bool: a quarter of float's bytes
             blended, info = poisson_blend(
                 batch[slots],
                 source_array[items],

@@ -323,14 +323,18 @@ def test_dilate_matches_a_max_pool() -> None:
     rng = np.random.default_rng(14)
     mask = rng.random((3, 30, 27)) > 0.97
     mask[0, 0, 0] = mask[1, -1, 5] = True  # on the border
-    for radius in (1, 2, 4):
+    soft = (rng.random(mask.shape) * mask).astype(np.float32)  # numeric masks dilate by their maximum
+    for radius in (1, 2, 4, 20):  # 20: wider than the image is tall, so every shift is clipped
         size = 2 * radius + 1
         pooled = torch.nn.functional.max_pool2d(
-            torch.from_numpy(mask).float()[:, None], size, stride=1, padding=radius
-        )
+            torch.from_numpy(soft)[:, None], size, stride=1, padding=radius
+        )[:, 0].numpy()
         dilated = dilate(mask, radius)
         assert dilated.dtype == np.bool_ and dilated.shape == mask.shape
-        np.testing.assert_array_equal(dilated, pooled[:, 0].numpy() > 0)
+        np.testing.assert_array_equal(dilated, pooled > 0)
+        soft_dilated = dilate(soft, radius)
+        assert soft_dilated.dtype == np.float32
+        np.testing.assert_array_equal(soft_dilated, pooled)
     np.testing.assert_array_equal(dilate(mask, 0), mask)
 
 
