@@ -67,7 +67,10 @@ class DliConfig:
             (2r+1) x (2r+1) square (r = 2: the reference's 5x5 max-pool).
         mixed_gradients: Poisson guidance keeps the stronger of the source and target
             gradients per edge (as the reference does).
-        poisson_tol: relative residual at which the Poisson solve of an image stops.
+        poisson_tol: relative residual at which the Poisson solve of an image stops. 1e-4
+            reaches float32's own accuracy: on all 392 Magnetic Tile masks at 256² and 512²
+            the result is as close to the exact solve as at 1e-5 (within 0.07 and 0.18 gray
+            levels), in a fifth fewer iterations (docs/kernels.md).
         poisson_label: label of a Poisson injection: ``source`` (the source's own mask) or
             ``dilated`` (the blending domain, as the reference implementation labels it).
         augment: per-class augmentation of the injected sources (index = class id); None
@@ -78,7 +81,7 @@ class DliConfig:
     fill: Fill = "all-free"
     dilate_radius: int = 2
     mixed_gradients: bool = True
-    poisson_tol: float = 1e-5
+    poisson_tol: float = 1e-4
     augment: tuple[AffineAugment, ...] | None = None
     poisson_label: str = "source"
 
