@@ -7,7 +7,8 @@ affine intensity map, so only the clamp bounds (`value_range`) depend on it.
 
 Poisson injections are one `poisson_blend` call over their sub-batch (blending domain = the
 source mask dilated by `DliConfig.dilate_radius`, mixed gradients); cut-paste injections
-are one `paste` call over theirs. No Python loop runs over images.
+are one `paste` call over theirs. On the GPU no Python loop runs over images; on the CPU the
+kernels copy image by image where that beats NumPy's batched gathers (`dli.kernels.paste`).
 
 Tensors stay where they are: CPU tensors go through the NumPy kernels as zero-copy views, CUDA
 tensors through the CuPy kernels on torch's current stream. The index tensors come from the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from scipy import ndimage
 from dli.kernels.morphology import dilate
 from dli.kernels.poisson import (
     PoissonConvergenceWarning,
+    _Bucket,
+    _Transfers,
     bucket_shapes,
     default_max_iter,
     fast_side,
@@ -381,6 +384,33 @@ def test_per_image_windows_equal_the_full_image_solve() -> None:
     np.testing.assert_allclose(windowed, full, rtol=0, atol=1e-8)
 
 
+def test_window_copies_by_slices_match_the_devices_advanced_indexing() -> None:
+    """The CPU cuts and pastes windows image by image; CuPy gathers them in one advanced index.
+
+    Both branches run here on NumPy (the device one through a module that is not NumPy), with
+    windows that run past the image's far edge, where both repeat the last row and column.
+    """
+    rng = np.random.default_rng(20)
+    height, width = 23, 19
+    images, mask = rng.random((5, 2, height, width)), rng.random((5, height, width)) > 0.5
+    device = types.SimpleNamespace(moveaxis=np.moveaxis, ascontiguousarray=np.ascontiguousarray)
+    sides = np.array([[24, 20]] * 3 + [[8, 6]] * 2)  # three windows larger than the image
+    corners = np.array([[0, 0], [0, 0], [0, 0], [15, 13], [3, 4]])
+    for bucket in _Bucket.group(_Transfers(np), sides, corners, height, width):
+        windows = bucket.crop(np, images)
+        np.testing.assert_array_equal(windows, bucket.crop(device, images))
+        np.testing.assert_array_equal(bucket.region(np, mask), bucket.region(device, mask))
+        # The solver changes only pixels off the image's last row and column (never region), so
+        # a repeated pixel is always written with the value already there.
+        changed = (bucket.rows < height - 1)[:, None, :, None] & (bucket.cols < width - 1)[:, None, None, :]
+        windows = np.where(changed, rng.random(windows.shape), windows)
+        by_slices, by_index = images.copy(), images.copy()
+        bucket.paste(np, by_slices, windows)
+        bucket.paste(device, by_index, windows)
+        np.testing.assert_array_equal(by_slices, by_index)
+        assert not np.array_equal(by_slices, images)
+
+
 def test_given_boxes_give_the_measured_boxes_result() -> None:
     rng = np.random.default_rng(18)
     target, source = rng.random((3, 1, 48, 48)), rng.random((3, 1, 48, 48))
@@ -426,6 +456,43 @@ def test_bucket_merging_trades_window_pixels_for_fewer_buckets() -> None:
     np.testing.assert_array_equal(some[3], [64, 60])  # the large one does not absorb the small ones
     assert all(fast_side(s) == s for s in (3, 4, 5, 6, 8, 9, 10, 256))
     assert [fast_side(s) for s in (7, 11, 13, 254, 257)] == [8, 12, 15, 256, 270]
+
+
+def greedy_buckets(sides: np.ndarray, overhead: int) -> np.ndarray:
+    """`bucket_shapes` by its definition: rescore every pair, merge the first best, until none gains."""
+    shapes = sorted({tuple(s) for s in sides.tolist() if s[0]})
+    buckets = [[shape, sum(tuple(s) == shape for s in sides.tolist()), [shape]] for shape in shapes]
+
+    def cost(shape, count):
+        return count * shape[0] * shape[1] + overhead
+
+    while True:
+        best = None
+        for i, (a, n_a, _) in enumerate(buckets):
+            for j in range(i + 1, len(buckets)):
+                b, n_b, _ = buckets[j]
+                merged = (max(a[0], b[0]), max(a[1], b[1]))
+                gain = cost(a, n_a) + cost(b, n_b) - cost(merged, n_a + n_b)
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, i, j, merged)
+        if best is None:
+            break
+        _, i, j, merged = best
+        buckets[i] = [merged, buckets[i][1] + buckets[j][1], buckets[i][2] + buckets[j][2]]
+        del buckets[j]
+    shape_of = {original: shape for shape, _, group in buckets for original in group}
+    return np.array([shape_of.get(tuple(s), (0, 0)) for s in sides.tolist()]).reshape(sides.shape)
+
+
+def test_bucket_merging_matches_the_greedy_rule_on_random_batches() -> None:
+    rng = np.random.default_rng(21)
+    for _ in range(60):
+        count = int(rng.integers(1, 70))
+        extents = rng.integers(3, 300, (count, 2))
+        sides = np.array([[fast_side(int(h)), fast_side(int(w))] for h, w in extents])
+        sides[rng.random(count) < 0.2] = 0  # images with nothing to solve
+        for overhead in (0, 300, 4096, 1 << 21):
+            np.testing.assert_array_equal(bucket_shapes(sides, overhead), greedy_buckets(sides, overhead))
 
 
 def real_tile_batch(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
