@@ -151,7 +151,7 @@ def time_injection(bench: Bench, batch: KernelBatch, samples: KernelSamples) -> 
     samples.counts["poisson"].append(len(items))
     if len(items):
         target, source = batch.images[slots], batch.sources[items]
-        domain = dilate(batch.source_masks[items], dli.dilate_radius)
+        domain = dilate(batch.source_masks[items] != 0, dli.dilate_radius)  # as `inject` does
 
         def blend(**options: Any) -> Any:
             # CuPy launches on its current stream (the legacy default stream, as torch's here);

@@ -42,6 +42,7 @@ def _grow(array: Any, radius: int, axis: int) -> Any:
     lead = (slice(None),) * axis
     for shift in range(1, min(radius, size - 1) + 1):
         later, earlier = (*lead, slice(shift, size)), (*lead, slice(0, size - shift))
-        xp.maximum(out[later], array[earlier], out=out[later])
-        xp.maximum(out[earlier], array[later], out=out[earlier])
+        out_later, out_earlier = out[later], out[earlier]  # one view each: CuPy then writes in place
+        xp.maximum(out_later, array[earlier], out=out_later)
+        xp.maximum(out_earlier, array[later], out=out_earlier)
     return out
