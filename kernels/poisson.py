@@ -352,6 +352,7 @@ def bucket_shapes(sides: np.ndarray, overhead_pixels: int) -> np.ndarray:
     sizes = np.array([counts[k] for k in keys], dtype=np.int64)
     costs = sizes * shapes.prod(axis=1) + overhead_pixels
     members = [[k] for k in keys]
+    alive = np.ones(len(keys), dtype=bool)
     order = np.arange(len(keys))
     never = np.iinfo(np.int64).min // 2  # no pair: below any gain
 
@@ -373,8 +374,8 @@ def bucket_shapes(sides: np.ndarray, overhead_pixels: int) -> np.ndarray:
         costs[i] = sizes[i] * shapes[i].prod() + overhead_pixels
         members[i] += members[j]
         members[j] = []
+        alive[j] = False
         gain[j, :] = gain[:, j] = never
-        alive = np.array([bool(m) for m in members])
         row = np.where(alive, gains(i), never)
         gain[i, :] = np.where(order > i, row, never)
         gain[:, i] = np.where(order < i, row, never)
@@ -512,11 +513,14 @@ class _Bucket:
             for k, (image, (top, left)) in enumerate(placed)
         ]
 
-    def _cut(self, xp: ModuleType, array: Any) -> Any:
+    def _index(self) -> tuple[Any, Any, Any]:
+        """Device advanced index of the windows' pixels in (N, H, W) arrays: (B, height, width)."""
+        return self.images[:, None, None], self.rows[:, :, None], self.cols[:, None, :]
+
+    def crop(self, xp: ModuleType, array: Any) -> Any:
         """(N, ..., H, W) -> contiguous (B, ..., height, width) windows, edge rows/columns repeated."""
         if xp is not np:
-            index = (self.images[:, None, None], self.rows[:, :, None], self.cols[:, None, :])
-            moved = xp.moveaxis(array, (-2, -1), (1, 2))[index]  # (B, height, width, ...)
+            moved = xp.moveaxis(array, (-2, -1), (1, 2))[self._index()]  # (B, height, width, ...)
             return xp.ascontiguousarray(xp.moveaxis(moved, (1, 2), (-2, -1)))
         height, width = self.shape
         out = np.empty((self.count, *array.shape[1:-2], height, width), dtype=array.dtype)
@@ -538,21 +542,16 @@ class _Bucket:
         box left out there stays unsolved and is counted as outside its box).
         """
         _, height, width = mask.shape
-        omega = self._cut(xp, mask).astype(bool, copy=False)
+        omega = self.crop(xp, mask).astype(bool, copy=False)
         omega &= ((self.rows > 0) & (self.rows < height - 1))[:, :, None]
         omega &= ((self.cols > 0) & (self.cols < width - 1))[:, None, :]
         _clear_edges(omega)
         return omega
 
-    def crop(self, xp: ModuleType, images: Any) -> Any:
-        """(N, C, H, W) -> contiguous (B, C, height, width)."""
-        return self._cut(xp, images)
-
     def paste(self, xp: ModuleType, images: Any, windows: Any) -> None:
         """Write (B, C, height, width) windows back into (N, C, H, W) `images` in place."""
         if xp is not np:
-            index = (self.images[:, None, None], self.rows[:, :, None], self.cols[:, None, :])
-            images.transpose(0, 2, 3, 1)[index] = windows.transpose(0, 2, 3, 1)
+            images.transpose(0, 2, 3, 1)[self._index()] = windows.transpose(0, 2, 3, 1)
             return
         for k, image, rows, cols in self._slices():
             target = images[image, :, rows, cols]
