@@ -98,11 +98,13 @@ def train_step(
 
     Channels-last inputs, the forward pass under autocast (`amp_dtype`; None = fp32), the loss
     in fp32. All three results stay on the device: the step has no host sync. A step whose loss
-    (or, without a loss scaler, any gradient) is not finite changes nothing: the fused AdamW of
-    `make_optimizer` skips it on the device (`found_inf`; with fp16 the `GradScaler` does the
-    same from the gradients), and the BatchNorm statistics its forward pass updated are put
-    back. `agree(stepped)` (multi-process runs) combines the decision of every process, so all
-    skip together. `masks` must already be on the model's device.
+    or any gradient is not finite changes nothing: the fused AdamW of `make_optimizer` skips it
+    on the device (`found_inf`), and the BatchNorm statistics its forward pass updated are put
+    back. With fp16 the `GradScaler` first unscales the gradients, so the same finiteness test
+    sees the true gradients and the skip is decided, counted and undone exactly as without it;
+    the scaler then backs its scale off after non-finite gradients. `agree(stepped)`
+    (multi-process runs) combines the decision of every process, so all skip together. `masks`
+    must already be on the model's device.
     """
     device = masks.device
     buffers = list(unwrap(net).buffers())
@@ -113,21 +115,19 @@ def train_step(
     loss = loss_fn(logits, masks)
     stepped = torch.isfinite(loss.detach())
     scaler.scale(loss).backward()
-    if not scaler.is_enabled():
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            stepped &= torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)  # fp16: the true gradients (the scaler records their finiteness)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        stepped &= torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))
     if agree is not None:
         stepped = agree(stepped)
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # fp16: skips non-finite gradients on the device (fused AdamW)
-        scaler.update()
-    else:
-        optimizer.found_inf = (~stepped).float()  # type: ignore[attr-defined]  # read by fused AdamW
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf  # type: ignore[attr-defined]
+    optimizer.found_inf = (~stepped).float()  # type: ignore[attr-defined]  # read by fused AdamW
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]
+    scaler.update()  # fp16: halves the scale after non-finite gradients (a no-op without a scaler)
     optimizer.zero_grad(set_to_none=True)
     for buffer, old in zip(buffers, before, strict=True):
         buffer.copy_(torch.where(stepped, buffer, old))
