@@ -61,7 +61,8 @@ RUN pip install \
         "tqdm==4.70.1" \
         "matplotlib==3.11.2" \
         "tensorboard==2.21.0" \
-        "pyyaml==6.0.4"
+        "pyyaml==6.0.4" \
+        "pycocotools==2.0.11"
 
 # The project itself, without dependencies (all installed above). `pip check` fails the build if
 # pyproject.toml declares something the layer above did not install; the import line fails it if
