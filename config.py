@@ -28,9 +28,14 @@ import yaml
 from dli.errors import DliError
 from dli.models.losses import METHODS
 from dli.pipeline.planner import FILL_POLICIES
+from dli.pipeline.planner import POISSON_SOLVERS as PLANNER_POISSON_SOLVERS
 
 FILLS: tuple[str, ...] = FILL_POLICIES
 """How DLI chooses which defect-free images of a batch receive a defect."""
+
+POISSON_SOLVERS: tuple[str, ...] = PLANNER_POISSON_SOLVERS
+"""DLI's Poisson solvers: one sine-transform solve per window, or the region's own problem by PCG
+(`dli.kernels.poisson`); the default is chosen in docs/results.md."""
 
 SPLITS: tuple[str, ...] = ("stratified", "reference")
 """Named train/validation splits; `--split` also takes a folder of split CSVs."""
@@ -47,6 +52,7 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
         "dice": "per-class",
         "decoder_convs": 2,
         "poisson_label": "source",
+        "poisson_window": "box",
         "resize": "linear",
         "lr_schedule": "per-step",
         "last_batch": "drop",
@@ -59,6 +65,7 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
         "dice": "global",
         "decoder_convs": 4,
         "poisson_label": "dilated",
+        "poisson_window": "image",
         "resize": "nearest",
         "lr_schedule": "per-epoch",
         "last_batch": "keep",
@@ -79,6 +86,8 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
 - ``decoder_convs``: conv-BN-ReLU layers per UNet decoder block (smp: 2; the reference's vendored
   smp: 4).
 - ``poisson_label``: label of a Poisson injection, the ``source`` mask or the ``dilated`` blending domain.
+- ``poisson_window``: the window of the direct Poisson solve (`dli.kernels.poisson_direct`), the region's
+  ``box`` widened by a margin, or the whole ``image`` (as the reference's one sine-transform solve).
 - ``resize``: image resizing, antialiased ``linear`` or ``nearest`` (masks are always nearest).
 - ``lr_schedule``: cosine annealing stepped ``per-step`` or ``per-epoch``.
 - ``last_batch``: the last incomplete training batch of an epoch, ``drop`` or ``keep``.
@@ -92,6 +101,7 @@ PROTOCOL_CHOICES: dict[str, tuple[Any, ...]] = {
     "dice": ("per-class", "global"),
     "decoder_convs": (2, 4),
     "poisson_label": ("source", "dilated"),
+    "poisson_window": ("box", "image"),
     "resize": ("linear", "nearest"),
     "lr_schedule": ("per-step", "per-epoch"),
     "last_batch": ("drop", "keep"),
@@ -146,6 +156,8 @@ class TrainConfig:
     dice: str | None = None
     decoder_convs: int | None = None
     poisson_label: str | None = None
+    poisson_window: str | None = None
+    poisson_solver: str = "direct"
     resize: str | None = None
     lr_schedule: str | None = None
     last_batch: str | None = None
@@ -175,6 +187,7 @@ class TrainConfig:
         """Check every value; raise `DliError` naming the flag and the value. Returns self."""
         _choice(self, "method", METHODS)
         _choice(self, "fill", FILLS)
+        _choice(self, "poisson_solver", POISSON_SOLVERS)
         if self.protocol is not None:
             _choice(self, "protocol", PROTOCOLS)
         for name, choices in PROTOCOL_CHOICES.items():

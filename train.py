@@ -27,6 +27,7 @@ from dli.config import (
     DEFAULT_PROTOCOL,
     FILLS,
     PAPER_SCHEDULE,
+    POISSON_SOLVERS,
     PROTOCOL_CHOICES,
     PROTOCOL_DEFAULTS,
     PROTOCOLS,
@@ -116,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--fill", choices=FILLS, default=d.fill, help="DLI: which defect-free images receive a defect"
     )
+    method.add_argument(
+        "--poisson-solver",
+        choices=POISSON_SOLVERS,
+        default=d.poisson_solver,
+        help="DLI: Poisson blending by one sine-transform solve per window (direct), or by conjugate "
+        "gradients on the region's own problem (cg)",
+    )
 
     protocol = parser.add_argument_group(
         "protocol",
@@ -137,6 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dice": "soft Dice per class (mean over classes present), or one Dice over all classes and pixels",
         "decoder_convs": "conv-BN-ReLU layers per UNet decoder block (smp: 2, reference: 4)",
         "poisson_label": "DLI: label of a Poisson injection, the source mask or the dilated blending domain",
+        "poisson_window": "DLI: window of the direct Poisson solve, the region's box plus a margin or the "
+        "whole image (reference)",
         "resize": "image resizing: antialiased linear or nearest neighbour (masks: always nearest)",
         "lr_schedule": "cosine annealing of the learning rate stepped per step or per epoch",
         "last_batch": "the last incomplete training batch of each epoch: drop or keep",

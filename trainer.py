@@ -255,7 +255,11 @@ class Trainer:
         # Shuffling, flips and injection plans are functions of (seed, epoch) alone.
         injection = (
             DliConfig(
-                poisson_prob=config.poisson_prob, fill=config.fill, poisson_label=str(config.poisson_label)
+                poisson_prob=config.poisson_prob,
+                fill=config.fill,
+                poisson_label=str(config.poisson_label),
+                poisson_solver=config.poisson_solver,
+                poisson_window=str(config.poisson_window),
             )
             if config.method == "dli"
             else None

@@ -76,6 +76,9 @@ CPU: ~25 array calls of a few µs each against ~25 ns per pixel (measured, docs/
 ~40 launches of ~5 µs against ~0.1 ns per pixel at HBM speed, an estimate not yet measured on a GPU:
 it merges a batch into one or two buckets there."""
 
+SOLVERS: tuple[str, ...] = ("cg", "direct")
+"""`poisson_blend` solvers: the preconditioned CG of this module, or `dli.kernels.poisson_direct`."""
+
 BUDGET_BASE = 12
 BUDGET_PER_DECADE = 6
 """`default_max_iter` = BUDGET_BASE + BUDGET_PER_DECADE · log10(1 / tol), rounded up."""
@@ -123,8 +126,10 @@ class PoissonInfo:
         tol: float,
         max_iter: int,
         traffic_bytes: int,
+        solver: str = "cg",
     ) -> None:
         self._fetch: Callable[[], dict[str, np.ndarray]] | None = fetch
+        self.solver = solver
         self._host: dict[str, np.ndarray] = {}
         self._warned = False
         self.windows = windows
@@ -134,6 +139,22 @@ class PoissonInfo:
         self.tol = tol
         self.max_iter = max_iter
         self.traffic_bytes = traffic_bytes
+
+    @classmethod
+    def direct(
+        cls, fetch: Callable[[], dict[str, np.ndarray]], *, n: int, channels: int, windows: np.ndarray
+    ) -> PoissonInfo:
+        """The report of a direct solve (`dli.kernels.poisson_direct`): exact, so no iterations and
+        every system converged; `fetch` brings `outside_box` (region pixels no window covered)."""
+
+        def fetch_all() -> dict[str, np.ndarray]:
+            return fetch() | {
+                "iterations": np.zeros((n, channels), dtype=np.int32),
+                "residuals": np.zeros((n, channels)),
+                "converged": np.ones((n, channels), dtype=bool),
+            }
+
+        return cls(fetch_all, windows=windows, steps=0, tol=0.0, max_iter=0, traffic_bytes=0, solver="direct")
 
     def _get(self, name: str) -> np.ndarray:
         if self._fetch is not None:
@@ -164,9 +185,15 @@ class PoissonInfo:
     def summary(self) -> str:
         """One line: how many systems converged, iterations, worst residual, windows."""
         count = self.converged.size
+        outside = int(self.outside_box.sum())
+        if self.solver == "direct":
+            return (
+                f"{count} systems solved directly (sine transform) on {self.buckets} window shape(s) "
+                f"up to {self.window[0]}x{self.window[1]}"
+                + (f"; {outside} region pixel(s) outside their windows" if outside else "")
+            )
         iterations = self.iterations if self.iterations.size else np.zeros(1, dtype=int)
         worst = float(self.residuals.max()) if self.residuals.size else 0.0
-        outside = int(self.outside_box.sum())
         return (
             f"{int(self.converged.sum())}/{count} systems converged "
             f"(tol {self.tol:g}, max_iter {self.max_iter}); "
@@ -224,8 +251,14 @@ def poisson_blend(
     max_iter: int | None = None,
     x0: Any = None,
     boxes: Any = None,
+    solver: str = "cg",
+    window: str = "box",
 ) -> tuple[Any, PoissonInfo]:
     """Seamlessly clone `source` into `target` over `mask` (see the module docstring for the problem).
+
+    With ``solver="direct"`` the problem is the one of `dli.kernels.poisson_direct` instead (a
+    rectangular window per image, the region's box widened by a margin or the whole image as
+    `window` says, solved at once by sine transforms); `tol`, `max_iter` and `x0` then do not apply.
 
     Args:
         target, source: (N, C, H, W) float32 or float64 images (NumPy, CuPy or torch; same kind).
@@ -237,6 +270,8 @@ def poisson_blend(
         boxes: optional host (N, 4) int (top, left, bottom, right), inclusive pixel bounds that
             contain each image's region (empty where top > bottom); with them nothing is read
             back from the device. Without them they are measured (one read-back on the GPU).
+        solver: ``cg`` (the region's own Dirichlet problem, iterated) or ``direct``.
+        window: the direct solver's window, ``box`` or ``image``.
 
     Returns:
         The blended images (same type, device and dtype as `target`) and a `PoissonInfo`. On the
@@ -252,14 +287,23 @@ def poisson_blend(
     if isinstance(x0, str) and x0 != "zeros":
         raise ValueError(f'x0 must be None, "zeros" or an (N, C, H, W) array, got {x0!r}')
     _check_inputs(target, source, mask, tol, max_iter)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if boxes is not None:
         boxes = _checked_boxes(boxes, target.shape[0])
     xp = array_module(target, source, mask)
     with device_of(target):
         target, source, mask = xp.asarray(target), xp.asarray(source), xp.asarray(mask)
         x0 = x0 if x0 is None or isinstance(x0, str) else xp.asarray(x0)
-        budget = default_max_iter(tol) if max_iter is None else max_iter
-        blended, info = _blend(xp, target, source, mask, mixed_gradients, tol, budget, x0, boxes)
+        if solver == "direct":
+            from dli.kernels.poisson_direct import direct_blend
+
+            blended, info = direct_blend(
+                xp, target, source, mask, mixed_gradients=mixed_gradients, boxes=boxes, window=window
+            )
+        else:
+            budget = default_max_iter(tol) if max_iter is None else max_iter
+            blended, info = _blend(xp, target, source, mask, mixed_gradients, tol, budget, x0, boxes)
     if xp is np:
         info.check(stacklevel=2)
     return (as_tensor(blended) if torch_in else blended), info

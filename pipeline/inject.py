@@ -6,7 +6,8 @@ Intensities may be raw [0, 1] or normalized: cut-paste and Poisson blending comm
 affine intensity map, so only the clamp bounds (`value_range`) depend on it.
 
 Poisson injections are one `poisson_blend` call over their sub-batch (blending domain = the
-source mask dilated by `DliConfig.dilate_radius`, mixed gradients); cut-paste injections
+source mask dilated by `DliConfig.dilate_radius`, mixed gradients, solved directly on a window
+or by CG as `DliConfig.poisson_solver` says); cut-paste injections
 are one `paste` call over theirs. On the GPU no Python loop runs over images; on the CPU the
 kernels copy image by image where that beats NumPy's batched gathers (`dli.kernels.paste`).
 
@@ -15,9 +16,10 @@ tensors through the CuPy kernels on torch's current stream. The index tensors co
 host-side plan (copied to the device asynchronously), and dilation and cut-paste read nothing
 back. Neither does the Poisson solve when the caller passes the regions' `boxes`, which
 `region_boxes` computes on the host from the plan and each source's defect box measured at
-validation: the solver then runs a fixed iteration budget and its `PoissonInfo` is copied back
-behind the solve, to be checked a batch later (`PoissonInfo.check`). Without `boxes` the solver
-measures the regions on the device, one read-back that waits for the work queued before it.
+validation: the solver then places its windows on the host (the CG runs a fixed iteration
+budget) and its `PoissonInfo` is copied back behind the solve, to be checked a batch later
+(`PoissonInfo.check`). Without `boxes` the solver measures the regions on the device, one
+read-back that waits for the work queued before it.
 """
 
 from __future__ import annotations
@@ -205,6 +207,8 @@ def inject(
                 mixed_gradients=config.mixed_gradients,
                 tol=config.poisson_tol,
                 boxes=poisson_boxes,
+                solver=config.poisson_solver,
+                window=config.poisson_window,
             )
             # The blend may overshoot the intensity range; clamp as an 8-bit result would be.
             batch[slots] = xp.clip(blended, *value_range)

@@ -52,6 +52,10 @@ class EmptyClassWarning(UserWarning):
 
 
 POISSON_LABELS: tuple[str, ...] = ("source", "dilated")
+POISSON_SOLVERS: tuple[str, ...] = ("direct", "cg")
+"""How a Poisson injection is solved (`DliConfig.poisson_solver`)."""
+POISSON_WINDOWS: tuple[str, ...] = ("box", "image")
+"""The direct solver's window (`DliConfig.poisson_window`)."""
 """What a Poisson injection labels (`DliConfig.poisson_label`)."""
 
 
@@ -73,6 +77,11 @@ class DliConfig:
             levels), in a fifth fewer iterations (docs/kernels.md).
         poisson_label: label of a Poisson injection: ``source`` (the source's own mask) or
             ``dilated`` (the blending domain, as the reference implementation labels it).
+        poisson_solver: ``direct`` (one sine-transform solve per window,
+            `dli.kernels.poisson_direct`) or ``cg`` (the region's own problem, iterated to
+            `poisson_tol`).
+        poisson_window: the direct solver's window: the region's ``box`` widened by a margin, or
+            the whole ``image`` (the reference implementation's choice).
         augment: per-class augmentation of the injected sources (index = class id); None
             picks it from the class names (`dli.pipeline.augment.defect_augments`).
     """
@@ -84,6 +93,8 @@ class DliConfig:
     poisson_tol: float = 1e-4
     augment: tuple[AffineAugment, ...] | None = None
     poisson_label: str = "source"
+    poisson_solver: str = "direct"
+    poisson_window: str = "box"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.poisson_prob <= 1.0:
@@ -94,6 +105,14 @@ class DliConfig:
             raise DliError(f"dilate_radius {self.dilate_radius}: must be >= 0")
         if not 0.0 < self.poisson_tol < 1.0:
             raise DliError(f"poisson_tol {self.poisson_tol}: must be in (0, 1)")
+        if self.poisson_solver not in POISSON_SOLVERS:
+            raise DliError(
+                f"poisson_solver {self.poisson_solver!r}: choose one of {', '.join(POISSON_SOLVERS)}"
+            )
+        if self.poisson_window not in POISSON_WINDOWS:
+            raise DliError(
+                f"poisson_window {self.poisson_window!r}: choose one of {', '.join(POISSON_WINDOWS)}"
+            )
         if self.poisson_label not in POISSON_LABELS:
             raise DliError(f"poisson_label {self.poisson_label!r}: choose one of {', '.join(POISSON_LABELS)}")
 
@@ -105,6 +124,8 @@ class DliConfig:
             "mixed_gradients": self.mixed_gradients,
             "poisson_tol": self.poisson_tol,
             "poisson_label": self.poisson_label,
+            "poisson_solver": self.poisson_solver,
+            "poisson_window": self.poisson_window,
         }
         if self.augment is not None:
             out["augment"] = [a.to_dict() for a in self.augment]
