@@ -28,6 +28,7 @@ from torch import nn
 
 from dli.atomic import atomic_save
 from dli.errors import DliError
+from dli.tiling import Tiling
 
 FORMAT = "dli-checkpoint"
 VERSION = 1
@@ -78,6 +79,8 @@ class ModelInfo:
         mean, std: per-channel normalization applied to images scaled to [0, 1].
         decoder_convs: conv-BN-ReLU layers per decoder block (2, or 4 as in the reference).
         resize: how images were resized in training (``linear`` or ``nearest``).
+        tiling: how the model predicts a whole image when it was trained on crops (tile size =
+            crop size, overlap, window, scale); None for a model trained on whole resized images.
     """
 
     encoder: str
@@ -87,6 +90,7 @@ class ModelInfo:
     std: tuple[float, ...]
     decoder_convs: int = 2
     resize: str = "linear"
+    tiling: Tiling | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +105,7 @@ class ModelInfo:
             std=tuple(float(v) for v in data["std"]),
             decoder_convs=int(data.get("decoder_convs", 2)),
             resize=str(data.get("resize", "linear")),
+            tiling=Tiling.from_dict(data.get("tiling")),
         )
 
 

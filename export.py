@@ -9,7 +9,8 @@ multiples of the encoder's stride; output `logits`: its per-class logits, float3
 computes in float16 inside the graph (a cast at each end keeps the input and output float32).
 The metadata a deployment needs is embedded in `metadata_props` (`dli.onnx_model.OnnxMetadata`):
 class names, input channels, normalization, the training image size, the per-class thresholds
-(the checkpoint's calibrated ones unless `--threshold`), and the dli version and commit.
+(the checkpoint's calibrated ones unless `--threshold`), the tiling of a model trained on crops
+(`dli.tiling.Tiling`: tile size, overlap, window, scale), and the dli version and commit.
 
 Before anything is written, onnxruntime runs the export and torch runs the checkpoint's model
 (float32, CPU) on the same random batches of two sizes (batch 2); if a sigmoid probability
@@ -314,6 +315,7 @@ def _metadata(
         opset=opset,
         dli_version=dli.__version__,
         dli_commit=source_commit(),
+        tiling=info.tiling,
     )
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from dli.errors import DliError
+from dli.tiling import Tiling
 
 FORMAT = "dli-onnx"
 FORMAT_VERSION = 1
@@ -51,6 +52,9 @@ class OnnxMetadata:
         precision: "float32" or "float16" (computation inside; inputs and outputs are float32).
         opset: the ONNX operator set of the graph.
         dli_version, dli_commit: the dli that exported it ("unknown" outside a git checkout).
+        tiling: tile size, overlap, window and scale of a model trained on crops (`dli.tiling`),
+            which `dli predict --onnx` tiles by exactly as `--checkpoint` does; None (absent in
+            files written before tiling) for a model trained on whole resized images.
     """
 
     class_names: tuple[str, ...]
@@ -66,6 +70,7 @@ class OnnxMetadata:
     opset: int
     dli_version: str
     dli_commit: str
+    tiling: Tiling | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -79,7 +84,12 @@ class OnnxMetadata:
         if props.get(METADATA_PREFIX + "format") != json.dumps(FORMAT):
             raise DliError(f"{source} has no dli metadata (not written by dli export)")
         try:
-            values = {f.name: json.loads(props[METADATA_PREFIX + f.name]) for f in fields(cls)}
+            optional = {"tiling"}
+            values = {
+                f.name: json.loads(props[METADATA_PREFIX + f.name])
+                for f in fields(cls)
+                if f.name not in optional or METADATA_PREFIX + f.name in props
+            }
             metadata = cls(
                 class_names=tuple(str(n) for n in values["class_names"]),
                 input_channels=int(values["input_channels"]),
@@ -94,6 +104,7 @@ class OnnxMetadata:
                 opset=int(values["opset"]),
                 dli_version=str(values["dli_version"]),
                 dli_commit=str(values["dli_commit"]),
+                tiling=Tiling.from_dict(values.get("tiling")),
                 format=str(values["format"]),
                 format_version=int(values["format_version"]),
             )

@@ -13,6 +13,12 @@ onnxruntime, normalization and thresholds read from its metadata): the two give 
 masks up to pixels whose probability lies within the export's tolerance of the threshold. The
 `--onnx` path imports neither torch nor smp nor DALI (`dli.onnx_model`).
 
+**Tiles.** A model trained on crops (its checkpoint or export records a `dli.tiling.Tiling`), or
+any model given `--tile S`, predicts each image at native resolution by overlapping S x S tiles
+whose logits are blended by a window (`dli.tiling`, the same NumPy code for both paths); masks
+are thresholded band by band, so memory is bounded by the tile batch and the image itself.
+`--overlap` and `--window` override what the model carries.
+
 A folder in the Magnetic Tile layout also holds the ground-truth masks: a `.png` is taken as
 a mask, not an image, when another image has its stem or its stem ends in `_mask`.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +38,7 @@ from dli.atomic import atomic_save
 from dli.errors import DliError
 from dli.models.thresholds import check_threshold
 from dli.pipeline.imageio import is_image_file, read_gray
+from dli.tiling import DEFAULT_OVERLAP, WINDOWS, TiledInference, Tiling, normalizer
 
 if TYPE_CHECKING:
     import torch
@@ -91,13 +98,21 @@ def preprocess(gray: np.ndarray, info: ModelInfo) -> torch.Tensor:
     return (image.expand(len(info.mean), -1, -1) - mean) / std
 
 
+OVERLAY_ROWS = 512
+"""Rows of the overlay computed at once (float32 work stays a few MB for any image height)."""
+
+
 def overlay(gray: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8: `gray` with each class mask of `masks` (C, H, W bool) tinted in its colour."""
-    out = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
-    for class_id, mask in enumerate(masks):
-        colour = np.array(CLASS_COLOURS[class_id % len(CLASS_COLOURS)], np.float32)
-        out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * colour
-    return out.round().clip(0, 255).astype(np.uint8)
+    out = np.empty((*gray.shape, 3), np.uint8)
+    for top in range(0, gray.shape[0], OVERLAY_ROWS):
+        rows = slice(top, top + OVERLAY_ROWS)
+        band = np.repeat(gray[rows, :, None].astype(np.float32), 3, axis=2)
+        for class_id, mask in enumerate(masks[:, rows]):
+            colour = np.array(CLASS_COLOURS[class_id % len(CLASS_COLOURS)], np.float32)
+            band[mask] = (1 - OVERLAY_ALPHA) * band[mask] + OVERLAY_ALPHA * colour
+        out[rows] = band.round().clip(0, 255).astype(np.uint8)
+    return out
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -110,24 +125,77 @@ def _batches(paths: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 class Predictor(Protocol):
-    """A model that turns grayscale images into per-class probabilities at their own size."""
+    """A model that turns grayscale images into per-class probabilities at their own size.
+
+    `tiled` is set when the model predicts by tiles (`dli.tiling`), None when it resizes each
+    image to its training size.
+    """
 
     class_names: tuple[str, ...]
     thresholds: tuple[float, ...]
+    tiled: TiledInference | None
 
     def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+def resolve_tiling(
+    carried: Tiling | None,
+    *,
+    stride: int,
+    tile: int | None = None,
+    overlap: float | None = None,
+    window: str | None = None,
+) -> Tiling | None:
+    """The tiling a prediction uses: the model's (`carried`), with `--tile/--overlap/--window` over it.
+
+    `--tile` switches tiling on for a model that carries none (overlap 0.25, Hann window unless
+    given); `--overlap` or `--window` alone need a model that carries a tiling.
+    """
+    if tile is None and carried is None:
+        if overlap is not None or window is not None:
+            raise DliError("--overlap and --window need --tile S (this model was not trained on crops)")
+        return None
+    base = carried or Tiling(tile=tile or 0)
+    return Tiling(
+        tile=base.tile if tile is None else tile,
+        overlap=base.overlap if overlap is None else overlap,
+        window=base.window if window is None else window,
+        scale=base.scale,
+    ).check(stride)
+
+
+def tiled_inference(
+    runner: Callable[[np.ndarray], np.ndarray],
+    tiling: Tiling | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+) -> TiledInference | None:
+    """The tiled predictor of a model (None without a tiling): uint8 gray tiles normalized as in training."""
+    if tiling is None:
+        return None
+    return TiledInference(runner, tiling, normalizer(tuple(mean), tuple(std)), batch=batch_size)
 
 
 class CheckpointPredictor:
     """A checkpoint's model on torch (`--checkpoint`), thresholds from the checkpoint."""
 
     def __init__(
-        self, checkpoint: str | Path, *, device: str = "auto", threshold: float | None = None
+        self,
+        checkpoint: str | Path,
+        *,
+        device: str = "auto",
+        threshold: float | None = None,
+        tile: int | None = None,
+        overlap: float | None = None,
+        window: str | None = None,
+        batch_size: int = 8,
     ) -> None:
         import torch
 
         from dli.checkpoint import load_checkpoint, model_from_checkpoint
         from dli.models.thresholds import thresholds_of
+        from dli.models.unet import encoder_spec
         from dli.trainer import amp_dtype_for, resolve_device
 
         self.device = resolve_device(device)
@@ -137,6 +205,21 @@ class CheckpointPredictor:
         self.amp_dtype = amp_dtype_for(self.device)
         self.class_names = self.info.class_names
         self.thresholds = thresholds_of(document, self.class_names, threshold).values
+        stride = 2 ** encoder_spec(self.info.encoder).depth
+        tiling = resolve_tiling(self.info.tiling, stride=stride, tile=tile, overlap=overlap, window=window)
+        self.tiled = tiled_inference(self.logits, tiling, self.info.mean, self.info.std, batch_size)
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """(N, classes, H, W) float32 logits of a normalized (N, C, H, W) float32 batch."""
+        import torch
+
+        amp_dtype, device_type = self.amp_dtype, self.device.type
+        batch = torch.from_numpy(inputs).to(self.device).contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(
+            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        )
+        with torch.no_grad(), autocast:
+            return self.model(batch).float().cpu().numpy()
 
     def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -159,13 +242,28 @@ class CheckpointPredictor:
 class OnnxPredictor:
     """A `dli export` on onnxruntime (`--onnx`), thresholds from its metadata."""
 
-    def __init__(self, path: str | Path, *, device: str = "auto", threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        threshold: float | None = None,
+        tile: int | None = None,
+        overlap: float | None = None,
+        window: str | None = None,
+        batch_size: int = 8,
+    ) -> None:
         from dli.onnx_model import OnnxModel
 
         self.model = OnnxModel(path, device=device)
         self.class_names = self.model.class_names
         n = len(self.class_names)
         self.thresholds = (threshold,) * n if threshold is not None else self.model.metadata.thresholds
+        metadata = self.model.metadata
+        tiling = resolve_tiling(
+            metadata.tiling, stride=metadata.input_stride, tile=tile, overlap=overlap, window=window
+        )
+        self.tiled = tiled_inference(self.model.logits, tiling, metadata.mean, metadata.std, batch_size)
 
     def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.model.probabilities(grays)
@@ -180,11 +278,15 @@ def predict_folder(
     device: str = "auto",
     batch_size: int = 8,
     threshold: float | None = None,
+    tile: int | None = None,
+    overlap: float | None = None,
+    window: str | None = None,
 ) -> list[Path]:
     """Write masks and overlays for every image in `images` to `out`; returns the files written.
 
     The model is `checkpoint` or, instead, the ONNX export `onnx`. `threshold` (one for every
-    class) overrides the thresholds the model carries.
+    class) overrides the thresholds the model carries; `tile`, `overlap` and `window` the tiling
+    it carries (`resolve_tiling`). `batch_size` counts images, or tiles when tiling.
     """
     if (checkpoint is None) == (onnx is None):
         raise DliError("give one model: --checkpoint FILE or --onnx FILE")
@@ -194,19 +296,23 @@ def predict_folder(
         check_threshold(threshold)
     paths = list_images(Path(images))
     predictor: Predictor
+    options = {"threshold": threshold, "tile": tile, "overlap": overlap, "window": window}
     if onnx is not None:
-        predictor = OnnxPredictor(onnx, device=device, threshold=threshold)
+        predictor = OnnxPredictor(onnx, device=device, batch_size=batch_size, **options)
     else:
         assert checkpoint is not None
-        predictor = CheckpointPredictor(checkpoint, device=device, threshold=threshold)
+        predictor = CheckpointPredictor(checkpoint, device=device, batch_size=batch_size, **options)
     thresholds = np.asarray(predictor.thresholds, np.float32).reshape(-1, 1, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for group in _batches(paths, batch_size):
+    for group in _batches(paths, 1 if predictor.tiled is not None else batch_size):
         grays = [read_gray(p) for p in group]
-        for path, gray, probabilities in zip(group, grays, predictor.probabilities(grays), strict=True):
-            masks = probabilities > thresholds
+        if predictor.tiled is not None:
+            all_masks = [tiled_masks(predictor.tiled, grays[0], thresholds)]
+        else:
+            all_masks = [p > thresholds for p in predictor.probabilities(grays)]
+        for path, gray, masks in zip(group, grays, all_masks, strict=True):
             for name, mask in zip(predictor.class_names, masks, strict=True):
                 target = out / f"{path.stem}_{name}.png"
                 _write_png(target, mask.astype(np.uint8) * 255)
@@ -215,6 +321,45 @@ def predict_folder(
             _write_png(target, overlay(gray, masks))
             written.append(target)
     return written
+
+
+def tiled_masks(tiled: TiledInference, gray: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(classes, H, W) bool masks of one image predicted by tiles, thresholded band by band."""
+    from dli.onnx_model import sigmoid
+
+    masks: np.ndarray | None = None
+    for top, band in tiled.bands(gray[None]):
+        if masks is None:
+            masks = np.zeros((band.shape[0], *gray.shape), bool)
+        masks[:, top : top + band.shape[1]] = sigmoid(band) > thresholds
+    assert masks is not None
+    return masks
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--tile`, `--overlap`, `--window` of the commands that predict (eval, predict)."""
+    parser.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="S",
+        help="predict by overlapping S x S tiles at native resolution (a multiple of the encoder's stride); "
+        "unset: the model's own tiling if it was trained on crops, else one resized pass",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help=f"fraction of a tile shared with its neighbours, in [0, 0.9]; unset: the model's, else "
+        f"{DEFAULT_OVERLAP:g}",
+    )
+    parser.add_argument(
+        "--window",
+        choices=WINDOWS,
+        default=None,
+        help="how tile logits are blended: down-weighting tile borders (hann, gaussian) or a plain "
+        "average (uniform); unset: the model's, else hann",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +372,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", **required, help="folder for <stem>_<class>.png masks and <stem>_overlay.png"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="images per forward pass (tiles when predicting by tiles)"
+    )
+    add_tiling_arguments(parser)
     parser.add_argument(
         "--threshold",
         type=float,
@@ -246,6 +394,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        tile=args.tile,
+        overlap=args.overlap,
+        window=args.window,
     )
     print(f"wrote {len(written)} files to {args.out}")
     return 0
