@@ -8,7 +8,8 @@ a set into the index-mask layout that every other part of dli reads:
     <cache>/annotations/<name>-<key>/
         classes.txt        the class names, one a line (index value k = k-th name, 1-based)
         masks/<rel>.png    one 8-bit index PNG per image: 0 = background, k = class k
-        images.csv         image,mask: each image (absolute path) and its mask; written last
+        images.csv         image,mask,values: each image (absolute path), its mask and the
+                           values its mask holds (``1 3``); written last
 
 `<cache>` is ``$DLI_CACHE`` or ``~/.cache/dli``; `<key>` is a SHA-256 of the annotation files'
 bytes and of every image's relative path and pixel size (`AnnotationSet.key`), so a second run with
@@ -236,28 +237,39 @@ class IndexMasks:
         folder: the cache folder (layout in the module docstring).
         class_names: as in the set.
         pairs: (original image, its index mask) per image, in the set's order.
+        classes: the class ids (0-based) each mask holds, ascending; empty for defect-free.
         reused: whether the folder existed already (nothing was rasterized).
     """
 
     folder: Path
     class_names: tuple[str, ...]
     pairs: tuple[tuple[Path, Path], ...]
+    classes: tuple[tuple[int, ...], ...]
     reused: bool
 
 
-def _write_masks(aset: AnnotationSet, folder: Path, workers: int) -> list[tuple[Path, str]]:
-    """Rasterize every image into `folder`; raise one error listing every empty shape."""
+def _mask_names(aset: AnnotationSet) -> list[str]:
     taken: set[str] = set()
-    names = [_mask_name(aset, item, taken) for item in aset.images]
+    return [_mask_name(aset, item, taken) for item in aset.images]
+
+
+def _write_masks(aset: AnnotationSet, folder: Path, workers: int) -> list[tuple[int, ...]]:
+    """Rasterize every image into `folder`; the class ids each mask holds, in image order.
+
+    Raises one error listing every empty shape (nothing is kept then).
+    """
+    names = _mask_names(aset)
     for name in {Path(n).parent for n in names}:
         (folder / MASKS_FOLDER / name).mkdir(parents=True, exist_ok=True)
 
-    def one(job: tuple[AnnotatedImage, str]) -> list[Problem]:
+    def one(job: tuple[AnnotatedImage, str]) -> tuple[tuple[int, ...], list[Problem]]:
         item, name = job
         mask, problems = index_mask(item)
-        if not problems:
-            (folder / MASKS_FOLDER / name).write_bytes(_encode_png(mask))
-        return problems
+        if problems:
+            return (), problems
+        (folder / MASKS_FOLDER / name).write_bytes(_encode_png(mask))
+        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)[1:])
+        return tuple(int(c) for c in present), []
 
     jobs = list(zip(aset.images, names, strict=True))
     if workers > 1 and len(jobs) > 64:
@@ -265,10 +277,17 @@ def _write_masks(aset: AnnotationSet, folder: Path, workers: int) -> list[tuple[
             results = list(pool.map(one, jobs))
     else:
         results = [one(job) for job in jobs]
-    problems = [p for r in results for p in r]
+    problems = [p for _, found in results for p in found]
     if problems:
         raise problems_error(problems, aset.source)
-    return [(item.image, f"{MASKS_FOLDER}/{name}") for item, name in jobs]
+    return [classes for classes, _ in results]
+
+
+def _read_classes(folder: Path) -> list[tuple[int, ...]]:
+    """The class ids per image recorded in a complete cache folder's `PAIRS_FILE`."""
+    with (folder / PAIRS_FILE).open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return [tuple(int(v) - 1 for v in row[2].split()) for row in rows]
 
 
 def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMasks:
@@ -283,13 +302,12 @@ def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMask
             f"{aset.source}: {len(aset.class_names)} classes; index masks hold at most {MAX_CLASSES}"
         )
     folder = cache_folder(aset)
+    names = _mask_names(aset)
+    pairs = tuple((item.image, folder / MASKS_FOLDER / n) for item, n in zip(aset.images, names, strict=True))
     if (folder / PAIRS_FILE).is_file():  # written last: the folder is complete
-        taken: set[str] = set()
-        names = [_mask_name(aset, item, taken) for item in aset.images]
-        pairs = tuple(
-            (item.image, folder / MASKS_FOLDER / n) for item, n in zip(aset.images, names, strict=True)
-        )
-        return IndexMasks(folder, aset.class_names, pairs, reused=True)
+        classes = _read_classes(folder)
+        if len(classes) == len(pairs):
+            return IndexMasks(folder, aset.class_names, pairs, tuple(classes), reused=True)
     workers = workers or min(8, os.cpu_count() or 1)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -297,13 +315,16 @@ def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMask
     except OSError as error:
         raise DliError(f"cannot write the mask cache {folder.parent}: {error.strerror or error}") from None
     try:
-        rows = _write_masks(aset, tmp, workers)
+        classes = _write_masks(aset, tmp, workers)
         (tmp / CLASSES_FILE).write_text("".join(f"{n}\n" for n in aset.class_names), encoding="utf-8")
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(("image", "mask"))
-        writer.writerows((image.as_posix(), mask) for image, mask in rows)
+        writer.writerow(("image", "mask", "values"))
+        for (image, _), name, found in zip(pairs, names, classes, strict=True):
+            writer.writerow((image.as_posix(), f"{MASKS_FOLDER}/{name}", " ".join(str(c + 1) for c in found)))
         (tmp / PAIRS_FILE).write_text(buffer.getvalue(), encoding="utf-8")
+        if folder.exists():  # an incomplete folder left by hand: replace it
+            shutil.rmtree(folder, ignore_errors=True)
         try:
             tmp.rename(folder)
         except OSError:
@@ -314,7 +335,7 @@ def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMask
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return IndexMasks(folder, aset.class_names, tuple((i, folder / m) for i, m in rows), reused=False)
+    return IndexMasks(folder, aset.class_names, pairs, tuple(classes), reused=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,10 @@ def test_reads_classes_shapes_and_defect_free_images(tmp_path: Path) -> None:
     np.testing.assert_array_equal(masks["a.jpg"], mask)
     assert masks["b.png"][5:31, 5:31].min() == 1 and masks["b.png"].sum() == 26 * 26
     assert not masks["d.jpg"].any() and masks["d.jpg"].shape == (30, 30)
-    assert materialize(read_labelme(tmp_path / "data")).reused
+    held = {image.name: classes for (image, _), classes in zip(result.pairs, result.classes, strict=True)}
+    assert held == {"a.jpg": (1, 2), "b.png": (0,), "c.jpg": (), "d.jpg": (), "e.jpg": ()}
+    again = materialize(read_labelme(tmp_path / "data"))
+    assert again.reused and again.classes == result.classes and again.pairs == result.pairs
 
 
 def test_classes_txt_fixes_the_order_and_rejects_unlisted_labels(tmp_path: Path) -> None:
