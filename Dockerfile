@@ -62,7 +62,8 @@ RUN pip install \
         "matplotlib==3.11.2" \
         "tensorboard==2.21.0" \
         "pyyaml==6.0.4" \
-        "pycocotools==2.0.11"
+        "pycocotools==2.0.11" \
+        "contourpy==1.3.3"
 
 # The project itself, without dependencies (all installed above). `pip check` fails the build if
 # pyproject.toml declares something the layer above did not install; the import line fails it if

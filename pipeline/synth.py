@@ -450,6 +450,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed gives identical files"
     )
+    from dli.pipeline.synth_formats import FORMATS
+
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="mt",
+        help="layout: mt (MT_<Class>/Imgs/), index (images/ + masks/ index PNGs + classes.txt), "
+        "coco (images/ + annotations.json polygons), labelme (<name>.jpg + <name>.json polygons)",
+    )
+    parser.add_argument("--rgb", action="store_true", help="colour images (tinted tiles, coloured defects)")
+    parser.add_argument(
+        "--classes-per-image",
+        type=int,
+        default=1,
+        metavar="K",
+        help="up to K defect classes in one image (a third of the defect images hold 2..K); not with mt",
+    )
+    parser.add_argument("--no-free", action="store_true", help="no defect-free images")
 
 
 def format_counts(manifest: Manifest) -> str:
@@ -462,6 +480,19 @@ def format_counts(manifest: Manifest) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dli.pipeline.synth_formats import SynthOptions, data_path, generate_formatted
+
+    options = SynthOptions(args.format, args.rgb, args.classes_per_image, not args.no_free)
+    if not options.is_default:
+        counts = generate_formatted(
+            args.out, images=args.images, seed=args.seed, size_range=DEFAULT_SIZE_RANGE, options=options
+        )
+        out = Path(args.out).absolute()
+        print(f"wrote {args.images} images to {out} (train with --data {data_path(out, options)})")
+        width = max(len(n) for n in counts)
+        print(f"{'class':<{width}}  images")
+        print("\n".join(f"{n:<{width}}  {k:>6}" for n, k in counts.items()))
+        return 0
     manifest = generate(args.out, images=args.images, seed=args.seed)
     print(f"wrote {len(manifest)} images to {manifest.root}")
     print(format_counts(manifest))
