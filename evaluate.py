@@ -9,8 +9,15 @@ Pixel-level IoU/F1 are reported at 0.5 and at the thresholds in use: `--threshol
 class, else the checkpoint's calibrated ones. `--calibrate` first chooses the thresholds on the
 evaluated images (max F1, or `--min-recall R`) and stores them in the checkpoint (rewritten
 atomically). Image-level accept/reject metrics (`dli.models.image_metrics`, `--min-area`
-pixels at the model's input size) use the thresholds in use. The CSV has one row per class and
-an `overall` row (pixel counts summed over classes; its image-level columns are "any defect").
+pixels at the model's input size, native pixels when tiling) use the thresholds in use. The
+CSV has one row per class and an `overall` row (pixel counts summed over classes; its
+image-level columns are "any defect").
+
+A model trained on crops (its checkpoint carries a `dli.tiling.Tiling`), or any model given
+`--tile S`, is scored at native resolution: each whole image is predicted by overlapping tiles
+(`dli.models.tiled`, the algorithm `dli predict` uses) and compared with its original mask,
+never resized (`dli.pipeline.native`); `--min-area` then counts native pixels. Otherwise images
+and masks are resized to the training size as in training.
 
 `--out` names the CSV file, or a folder (any path not ending in ``.csv``) that receives
 `eval.csv` and `predictions.png`, the prediction grid of `dli.figures` for the scored images.
@@ -41,6 +48,7 @@ from dli.models.thresholds import (
     thresholds_of,
 )
 from dli.pipeline.manifest import Manifest
+from dli.predict import add_tiling_arguments
 
 ALL = "all"
 """`--split all`: score every image of the dataset."""
@@ -133,16 +141,23 @@ def evaluate_checkpoint(
     min_recall: float | None = None,
     min_area: int = 1,
     predictions: str | Path | None = None,
+    tile: int | None = None,
+    overlap: float | None = None,
+    window: str | None = None,
 ) -> EvalReport:
     """Score `checkpoint` on a dataset's validation part (or all of it with `split="all"`).
 
     Unset arguments take the checkpoint's training settings. `threshold` overrides the
     checkpoint's thresholds; `calibrate` chooses new ones on these images first (maximum F1, or
     the best F1 at recall >= `min_recall`) and writes them into the checkpoint. With
-    `predictions`, the prediction grid of the scored images is written there (PNG).
+    `predictions`, the prediction grid of the scored images is written there (PNG). `tile`,
+    `overlap` and `window` set or override the checkpoint's tiling (`dli.predict.resolve_tiling`);
+    with a tiling, `batch_size` counts tiles.
     """
     from dli.datasets import load_datasets
+    from dli.models.unet import encoder_spec
     from dli.pipeline.loader import build_loader
+    from dli.predict import resolve_tiling
     from dli.trainer import amp_dtype_for, resolve_device
 
     if batch_size < 1:
@@ -184,20 +199,32 @@ def evaluate_checkpoint(
             f"dataset classes {', '.join(manifest.class_names)} differ from the checkpoint's "
             f"{', '.join(info.class_names)} ({checkpoint})"
         )
-    loader = build_loader(
-        manifest,
-        batch_size=batch_size,
-        image_size=info.image_size,
-        train=False,
-        device=torch_device,
-        num_threads=num_threads,
-        resize=info.resize,
-    )
+    stride = 2 ** encoder_spec(info.encoder).depth
+    tiling = resolve_tiling(info.tiling, stride=stride, tile=tile, overlap=overlap, window=window)
     model = model.to(memory_format=torch.channels_last)
+    if tiling is None:
+        loader = build_loader(
+            manifest,
+            batch_size=batch_size,
+            image_size=info.image_size,
+            train=False,
+            device=torch_device,
+            num_threads=num_threads,
+            resize=info.resize,
+        )
+        batches, close = (lambda: loader), loader.close
+    else:
+        from dli.models.tiled import TiledModel
+        from dli.pipeline.native import native_batches
+
+        model = TiledModel(model, tiling, batch=batch_size)
+        batches, close = (lambda: native_batches(manifest, info.mean, info.std)), (lambda: None)
     names, amp_dtype = info.class_names, amp_dtype_for(torch_device)
     if calibrate:
         calibrator = ThresholdCalibrator(names, device=torch_device)
-        evaluate_model(model, loader, names, device=torch_device, amp_dtype=amp_dtype, observers=[calibrator])
+        evaluate_model(
+            model, batches(), names, device=torch_device, amp_dtype=amp_dtype, observers=[calibrator]
+        )
         source = f"{'all images' if split == ALL else 'validation set'}, {len(manifest)} images"
         thresholds = choose_thresholds(calibrator.curves(), min_recall=min_recall, source=source)
     else:
@@ -205,9 +232,9 @@ def evaluate_checkpoint(
     pixels = ConfusionCounter(names, device=torch_device, threshold=thresholds.values)
     images = ImageDecisionCounter(names, thresholds.values, min_area=min_area, device=torch_device)
     evaluation = evaluate_model(
-        model, loader, names, device=torch_device, amp_dtype=amp_dtype, observers=[pixels, images]
+        model, batches(), names, device=torch_device, amp_dtype=amp_dtype, observers=[pixels, images]
     )
-    loader.close()
+    close()
     if calibrate:
         try:
             save_checkpoint(checkpoint, {**document, CHECKPOINT_KEY: thresholds.to_state()})
@@ -224,6 +251,7 @@ def evaluate_checkpoint(
             device=torch_device,
             amp_dtype=amp_dtype,
             num_threads=num_threads,
+            native=(info.mean, info.std) if tiling is not None else None,
         )
         try:
             grid.write(
@@ -287,7 +315,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="for --split stratified; unset: as trained",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images per batch (tiles when predicting by tiles)"
+    )
+    add_tiling_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--num-threads", type=int, default=2, help="DALI worker threads")
     parser.add_argument(
@@ -339,6 +370,9 @@ def run(args: argparse.Namespace) -> int:
         min_recall=args.min_recall,
         min_area=args.min_area,
         predictions=predictions,
+        tile=args.tile,
+        overlap=args.overlap,
+        window=args.window,
     )
     atomic_write_text(out, report.to_csv())
     print(report.text())

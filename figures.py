@@ -158,20 +158,26 @@ class PredictionGrid:
         amp_dtype: torch.dtype | None = None,
         per_class: int = EXAMPLES_PER_CLASS,
         num_threads: int = 1,
+        native: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         from dli.pipeline.loader import build_loader
 
         self.examples = manifest.subset(example_indices(manifest, per_class))
         self.class_names = manifest.class_names
         self.device, self.amp_dtype = device, amp_dtype
-        self.loader = build_loader(
-            self.examples,
-            batch_size=max(1, len(self.examples)),
-            image_size=image_size,
-            train=False,
-            device="cuda" if device.type == "cuda" else "cpu",
-            num_threads=num_threads,
-            prefetch=1,
+        self.native = native
+        self.loader = (
+            None
+            if native is not None
+            else build_loader(
+                self.examples,
+                batch_size=max(1, len(self.examples)),
+                image_size=image_size,
+                train=False,
+                device="cuda" if device.type == "cuda" else "cpu",
+                num_threads=num_threads,
+                prefetch=1,
+            )
         )
 
     @torch.no_grad()
@@ -179,17 +185,31 @@ class PredictionGrid:
         """Run `model` (in eval mode, restored after) over the grid's images."""
         was_training = model.training
         model.eval()
-        mean, std = self.loader.mean[0], self.loader.std[0]
+        if self.native is not None:
+            from dli.pipeline.native import native_batches
+
+            batches: Any = native_batches(self.examples, *self.native)
+            mean, std = self.native[0][0], self.native[1][0]
+        else:
+            assert self.loader is not None
+            batches, mean, std = self.loader, self.loader.mean[0], self.loader.std[0]
         images, truth, predicted = [], [], []
         try:
-            for batch in self.loader:
+            for batch in batches:
                 x = batch.images.to(self.device).contiguous(memory_format=torch.channels_last)
                 enabled = self.amp_dtype is not None
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
                     logits = model(x)
-                images.append((batch.images[:, 0].float().cpu().numpy() * std + mean).clip(0.0, 1.0))
-                truth.append(batch.masks.cpu().numpy() > 0.5)
-                predicted.append(torch.sigmoid(logits.float()).cpu().numpy() > THRESHOLD)
+                shown = [
+                    (batch.images[:, 0].float().cpu().numpy() * std + mean).clip(0.0, 1.0),
+                    batch.masks.cpu().numpy() > 0.5,
+                    torch.sigmoid(logits.float()).cpu().numpy() > THRESHOLD,
+                ]
+                if self.native is not None:  # whole images of any size: fitted into one display square
+                    shown = [fit_for_display(array) for array in shown]
+                images.append(shown[0])
+                truth.append(shown[1])
+                predicted.append(shown[2])
         finally:
             model.train(was_training)
         class_ids = tuple(s.class_id for s in self.examples.samples)
@@ -202,7 +222,24 @@ class PredictionGrid:
         atomic_write_bytes(path, render_predictions(self.predict(model), self.class_names, title=title))
 
     def close(self) -> None:
-        self.loader.close()
+        if self.loader is not None:
+            self.loader.close()
+
+
+DISPLAY_SIZE = 256
+"""Side of the square a native-resolution image is fitted into for the prediction grid."""
+
+
+def fit_for_display(array: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
+    """(N, ..., H, W) sampled (nearest) into (N, ..., size, size), aspect ratio kept, padded with 0."""
+    height, width = array.shape[-2:]
+    scale = size / max(height, width)
+    out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
+    rows = np.minimum(((np.arange(out_h) + 0.5) / scale).astype(int), height - 1)
+    columns = np.minimum(((np.arange(out_w) + 0.5) / scale).astype(int), width - 1)
+    out = np.zeros((*array.shape[:-2], size, size), array.dtype)
+    out[..., :out_h, :out_w] = array[..., rows[:, None], columns[None, :]]
+    return out
 
 
 def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
