@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from dli.errors import DliError, os_error_message
 
@@ -34,11 +35,18 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors (an unknown flag, a bad choice) are one `DliError` line, not usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise DliError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The argument parser of one subcommand (imports its module)."""
     module_name, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=f"dli {command}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     module.add_arguments(parser)

@@ -18,6 +18,7 @@ from PIL import Image
 from dli.cli import main
 from dli.config import PROTOCOL_DEFAULTS, TrainConfig
 from dli.datasets import datasets_of
+from dli.errors import DliError
 from dli.models.losses import (
     ClassPixelCounts,
     LossOptions,
@@ -312,10 +313,9 @@ def test_resume_under_the_reference_protocol_continues_the_run(data, tmp_path, s
     ],
 )
 def test_bad_protocol_values_are_one_line_errors(capsys, flags, named):
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", *flags])
-    assert exit_.value.code == 2
-    assert named in capsys.readouterr().err
+    assert main(["train", *flags]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dli train: error: argument") and named in line and "dli train --help" in line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,8 +347,9 @@ def test_a_grid_file_over_both_protocols_trains_each_run_under_its_protocol(tmp_
     assert reference.dice == "per-class"  # a shared setting overrides the protocol's default
     assert runs["wce__l-resnet18__f1.0__s0"].protocol == "dli"
     (tmp_path / "bad.yaml").write_text("protocols: [paper]\n")
-    with pytest.raises(Exception, match="paper: unknown protocol"):
+    with pytest.raises(DliError, match="paper: unknown protocol") as error:
         read_grid_file(tmp_path / "bad.yaml")
+    assert "\n" not in str(error.value)
 
 
 def test_experiment_flag_passes_the_protocol_to_every_run(tmp_path, capsys):
@@ -429,8 +430,9 @@ def test_a_run_saved_before_protocols_existed_resumes_as_dli():
     saved = {k: v for k, v in current.to_dict().items() if k not in PROTOCOL_DEFAULTS and k != "protocol"}
     check_resumable(current, saved, Path("last.pt"))  # the old run's settings are dli's: no error
     reference = TrainConfig(data="/data", epochs=3, protocol="reference").validate().resolved()
-    with pytest.raises(Exception, match="--protocol reference"):
+    with pytest.raises(DliError, match="--protocol reference") as error:
         check_resumable(reference, saved, Path("last.pt"))
+    assert "\n" not in str(error.value)
 
 
 def test_several_processes_refuse_to_keep_the_last_batch(capsys):

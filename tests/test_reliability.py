@@ -109,9 +109,15 @@ def test_train_step_makes_no_host_sync(monkeypatch):
     def sync(*_: object) -> None:
         raise AssertionError("host sync in train_step")
 
+    before = [p.detach().clone() for p in net.parameters()]
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, sync)
-    train_step(net, torch.nn.BCEWithLogitsLoss(), optimizer, scaler, images, masks, amp_dtype=None)
+    loss, logits, stepped = train_step(
+        net, torch.nn.BCEWithLogitsLoss(), optimizer, scaler, images, masks, amp_dtype=None
+    )
+    monkeypatch.undo()
+    assert bool(stepped) and math.isfinite(float(loss)) and logits.shape == masks.shape
+    assert all(not torch.equal(p, old) for p, old in zip(net.parameters(), before, strict=True))  # it stepped
 
 
 def test_non_finite_checkpoints_are_neither_written_nor_used(data, tmp_path, capsys, small):
