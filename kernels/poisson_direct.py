@@ -40,6 +40,7 @@ copy is the report's, started behind the solve.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -147,17 +148,18 @@ def direct_blend(
 
     transfers = _Transfers(xp)
     blended = target.copy()
-    covered = xp.zeros((n, h, w), dtype=bool)
+    # Region pixels off the image border, less those inside a window's interior: what boxes missed.
+    outside_box = xp.count_nonzero(omega[:, 1:-1, 1:-1], axis=(1, 2))
     solved = np.flatnonzero(sides[:, 0] > 0)
-    if solved.size:
-        if layout == "shapes":
-            for bucket in _Bucket.group(transfers, sides, corners, h, w):
-                _solve_bucket(xp, bucket, blended, target, source, omega, mixed_gradients, covered)
-        else:
-            windows = (solved, sides, corners)
-            _solve_padded(xp, transfers, windows, blended, target, source, omega, mixed_gradients, covered)
-    # Region pixels off the image border that no window interior covered (boxes that missed).
-    outside_box = xp.count_nonzero(omega[:, 1:-1, 1:-1] & ~covered[:, 1:-1, 1:-1], axis=(1, 2))
+    if solved.size and layout == "shapes":
+        for bucket in _Bucket.group(transfers, sides, corners, h, w):
+            inside = _solve_bucket(xp, transfers, bucket, blended, target, source, omega, mixed_gradients)
+            outside_box[bucket.images] -= inside
+    elif solved.size:
+        inside = _solve_padded(
+            xp, transfers, (solved, sides, corners), blended, target, source, omega, mixed_gradients
+        )
+        outside_box[transfers.to_device(solved)] -= inside
     transfers.to_host(outside_box=outside_box)
     info = PoissonInfo.direct(transfers.fetch, n=n, channels=c, windows=sides)
     return blended, info
@@ -190,52 +192,45 @@ def _interior_rhs(dx: Any, dy: Any) -> Any:
     return rhs
 
 
-def _eigenvalues(xp: ModuleType, size: int, lengths: Any) -> Any:
-    """(B, size) eigenvalues 2 - 2 cos(π i / (m + 1)), i = 1..size, of 1-D Dirichlet Laplacians.
-
-    `lengths` (B,) float64 holds each m + 1; positions past an interior's length get +inf, so the
-    2-D inverse 1 / (λ_i + λ_j) is zero there (padding).
-    """
-    position = xp.arange(1, size + 1, dtype=np.float64)[None, :]
-    one = lengths[:, None]
-    return xp.where(position < one, 2.0 - 2.0 * xp.cos(np.pi * position / one), np.inf)
+def _eigenvalues(m: int) -> np.ndarray:
+    """The m eigenvalues 2 - 2 cos(π i / (m + 1)), i = 1..m, of the 1-D Dirichlet Laplacian (float64)."""
+    return 2.0 - 2.0 * np.cos(np.pi * np.arange(1, m + 1) / (m + 1))
 
 
-def _inverse_eigenvalues(xp: ModuleType, rows: Any, cols: Any, dtype: Any) -> Any:
-    """(B, m, k) 1 / (λ_i + λ_j) in `dtype` from (B, m) and (B, k) per-axis eigenvalues."""
-    total = rows.astype(dtype)[:, :, None] + cols.astype(dtype)[:, None, :]
-    return xp.reciprocal(total, out=total)
+def _dst1_matrix(m: int) -> np.ndarray:
+    """The orthonormal type-I DST of m points as an m x m float64 matrix (symmetric, its own inverse)."""
+    import scipy.fft
+
+    return scipy.fft.dst(np.eye(m), type=1, norm="ortho", axis=0)
 
 
 def _solve_bucket(
     xp: ModuleType,
+    transfers: _Transfers,
     bucket: _Bucket,
     blended: Any,
     target: Any,
     source: Any,
     omega: Any,
     mixed: bool,
-    covered: Any,
-) -> None:
-    """One window shape: crop, one forward and one inverse DST-I over the bucket, paste back."""
+) -> Any:
+    """One window shape: crop, one forward and one inverse DST-I over the bucket, paste back.
+
+    Returns the (B,) region pixels inside each window's interior.
+    """
     fft = _fft_module(xp)
     target_w, source_w = bucket.crop(xp, target), bucket.crop(xp, source)
     omega_w = bucket.crop(xp, omega)
     dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, mixed)
     rhs = _interior_rhs(dx, dy)
     m, k = rhs.shape[-2:]
-    one = xp.ones(1, dtype=np.float64)
-    inverse = _inverse_eigenvalues(
-        xp, _eigenvalues(xp, m, one * (m + 1)), _eigenvalues(xp, k, one * (k + 1)), target.dtype
-    )
+    inverse = transfers.to_device((1.0 / np.add.outer(_eigenvalues(m), _eigenvalues(k))).astype(target.dtype))
     coefficients = fft.dstn(rhs, type=1, axes=(-2, -1), norm="ortho", overwrite_x=True)
     coefficients *= inverse
     correction = fft.dstn(coefficients, type=1, axes=(-2, -1), norm="ortho", overwrite_x=True)
     target_w[..., 1:-1, 1:-1] += correction.astype(target.dtype, copy=False)
     bucket.paste(xp, blended, target_w)
-    inner = xp.zeros(omega_w.shape, dtype=bool)
-    inner[:, 1:-1, 1:-1] = True
-    bucket.paste(xp, covered[:, None], inner[:, None])
+    return xp.count_nonzero(omega_w[:, 1:-1, 1:-1], axis=(1, 2))
 
 
 def _solve_padded(
@@ -247,23 +242,25 @@ def _solve_padded(
     source: Any,
     omega: Any,
     mixed: bool,
-    covered: Any,
-) -> None:
+) -> Any:
     """Every window in one (B, C, H', W') array of the largest shape, each solved on its own size.
 
     `windows` holds the indices of the images that have a window and every image's window side
-    and corner (`direct_windows`).
-    Rows and columns past an image's own window repeat its last one (a Dirichlet edge, which keeps
-    the target's value), so the scatter back writes those pixels with their own values.
+    and corner (`direct_windows`). Rows and columns past an image's own window repeat its last
+    one (a Dirichlet edge, which keeps the target's value), so the scatter back writes those
+    pixels with their own values. Returns the (B,) region pixels inside each window's interior.
     """
-    solved, sides, corners = windows  # images with a window; every image's side and corner
-    dtype = target.dtype
+    solved, sides, corners = windows
+    _, h, w = omega.shape
     shape = sides[solved].max(axis=0)
     own = sides[solved]
     rows = corners[solved, :1] + np.minimum(np.arange(shape[0]), own[:, :1] - 1)
     cols = corners[solved, 1:] + np.minimum(np.arange(shape[1]), own[:, 1:] - 1)
-    images, rows, cols = (transfers.to_device(a) for a in (solved, rows, cols))
-    lengths = transfers.to_device((own - 1).astype(np.float64))  # (B, 2): interior length + 1
+    table = _DstTable.of(transfers, max(h, w) - 2, target.dtype, own - 2)
+    rows_at, cols_at = table.rows_of(own[:, 0] - 2), table.rows_of(own[:, 1] - 2)
+    images, rows, cols, at = (
+        transfers.to_device(a) for a in (solved, rows, cols, np.stack([rows_at, cols_at]))
+    )
     index = images[:, None, None], rows[:, :, None], cols[:, None, :]
 
     def crop(array: Any) -> Any:  # (N, ..., H, W) -> (B, ..., H', W')
@@ -272,43 +269,64 @@ def _solve_padded(
 
     target_w, source_w, omega_w = crop(target), crop(source), crop(omega)
     dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, mixed)
-    rhs = _interior_rhs(dx, dy)  # (B, C, H'-2, W'-2); past an image's own interior: not its problem
+    rhs = _interior_rhs(dx, dy)  # (B, C, m, k); past an image's own interior: not its problem
     m, k = rhs.shape[-2:]
-    inverse = _inverse_eigenvalues(
-        xp, _eigenvalues(xp, m, lengths[:, 0]), _eigenvalues(xp, k, lengths[:, 1]), dtype
-    )
-    s_rows = _dst1_matrices(xp, m, lengths[:, 0], dtype)[:, None]  # (B, 1, m, m)
-    s_cols = _dst1_matrices(xp, k, lengths[:, 1], dtype)[:, None]  # (B, 1, k, k)
-    # S_rows b S_cols with zero padding keeps each image's transform on its own interior and
-    # zeroes the rest; the orthonormal DST-I matrix is symmetric and its own inverse.
+    # Each image's own DST-I matrices and eigenvalues, zero-padded (eigenvalues: +inf) to m and k:
+    # S b S with them transforms each image on its own interior and zeroes the rest, and the
+    # orthonormal DST-I matrix is symmetric and its own inverse.
+    s_rows, s_cols = table.matrices[:, :m, :m][at[0]][:, None], table.matrices[:, :k, :k][at[1]][:, None]
+    inverse = table.eigenvalues[:, :m][at[0]][:, :, None] + table.eigenvalues[:, :k][at[1]][:, None, :]
+    xp.reciprocal(inverse, out=inverse)  # 0 past an image's interior
     coefficients = s_rows @ rhs @ s_cols
     coefficients *= inverse[:, None]
     correction = s_rows @ coefficients @ s_cols
     target_w[..., 1:-1, 1:-1] += correction
     blended.transpose(0, 2, 3, 1)[index] = target_w.transpose(0, 2, 3, 1)
-    # Interior positions of each image's own window; the repeated edge rows/columns are not.
-    inner_rows = _between(xp, shape[0], lengths[:, :1])
-    inner_cols = _between(xp, shape[1], lengths[:, 1:])
-    covered[index] = inner_rows[:, :, None] & inner_cols[:, None, :]
+    return xp.count_nonzero(omega_w[:, 1:-1, 1:-1] & (inverse > 0), axis=(1, 2))
 
 
-def _between(xp: ModuleType, size: int, lengths: Any) -> Any:
-    """(B, size) bool: positions 1..m of windows whose interior length + 1 is `lengths` (B, 1)."""
-    position = xp.arange(size)[None, :]
-    return (position >= 1) & (position < lengths)
+@dataclass
+class _DstTable:
+    """Orthonormal DST-I matrices and eigenvalues of the interior lengths met so far, on one device.
 
-
-def _dst1_matrices(xp: ModuleType, size: int, lengths: Any, dtype: Any) -> Any:
-    """(B, size, size) orthonormal DST-I matrices of each length - 1 in `lengths`, zero-padded.
-
-    S[a, b] = sqrt(2 / (m + 1)) sin(π (a + 1)(b + 1) / (m + 1)) for a, b < m. The phase is reduced
-    modulo 2(m + 1) in integers first, so the sine's argument stays below 2π at any size.
+    `matrices` (L, cap, cap) and `eigenvalues` (L, cap) hold length `lengths[i]` in row i, zero
+    (eigenvalues: +inf) past it; the ``padded`` layout gathers each image's rows from them (one
+    gather per side instead of building them per batch). Made on the host in float64 and copied
+    once; a batch with a new length rebuilds the table (a few tens of lengths occur per image size).
     """
-    position = xp.arange(1, size + 1, dtype=np.int32)
-    product = position[:, None] * position[None, :]  # (size, size), below 2^31 for any image side
-    one = lengths.astype(np.int32)[:, None, None]  # m + 1
-    phase = (product[None] % (2 * one)).astype(dtype)
-    valid = (position[None, :, None] < one) & (position[None, None, :] < one)
-    scale = xp.sqrt(2.0 / lengths).astype(dtype)[:, None, None]
-    angle = (np.pi / lengths).astype(dtype)[:, None, None]
-    return xp.where(valid, xp.sin(phase * angle) * scale, dtype.type(0))
+
+    cap: int
+    lengths: list[int]
+    matrices: Any
+    eigenvalues: Any
+
+    @staticmethod
+    def of(transfers: _Transfers, cap: int, dtype: Any, needed: np.ndarray) -> _DstTable:
+        xp = transfers.xp
+        device = None if xp is np else xp.cuda.Device().id
+        key = (cap, np.dtype(dtype).str, device)
+        table = _DST_TABLES.get(key)
+        wanted = {int(v) for v in np.unique(needed)}
+        if table is None or not wanted <= set(table.lengths):
+            lengths = sorted(wanted | set(table.lengths if table else ()))
+            matrices = np.zeros((len(lengths), cap, cap))
+            eigenvalues = np.full((len(lengths), cap), np.inf)
+            for row, m in enumerate(lengths):
+                matrices[row, :m, :m] = _dst1_matrix(m)
+                eigenvalues[row, :m] = _eigenvalues(m)
+            table = _DstTable(
+                cap,
+                lengths,
+                transfers.to_device(matrices.astype(dtype)),
+                transfers.to_device(eigenvalues.astype(dtype)),
+            )
+            _DST_TABLES[key] = table
+        return table
+
+    def rows_of(self, lengths: np.ndarray) -> np.ndarray:
+        """The table rows of interior `lengths` (host ints)."""
+        return np.searchsorted(np.asarray(self.lengths), lengths)
+
+
+_DST_TABLES: dict[tuple[Any, ...], _DstTable] = {}
+"""Transform tables on their devices, by (interior cap, dtype, device)."""
