@@ -28,7 +28,6 @@ from dli.kernels.xp import (
     as_array,
     cuda_scalar_type,
     device_of,
-    is_cupy,
     on_torch_stream,
 )
 
@@ -119,8 +118,8 @@ def paste(
             class_ids = xp.asarray(as_array(class_ids), dtype=np.int64)
             if class_ids.shape != slots.shape:
                 raise ValueError(f"class_ids must be {slots.shape}, got {class_ids.shape}")
-        if is_cupy(target_array):
-            _paste_cuda(target_array, source, mask, label_array, class_ids, slots)
+        if xp is not np:  # CuPy (or a device model's module, `dli.kernels.device_model`)
+            _paste_cuda(xp, target_array, source, mask, label_array, class_ids, slots)
         else:
             _paste_arrays(target_array, source, mask, label_array, class_ids, slots)
     return target
@@ -167,19 +166,17 @@ def _paste_arrays(target: Any, source: Any, mask: Any, labels: Any, class_ids: A
 
 
 @functools.cache
-def _paste_function(target: str, source: str, mask: str, labels: str, device: int) -> Any:
-    """The paste kernel for these CUDA scalar types, loaded once per GPU."""
-    import cupy
-
+def _paste_function(xp: Any, target: str, source: str, mask: str, labels: str, device: int) -> Any:
+    """The paste kernel for these CUDA scalar types, loaded once per GPU (`xp`: cupy)."""
     name = f"paste_kernel<{target}, {source}, {mask}, {labels}>"
     code, _ = CUDA_SOURCES["paste"]
-    module = cupy.RawModule(code=code, options=CUDA_OPTIONS, name_expressions=[name])
+    module = xp.RawModule(code=code, options=CUDA_OPTIONS, name_expressions=[name])
     return module.get_function(name)
 
 
-def _paste_cuda(target: Any, source: Any, mask: Any, labels: Any, class_ids: Any, slots: Any) -> None:
-    import cupy
-
+def _paste_cuda(
+    cupy: Any, target: Any, source: Any, mask: Any, labels: Any, class_ids: Any, slots: Any
+) -> None:
     if not target.flags.c_contiguous or (labels is not None and not labels.flags.c_contiguous):
         raise ValueError("target and labels are written in place and must be C-contiguous")
     source = cupy.ascontiguousarray(source)
@@ -191,7 +188,7 @@ def _paste_cuda(target: Any, source: Any, mask: Any, labels: Any, class_ids: Any
     else:
         class_ids = cupy.ascontiguousarray(class_ids, dtype=cupy.int64)
     types = (cuda_scalar_type(a.dtype) for a in (target, source, mask, labels))
-    kernel = _paste_function(*types, cupy.cuda.Device().id)
+    kernel = _paste_function(cupy, *types, cupy.cuda.Device().id)
     _, channels, height, width = target.shape
     pixels = height * width
     count = mask.shape[0] * pixels

@@ -67,6 +67,7 @@ from dli.kernels.xp import (
     as_tensor,
     device_of,
     on_torch_stream,
+    scipy_fft_module,
     to_host,
 )
 
@@ -470,10 +471,8 @@ class _Transfers:
         self._event: Any = None
 
     def _pinned(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        import cupy
-
         dtype = np.dtype(dtype)
-        memory = cupy.cuda.alloc_pinned_memory(max(1, int(np.prod(shape)) * dtype.itemsize))
+        memory = self.xp.cuda.alloc_pinned_memory(max(1, int(np.prod(shape)) * dtype.itemsize))
         buffer = np.frombuffer(memory, dtype, int(np.prod(shape))).reshape(shape)
         self._buffers.append(buffer)
         return buffer
@@ -481,22 +480,19 @@ class _Transfers:
     def to_device(self, array: np.ndarray) -> Any:
         if self.xp is np:
             return array
-        import cupy
-
+        cuda = self.xp.cuda
         staged = self._pinned(array.shape, array.dtype)
         staged[...] = array
-        out = cupy.empty(array.shape, array.dtype)
-        out.set(staged, stream=cupy.cuda.get_current_stream())
-        self._event = cupy.cuda.get_current_stream().record()
+        out = self.xp.empty(array.shape, array.dtype)
+        out.set(staged, stream=cuda.get_current_stream())
+        self._event = cuda.get_current_stream().record()
         return out
 
     def to_host(self, **arrays: Any) -> None:
         if self.xp is np:
             self._back = {k: np.asarray(v) for k, v in arrays.items()}
             return
-        import cupy
-
-        stream = cupy.cuda.get_current_stream()
+        stream = self.xp.cuda.get_current_stream()
         for name, array in arrays.items():
             self._back[name] = self._pinned(array.shape, array.dtype)
             # `get` blocks the host by default, even into pinned memory; the event orders the reads.
@@ -701,13 +697,7 @@ def _starting_guess(xp: ModuleType, target: Any, source: Any, omega: Any, x0: An
 
 
 def _fft_module(xp: ModuleType) -> ModuleType:
-    if xp is np:
-        import scipy.fft
-
-        return scipy.fft
-    import cupyx.scipy.fft
-
-    return cupyx.scipy.fft
+    return scipy_fft_module(xp)
 
 
 class _WindowSystem:

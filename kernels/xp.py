@@ -20,6 +20,13 @@ expressions to instantiate, e.g. "cg_step<float>"), and builds its `cupy.RawModu
 
 CuPy is imported only when a CuPy array or a CUDA tensor is seen, so CPU-only code never pays
 for (or depends on) a working CUDA install.
+
+Device model. An array type may name its own array module in `__dli_array_module__`:
+`dli.kernels.device_model` does, so that the CUDA branches (every `xp is not np`) run on the
+CPU over an array module that counts device operations. Inside `modelled_device()`, CPU torch
+tensors stand for CUDA ones (`as_array` gives the model's arrays), and `note_upload` counts the
+host -> device copies that callers make through torch. The module's `scipy_fft` and `cuda`
+stand for `cupyx.scipy.fft` and `cupy.cuda` (`scipy_fft_module`).
 """
 
 from __future__ import annotations
@@ -59,7 +66,11 @@ def any_tensor(*values: Any) -> bool:
 
 
 def array_module(*arrays: Any) -> ModuleType:
-    """`cupy` if any of `arrays` is a CuPy array, else `numpy`."""
+    """`cupy` if any of `arrays` is a CuPy array, a device model's module for its arrays, else `numpy`."""
+    for a in arrays:
+        module = getattr(type(a), "__dli_array_module__", None)
+        if module is not None:
+            return module
     if any(is_cupy(a) for a in arrays):
         import cupy
 
@@ -75,7 +86,7 @@ def as_array(x: Any) -> Any:
     if is_tensor(x):
         x = x.detach()
         if x.device.type == "cpu":
-            return x.numpy()
+            return _DEVICE_MODEL[-1].ndarray_view(x.numpy()) if _DEVICE_MODEL else x.numpy()
         if x.device.type == "cuda":
             import cupy
             import torch
@@ -89,20 +100,54 @@ def as_array(x: Any) -> Any:
     return np.asarray(x)
 
 
+_DEVICE_MODEL: list[Any] = []
+"""The device model's array module while `modelled_device` is active (innermost last)."""
+
+
+@contextlib.contextmanager
+def modelled_device(module: Any) -> Iterator[None]:
+    """Inside, CPU torch tensors stand for device arrays of `module` (a device model, see above)."""
+    _DEVICE_MODEL.append(module)
+    try:
+        yield
+    finally:
+        _DEVICE_MODEL.pop()
+
+
+def note_upload(array: Any) -> None:
+    """Count a host -> device copy of `array` in the active device model (nothing without one)."""
+    if _DEVICE_MODEL:
+        _DEVICE_MODEL[-1].note_upload(array)
+
+
+def scipy_fft_module(xp: ModuleType) -> ModuleType:
+    """`scipy.fft` for NumPy, `cupyx.scipy.fft` for CuPy, a device model's own `scipy_fft`."""
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft
+    own = getattr(xp, "scipy_fft", None)
+    if own is not None:
+        return own
+    import cupyx.scipy.fft
+
+    return cupyx.scipy.fft
+
+
 def as_tensor(a: Any) -> Any:
     """A torch tensor sharing memory with the NumPy or CuPy array `a` (same device, no copy)."""
     import torch
 
     if isinstance(a, np.ndarray):
-        return torch.from_numpy(a)
+        return torch.from_numpy(np.asarray(a))  # a device model's array is a NumPy subclass
     if a.dtype == np.bool_:
         return torch.from_dlpack(a.view(np.uint8)).view(torch.bool)
     return torch.from_dlpack(a)
 
 
 def to_host(a: Any) -> np.ndarray:
-    """`a` as a NumPy array (copied from the GPU when it is a CuPy array)."""
-    return a.get() if is_cupy(a) else np.asarray(a)
+    """`a` as a NumPy array (copied from the GPU when it is a CuPy or a device model's array)."""
+    return a.get() if is_cupy(a) or hasattr(type(a), "__dli_array_module__") else np.asarray(a)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import torch
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import PoissonInfo, poisson_blend
-from dli.kernels.xp import array_module, as_array, torch_stream
+from dli.kernels.xp import array_module, as_array, note_upload, torch_stream
 from dli.pipeline.augment import Size, as_3x3
 from dli.pipeline.planner import DliConfig, Plan
 
@@ -49,6 +49,7 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type != "cuda":
+        note_upload(array)  # counted by a device model (`dli.kernels.device_model`), else nothing
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
 
