@@ -3,7 +3,9 @@
 Per batch: the planner (host), the whole `inject` call, cut-paste, the Poisson CG solve with the
 boundary-matched start and from zeros (with iterations), its setup alone, OpenCV's injection of
 the same plan; and for one CG step the memory it must move, the floor that sets at the measured
-copy bandwidth (`dli.bench.poisson`) and the measured time. The inputs are decoded with the
+copy bandwidth (`dli.bench.poisson`) and the measured time; and the device model of the CUDA
+path of `inject` for the first `DEVICE_MODEL_BATCHES` batches (`dli.kernels.device_model`: device
+operations and bytes per batch, counted on the CPU). The inputs are decoded with the
 baseline's OpenCV code and laid out as the loader hands them to `inject` (normalized, on the
 device), so the kernels see exactly what they see in training.
 """
@@ -23,11 +25,13 @@ from dli.bench.poisson import copy_bandwidth
 from dli.bench.state import Bench, progress
 from dli.bench.timing import call_times, summary
 from dli.errors import DliError
+from dli.kernels import device_model
+from dli.kernels.device_model import DeviceCounts
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import PoissonConvergenceWarning, PoissonInfo, poisson_blend
 from dli.pipeline.inject import inject, region_boxes
-from dli.pipeline.planner import Plan
+from dli.pipeline.planner import DliConfig, Plan
 
 
 @dataclass
@@ -81,6 +85,10 @@ KERNEL_FIGURES: tuple[str, ...] = (
 """Per-batch timings of the injection section (keys of `seconds_per_batch`, with "planner")."""
 
 
+DEVICE_MODEL_BATCHES = 3
+"""Batches whose `inject` the device model counts (seconds each on the CPU); the figures are their mean."""
+
+
 @dataclass
 class KernelSamples:
     """Times of each injection step summed over the measured batches, per repeat; solver reports.
@@ -98,6 +106,7 @@ class KernelSamples:
     matched: list[PoissonInfo] = field(default_factory=list)  # boundary-matched start
     zero: list[PoissonInfo] = field(default_factory=list)  # zero start
     cg_seconds: float = 0.0  # solve minus setup (medians over repeats), summed over the batches
+    device_model: list[DeviceCounts] = field(default_factory=list)  # per modelled batch
 
     def __post_init__(self) -> None:
         self.totals = {step: np.zeros(self.repeats) for step in KERNEL_FIGURES}
@@ -135,6 +144,8 @@ def time_injection(bench: Bench, batch: KernelBatch, samples: KernelSamples) -> 
         )
 
     samples.add("inject", call_times(run_inject, repeats=repeats, sync=sync, setup=fresh))
+    if len(samples.device_model) < DEVICE_MODEL_BATCHES:
+        samples.device_model.append(model_injection(batch, dli, value_range, boxes))
 
     items, slots, classes = batch.items("paste")
     samples.counts["paste"].append(len(items))
@@ -189,6 +200,32 @@ def time_injection(bench: Bench, batch: KernelBatch, samples: KernelSamples) -> 
     )
 
 
+def model_injection(
+    batch: KernelBatch, dli: DliConfig, value_range: tuple[float, float], boxes: np.ndarray | None
+) -> DeviceCounts:
+    """The device operations of `inject` on this batch's CUDA path (`dli.kernels.device_model`)."""
+    host = [t.detach().cpu() for t in (batch.images, batch.labels, batch.sources, batch.source_masks)]
+
+    def run() -> None:
+        images, labels = host[0].clone(), host[1].clone()
+        with device_model.modelled(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", PoissonConvergenceWarning)
+            inject(images, labels, host[2], host[3], batch.plan, dli, value_range=value_range, boxes=boxes)
+
+    return device_model.cost(run)
+
+
+def device_model_summary(counts: Sequence[DeviceCounts]) -> dict[str, Any] | None:
+    """The mean per batch of each device-model figure (`DeviceCounts.as_dict`), and the batches."""
+    if not counts:
+        return None
+    figures = [c.as_dict() for c in counts]
+    out: dict[str, Any] = {
+        key: float(np.mean([f[key] for f in figures])) for key, value in figures[0].items() if key != "cupy"
+    }
+    return out | {"cupy": device_model.CUPY_VERSION, "batches": len(figures)}
+
+
 def measure_kernels(bench: Bench) -> dict[str, Any]:
     """Per-batch times of the planner and of each injection step, over the first plans with injections."""
     s = bench.settings
@@ -214,6 +251,7 @@ def measure_kernels(bench: Bench) -> dict[str, Any]:
         "seconds_per_batch": seconds,
         "poisson_iterations": None,
         "cg_step": None,
+        "device_model": device_model_summary(samples.device_model),
     }
     if samples.matched:
         out["poisson_iterations"] = {

@@ -21,6 +21,15 @@ defects this moves the result by several gray levels (the table reports the mean
 `tests/test_poisson.py` checks this solver against a direct sparse solve instead. OpenCV also
 needs 3-channel 8-bit images, so it processes the gray images three times over.
 
+Solvers. `--solver cg` (default) is the preconditioned CG, with the figures above; `--solver
+direct` the direct sine-transform blender (`--window box|image`), which has no iterations, no
+starting guess and no setup-only run.
+
+Device model. For the same batch, the CUDA path's device operations and the bytes they move
+(`dli.kernels.device_model`: the CUDA branch run on the CPU over a counting array module, with the
+regions' boxes given on the host as training gives them): JSON `device_model.launches`,
+`device_model.bytes` and their parts. `--no-device-model` skips it (it takes seconds).
+
 Traffic and floor. `PoissonInfo.traffic_bytes` counts the array elements each PCG step reads and
 writes per window pixel of each system (`words_per_pixel_step`, the transforms included), over
 the steps and systems that ran. Divided by the steps it is the traffic of one step, and divided
@@ -50,7 +59,8 @@ from dli.atomic import atomic_write_text
 from dli.bench import magnetic_tile_root
 from dli.errors import DliError
 from dli.kernels.morphology import dilate
-from dli.kernels.poisson import PoissonConvergenceWarning, PoissonInfo, poisson_blend
+from dli.kernels.poisson import SOLVERS, PoissonConvergenceWarning, PoissonInfo, measured_boxes, poisson_blend
+from dli.pipeline.planner import POISSON_WINDOWS
 
 SYNTHETIC = "synthetic"
 DILATION_RADIUS = 2
@@ -79,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-opencv", action="store_true", help="skip the OpenCV comparison")
+    parser.add_argument(
+        "--solver", choices=SOLVERS, default="cg", help="Poisson solver: cg (default) or direct"
+    )
+    parser.add_argument(
+        "--window", choices=POISSON_WINDOWS, default="box", help="the direct solver's window (default box)"
+    )
+    parser.add_argument(
+        "--no-device-model", action="store_true", help="skip the device model of the CUDA path"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser
 
@@ -190,6 +209,24 @@ def _iterations(info: PoissonInfo) -> dict[str, float]:
     return {"median": float(np.median(info.iterations)), "max": int(info.iterations.max())}
 
 
+def device_model_figures(
+    target: np.ndarray, source: np.ndarray, mask: np.ndarray, **options: Any
+) -> dict[str, Any]:
+    """The CUDA path's device operations for this batch (`dli.kernels.device_model`), steady state.
+
+    The regions' boxes are measured here on the host and passed, as training passes them, so
+    the solve reads nothing back.
+    """
+    from dli.kernels import device_model
+
+    arrays = [device_model.to_model(a) for a in (target, source, mask)]
+    boxes = measured_boxes(mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoissonConvergenceWarning)
+        counts = device_model.cost(lambda: poisson_blend(*arrays, boxes=boxes, **options))
+    return counts.as_dict()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All figures of one benchmark run, as a JSON-ready dict."""
     if args.n < 1 or args.size < 8 or args.repeats < 1:
@@ -210,14 +247,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = xp.asarray(source8[:, None] / np.float32(255))
     region = xp.asarray(mask)
 
-    def blend(**options: Any) -> tuple[Any, PoissonInfo]:
-        return poisson_blend(target, source, region, tol=args.tol, mixed_gradients=mixed, **options)
+    cg = args.solver == "cg"
+    solver = {"solver": args.solver} | ({} if cg else {"window": args.window})
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PoissonConvergenceWarning)
-        setup_s, setup_cpu, _ = timed(lambda: blend(max_iter=0), args.repeats, sync)  # all but the steps
+    def blend(**options: Any) -> tuple[Any, PoissonInfo]:
+        return poisson_blend(target, source, region, tol=args.tol, mixed_gradients=mixed, **solver, **options)
+
     matched_s, matched_cpu, (blended, matched) = timed(blend, args.repeats, sync)
-    zeros_s, zeros_cpu, (_, zeros) = timed(lambda: blend(x0="zeros"), args.repeats, sync)
+    if cg:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PoissonConvergenceWarning)
+            setup_s, setup_cpu, _ = timed(lambda: blend(max_iter=0), args.repeats, sync)  # all but the steps
+        zeros_s, zeros_cpu, (_, zeros) = timed(lambda: blend(x0="zeros"), args.repeats, sync)
+    else:  # no iterations, no starting guess: the blend is all setup
+        setup_s, setup_cpu, zeros_s, zeros_cpu, zeros = matched_s, matched_cpu, None, None, matched
 
     bandwidth = copy_bandwidth(xp, sync)
     steps = max(matched.steps, 1)
@@ -230,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "data": args.data,
             "gradients": args.gradients,
             "tol": args.tol,
+            "solver": args.solver,
+            "window": None if cg else args.window,
             "repeats": args.repeats,
             "seed": args.seed,
         },
@@ -238,7 +283,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "buckets": matched.buckets,
         "window_pixels": int((windows[:, 0] * windows[:, 1]).sum()),
         "max_iter": matched.max_iter,
-        "iterations": {"boundary_matched_start": _iterations(matched), "zero_start": _iterations(zeros)},
+        "iterations": (
+            {"boundary_matched_start": _iterations(matched), "zero_start": _iterations(zeros)} if cg else None
+        ),
         "all_converged": matched.all_converged and zeros.all_converged,
         "seconds_per_batch": {
             "boundary_matched_start": matched_s,
@@ -257,7 +304,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "floor_seconds_per_step": matched.traffic_bytes / steps / bandwidth,
         "measured_seconds_per_step": max(matched_s - setup_s, 0.0) / steps,
         "load_average": list(os.getloadavg()),
+        "device_model": None,
     }
+    if not args.no_device_model:
+        options = solver | {"tol": args.tol, "mixed_gradients": mixed}
+        host = (target8[:, None] / np.float32(255), source8[:, None] / np.float32(255), mask)
+        figures["device_model"] = device_model_figures(*host, **options)
     if not args.no_opencv:
         wall, cpu, opencv_results, failures = [], [], None, 0
         for _ in range(args.repeats):
@@ -291,14 +343,19 @@ def table(figures: dict[str, Any]) -> str:
         f"median mask fraction {figures['mask_fraction_median']:.4f}",
         f"{'':32}{'iterations med/max':>20}{'ms / batch':>12}{'CPU ms':>10}",
     ]
-    for name, key in (
-        ("dli, boundary-matched start", "boundary_matched_start"),
-        ("dli, zero start", "zero_start"),
-    ):
-        counts = f"{its[key]['median']:g} / {its[key]['max']}"
-        lines.append(f"{name:32}{counts:>20}{secs[key] * 1e3:>12.1f}{cpu[key] * 1e3:>10.1f}")
-    setup = f"{secs['setup_only'] * 1e3:>12.1f}{cpu['setup_only'] * 1e3:>10.1f}"
-    lines.append(f"{'dli, setup only (max_iter=0)':32}{'':>20}{setup}")
+    if its is None:  # the direct solver
+        name = f"dli, direct ({config['window']} windows)"
+        timing = f"{secs['boundary_matched_start'] * 1e3:>12.1f}{cpu['boundary_matched_start'] * 1e3:>10.1f}"
+        lines.append(f"{name:32}{'-':>20}{timing}")
+    else:
+        for name, key in (
+            ("dli, boundary-matched start", "boundary_matched_start"),
+            ("dli, zero start", "zero_start"),
+        ):
+            counts = f"{its[key]['median']:g} / {its[key]['max']}"
+            lines.append(f"{name:32}{counts:>20}{secs[key] * 1e3:>12.1f}{cpu[key] * 1e3:>10.1f}")
+        setup = f"{secs['setup_only'] * 1e3:>12.1f}{cpu['setup_only'] * 1e3:>10.1f}"
+        lines.append(f"{'dli, setup only (max_iter=0)':32}{'':>20}{setup}")
     if "opencv" in figures:
         cv = figures["opencv"]
         timing = f"{cv['seconds_per_batch'] * 1e3:>12.1f}{cv['cpu_seconds_per_batch'] * 1e3:>10.1f}"
@@ -316,7 +373,20 @@ def table(figures: dict[str, Any]) -> str:
         f"measured {figures['measured_seconds_per_step'] * 1e6:.1f} us ({figures['steps']} steps); "
         "load average {:.1f} {:.1f} {:.1f}".format(*figures["load_average"])
     )
+    model = figures.get("device_model")
+    if model is not None:
+        lines.append(device_model_line(model))
     return "\n".join(lines)
+
+
+def device_model_line(model: dict[str, Any]) -> str:
+    """One line of `dli.kernels.device_model` figures (shared with `dli bench`'s table)."""
+    return (
+        f"device model of the CUDA path (CuPy {model['cupy']}): {model['launches']:g} launches "
+        f"({model['kernels']:g} kernels, {model['library_calls']:g} cuFFT/cuBLAS, "
+        f"{model['copies']:g} copies), {model['bytes'] / 1e9:.2f} GB moved, "
+        f"{model['host_syncs']:g} host syncs, {model['fft_plans']:g} cuFFT plans"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

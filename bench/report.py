@@ -154,6 +154,11 @@ def table(figures: dict[str, Any]) -> str:
             f"floor {cg['floor_seconds'] * 1e6:.1f} us at {cg['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, "
             f"measured {cg['measured_seconds'] * 1e6:.1f} us"
         )
+    model = figures.get("device_model")
+    if model is not None:
+        from dli.bench.poisson import device_model_line
+
+        lines.append(f"  inject, {device_model_line(model)} (mean of {model['batches']} batches)")
     for encoder, t in figures["training"].items():
         title = f"training {encoder} ({t['precision']})"
         lines += ["", f"{title:44}{'images/s':>10}{'':22}peak torch memory"]

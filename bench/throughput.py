@@ -279,6 +279,7 @@ def measure(settings: Settings) -> dict[str, Any]:
     data_path = measure_data_path(bench)
     marks.append(time.perf_counter())
     kernels = measure_kernels(bench)
+    device_model = kernels.pop("device_model")  # top level: `device_model.launches`, as bench.poisson
     marks.append(time.perf_counter())
     inject_seconds = kernels["seconds_per_batch"]["inject"]["median"]
     training = {e: measure_training(bench, e, inject_seconds) for e in bench.settings.encoders}
@@ -300,6 +301,7 @@ def measure(settings: Settings) -> dict[str, Any]:
         "settings": asdict(bench.settings) | {"dli": bench.dli.to_dict()},
         "data_path": data_path,
         "kernels": kernels,
+        "device_model": device_model,
         "training": training,
         "seconds": {
             "setup": marks[0] - started,

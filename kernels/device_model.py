@@ -20,7 +20,8 @@ What is counted, as CuPy 14.2 runs it (`CUPY_VERSION`):
 - library executions: one per cuFFT execution and per cuBLAS call. `matmul` of stacked
   matrices is one `gemmStridedBatchedEx`, or, when an operand is broadcast over the batch,
   three pointer kernels and one `gemmBatched`; an operand that is not C-contiguous is copied
-  first. The sine transforms are counted by `DST_TABLE` (cupyx builds them from FFTs).
+  first. The sine transforms are counted by `dli.kernels.cupy_costs.DST_TABLE` (cupyx builds
+  them from FFTs); the rules are written down there, from CuPy's sources.
 - copies: host -> device (`asarray` of a host array, `ndarray.set`, a host index array, a
   `note_upload` from the caller) and device -> host (`get`); a read of a device value on the
   host (`bool`, `int`, `float`, `item`, `tolist`) is a copy and a host synchronization.
@@ -38,133 +39,32 @@ so a key that changes with the batch's content means a new plan.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import scipy.fft
 
-CUPY_VERSION = "14.2.0"
-"""The CuPy whose operations the counts follow (read in its sources, see `DST_TABLE`)."""
+from dli.kernels.cupy_costs import (
+    CUPY_VERSION,
+    DeviceCounts,
+    count_advanced,
+    count_dst2,
+    count_dst3,
+    count_matmul,
+    counting,
+    nbytes,
+    note_upload,
+    record,
+    sync,
+)
+from dli.kernels.xp import modelled_device
 
-DST_TABLE = """\
-cupyx.scipy.fft (CuPy 14.2, cupyx/scipy/fft/_realtransforms.py and cupy/fft/_fft.py), one
-transform along one axis of a real array of E elements, n along the axis, s bytes per real
-element, c = 2s per complex one. Each row is one device operation: elements read + written.
-
-DST-II (dst type 2 / idst type 3; _dct_or_dst_type2 with dst=True):
-  1 negate the odd half          _reshuffle_dct2: -x[sl_odd]            E/2 s + E/2 s
-  2 copy the even half           cupy.concatenate (<= 8 arrays: a copy each)   E/2 s + E/2 s
-  3 copy the negated odd half                                                E/2 s + E/2 s
-  4 cast to complex              _fft._convert_dtype: astype(complex)          E s + E c
-  5 copy to contiguous           _exec_fft, only when the axis is not last     E c + E c
-  6 cuFFT C2C execution          plan key (n, C2C, E/n), in place              E c + E c
-  7 twiddle factors              _mult_factor_dct2 kernel                      n s + n c
-  8 multiply by the twiddles     x *= tmp                                      E c + E c
-  9 scale the first row (ortho)  x[sl0] *= sqrt(2)/2                           E/n s + E/n s
-  (cupy.real and the final reversal are views)
-DST-III (idst type 2 / dst type 3; _dct_or_dst_type3 with dst=True):
-  1 copy the input (ortho, only without overwrite_x)                           E s + E s
-  2 scale the first row          x[sl0] *= sqrt(2)                             E/n s + E/n s
-  3 twiddle factors              _mult_factor_dct3 kernel                      n s + n c
-  4 multiply by the twiddles     x = x * tmp (real times complex)              E s + E c
-  5 scale the first row          x[sl0] *= 0.5                                 E/n c + E/n c
-  6 copy to contiguous           _exec_fft, only when the axis is not last     E c + E c
-  7 cuFFT C2C execution          plan key (n, C2C, E/n), in place              E c + E c
-  8 normalize                    out /= n (norm "backward" of the inverse)     E c + E c
-  9 copy the even entries        _reshuffle_dct3: x[sl_even] = y[:half]        E/2 s + E/2 s
- 10 negate the second half       -y[half:]                                     E/2 s + E/2 s
- 11 copy the odd entries         x[sl_odd] = ...                               E/2 s + E/2 s
-dstn / idstn run one such transform per axis, in the order of `axes`. DST types 1 and 4 raise
-NotImplementedError in CuPy 14.2 (only types 2 and 3 exist), and so do they here.
-So a 2-D DST-II over the last two axes is 17 operations (2 cuFFT), a 2-D DST-III with
-overwrite_x 19 (2 cuFFT).
-"""
-
-
-# ---------------------------------------------------------------------------------------------
-# The counts.
-
-
-@dataclass
-class DeviceCounts:
-    """Device operations and bytes counted in one `counting()` block."""
-
-    launches: int = 0  # every device operation: kernels + library executions + copies
-    bytes: int = 0  # read + written by all of them
-    kernels: int = 0
-    library: int = 0  # cuFFT executions and cuBLAS calls
-    copies: int = 0  # host <-> device
-    copy_bytes: int = 0
-    syncs: int = 0  # the host waited for a device value
-    operations: Counter = field(default_factory=Counter)  # launches by name
-    fft_plans: set = field(default_factory=set)  # cuFFT plan keys (length, type, batch)
-
-    def add(self, kind: str, name: str, nbytes: int, count: int = 1) -> None:
-        self.launches += count
-        self.bytes += int(nbytes)
-        self.operations[name] += count
-        if kind == "kernel":
-            self.kernels += count
-        elif kind == "library":
-            self.library += count
-        else:
-            self.copies += count
-            self.copy_bytes += int(nbytes)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON figures (`launches`, `bytes`, and their parts)."""
-        return {
-            "launches": self.launches,
-            "bytes": self.bytes,
-            "kernels": self.kernels,
-            "library_calls": self.library,
-            "copies": self.copies,
-            "copy_bytes": self.copy_bytes,
-            "host_syncs": self.syncs,
-            "fft_plans": len(self.fft_plans),
-            "cupy": CUPY_VERSION,
-        }
-
-
-_ACTIVE: list[DeviceCounts] = []
-
-
-@contextlib.contextmanager
-def counting() -> Iterator[DeviceCounts]:
-    """Count the device operations of `MODEL` arrays made inside the block (nested blocks count too)."""
-    counts = DeviceCounts()
-    _ACTIVE.append(counts)
-    try:
-        yield counts
-    finally:
-        _ACTIVE.remove(counts)
-
-
-def _record(kind: str, name: str, nbytes: float, count: int = 1) -> None:
-    for counts in _ACTIVE:
-        counts.add(kind, name, int(nbytes), count)
-
-
-def _sync() -> None:
-    for counts in _ACTIVE:
-        counts.syncs += 1
-
-
-def note_upload(array: Any) -> None:
-    """Count a host -> device copy of `array` (for callers whose copy the model cannot see)."""
-    _record("copy", "host->device", _nbytes(array))
+__all__ = ["CUPY_VERSION", "MODEL", "DeviceCounts", "ModelArray", "cost", "counting", "modelled", "to_model"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Arrays.
-
-
-def _nbytes(a: Any) -> int:
-    return int(a.size) * int(a.itemsize) if isinstance(a, np.ndarray | np.generic) else 0
 
 
 def _plain(x: Any) -> Any:
@@ -245,19 +145,21 @@ class ModelArray(np.ndarray):
 
     __dli_array_module__: Any = None  # set to MODEL below: `dli.kernels.xp.array_module` reads it
 
-    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, out: Any = None, **kwargs: Any) -> Any:
+    def __array_ufunc__(
+        self, ufunc: np.ufunc, method: str, *inputs: Any, out: Any = None, **kwargs: Any
+    ) -> Any:
         outs = tuple(out) if out is not None else ()
         _check_device((*inputs, *outs))
         if outs:
             kwargs["out"] = tuple(_plain(o) for o in outs)
         result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
         written = outs if outs else (result if isinstance(result, tuple) else (result,))
-        read = sum(_nbytes(a) for a in inputs)
+        read = sum(nbytes(a) for a in inputs)
         if ufunc is np.matmul:
-            _count_matmul(inputs, written[0])
+            count_matmul(inputs, written[0])
         else:
             name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
-            _record("kernel", name, read + sum(_nbytes(w) for w in written))
+            record("kernel", name, read + sum(nbytes(w) for w in written))
         if outs:
             return outs[0] if len(outs) == 1 else outs
         return _wrap(result)
@@ -273,21 +175,21 @@ class ModelArray(np.ndarray):
             return _wrap(result)
         outputs = _arrays(result if isinstance(result, tuple | list) else (result,))
         if name == "copyto":
-            _record("kernel", name, sum(_nbytes(a) for a in inputs[1:]) + _nbytes(inputs[0]))
+            record("kernel", name, sum(nbytes(a) for a in inputs[1:]) + nbytes(inputs[0]))
             return result
         if outputs and all(_shares(o, inputs) for o in outputs) and name not in ("where", "clip"):
             return _wrap(result)  # a view of an input (reshape, ravel of a contiguous array, ...)
-        moved = sum(_nbytes(a) for a in inputs) + sum(_nbytes(o) for o in outputs)
+        moved = sum(nbytes(a) for a in inputs) + sum(nbytes(o) for o in outputs)
         if name in _PER_ARRAY_FUNCTIONS:
             parts = args[0] if args else kwargs["arrays"]
             count = len(parts) if len(parts) <= 8 else 1
-            _record("kernel", name, moved, count)
+            record("kernel", name, moved, count)
             if count == 1 and len(parts) > 8:
-                _record("copy", "host->device", 8 * len(parts))  # the pointer table
+                record("copy", "host->device", 8 * len(parts))  # the pointer table
         elif name in ("zeros_like", "ones_like", "full_like"):
-            _record("kernel", name, sum(_nbytes(o) for o in outputs))
+            record("kernel", name, sum(nbytes(o) for o in outputs))
         else:
-            _record("kernel", name, moved)
+            record("kernel", name, moved)
         return _wrap(result)
 
     # Indexing: views are free; integer-array indices gather and scatter as CuPy does.
@@ -298,7 +200,7 @@ class ModelArray(np.ndarray):
         result = plain[_plain(key)]
         if not index:
             return _wrap(result)
-        _count_advanced(index, _nbytes(result), "gather")
+        count_advanced(index, 2 * nbytes(result), "gather", _on_device(index))  # each element read, written
         return _wrap(result)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -309,60 +211,62 @@ class ModelArray(np.ndarray):
         plain[_plain(key)] = _plain(value)
         target = plain[_plain(key)] if not index else None
         if index:
-            written = _nbytes(plain[_plain(key)])
+            written = nbytes(plain[_plain(key)])
             if isinstance(value, ModelArray) and value.dtype != self.dtype:
-                _record("kernel", "astype", _nbytes(value) + value.size * self.itemsize)
-            _count_advanced(index, written + _nbytes(value), "scatter")
+                record("kernel", "astype", nbytes(value) + value.size * self.itemsize)
+            count_advanced(index, written + nbytes(value), "scatter", _on_device(index))
         elif isinstance(value, ModelArray) and value.ndim > 0:
             if _same_view(value, target):
                 return  # `a[s] += b` writes back the view it changed in place: CuPy skips the copy
-            _record("kernel", "copy", _nbytes(value) + _nbytes(target))
+            record("kernel", "copy", nbytes(value) + nbytes(target))
         else:
-            _record("kernel", "fill", _nbytes(target))
+            record("kernel", "fill", nbytes(target))
 
     # Methods that are device operations in CuPy but not ufuncs in NumPy.
 
     def copy(self, order: str = "C") -> Any:  # type: ignore[override]
-        _record("kernel", "copy", 2 * _nbytes(self))
+        record("kernel", "copy", 2 * nbytes(self))
         return _wrap(self.view(np.ndarray).copy(order=order))
 
-    def astype(self, dtype: Any, order: str = "K", casting: str = "unsafe", subok: bool = True, copy: bool = True) -> Any:  # type: ignore[override]  # noqa: E501
+    def astype(
+        self, dtype: Any, order: str = "K", casting: str = "unsafe", subok: bool = True, copy: bool = True
+    ) -> Any:  # type: ignore[override]
         if not copy and np.dtype(dtype) == self.dtype:
             return self
         result = self.view(np.ndarray).astype(dtype, order=order, casting=casting)
-        _record("kernel", "astype", _nbytes(self) + _nbytes(result))
+        record("kernel", "astype", nbytes(self) + nbytes(result))
         return _wrap(result)
 
     def reshape(self, *shape: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         result = self.view(np.ndarray).reshape(*shape, **kwargs)
         if not np.may_share_memory(result, self):
-            _record("kernel", "copy", 2 * _nbytes(self))
+            record("kernel", "copy", 2 * nbytes(self))
         return _wrap(result)
 
     def ravel(self, order: str = "C") -> Any:  # type: ignore[override]
         return self.reshape(-1, order=order)
 
     def fill(self, value: Any) -> None:
-        _record("kernel", "fill", _nbytes(self))
+        record("kernel", "fill", nbytes(self))
         self.view(np.ndarray).fill(value)
 
     def argmax(self, axis: Any = None, out: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         result = self.view(np.ndarray).argmax(axis=axis, **kwargs)
-        _record("kernel", "argmax", _nbytes(self) + _nbytes(np.asarray(result)))
+        record("kernel", "argmax", nbytes(self) + nbytes(np.asarray(result)))
         return _wrap(result)
 
     def mean(self, axis: Any = None, dtype: Any = None, out: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         result = self.view(np.ndarray).mean(axis=axis, dtype=dtype, **kwargs)
-        _record("kernel", "mean", _nbytes(self) + _nbytes(np.asarray(result)))  # one reduction in CuPy
+        record("kernel", "mean", nbytes(self) + nbytes(np.asarray(result)))  # one reduction in CuPy
         return _wrap(result)
 
     # Transfers and host reads.
 
     def get(self, stream: Any = None, out: Any = None, blocking: bool = True) -> np.ndarray:
         """Device -> host copy, as `cupy.ndarray.get`."""
-        _record("copy", "device->host", _nbytes(self))
+        record("copy", "device->host", nbytes(self))
         if blocking:
-            _sync()
+            sync()
         host = np.array(self.view(np.ndarray))
         if out is None:
             return host
@@ -371,12 +275,12 @@ class ModelArray(np.ndarray):
 
     def set(self, array: np.ndarray, stream: Any = None) -> None:
         """Host -> device copy, as `cupy.ndarray.set`."""
-        _record("copy", "host->device", _nbytes(array))
+        record("copy", "host->device", nbytes(array))
         self.view(np.ndarray)[...] = array
 
     def _host_read(self) -> np.ndarray:
-        _record("copy", "device->host", _nbytes(self))
-        _sync()
+        record("copy", "device->host", nbytes(self))
+        sync()
         return self.view(np.ndarray)
 
     def __bool__(self) -> bool:
@@ -406,55 +310,14 @@ def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
+def _on_device(index: list[Any]) -> list[bool]:
+    return [isinstance(i, ModelArray) for i in index]
+
+
 def _index_arrays(key: Any) -> list[Any]:
     """The advanced (array) indices in an indexing key."""
     parts = key if isinstance(key, tuple) else (key,)
     return [p for p in parts if isinstance(p, np.ndarray | list) and not isinstance(p, np.generic)]
-
-
-def _count_advanced(index: list[Any], moved: int, what: str) -> None:
-    """Advanced indexing as CuPy 14.2 runs it (cupy/_core/_routines_indexing.pyx)."""
-    for i in index:  # `_prepare_slice_list`: a host index becomes a device array first
-        if not isinstance(i, ModelArray):
-            _record("copy", "host->device", _nbytes(np.asarray(i)))
-    arrays = [np.asarray(i) for i in index]
-    if len(arrays) == 1 and arrays[0].dtype == np.bool_:
-        # `_prepare_mask_indexing_single`: a scan of the mask, and its total read on the host
-        _record("kernel", "scan", 2 * arrays[0].size * 8)
-        _record("copy", "device->host", 8)
-        _sync()
-        _record("kernel", what, moved + arrays[0].size * 9)
-        return
-    if len(arrays) == 1:  # `take` / `_scatter_op_single`
-        _record("kernel", what, moved + _nbytes(arrays[0]))
-        return
-    # `_prepare_multiple_array_indexing`: fill an int64 flat index, add each array's stride part
-    flat = int(np.prod(np.broadcast_shapes(*(a.shape for a in arrays)))) * 8
-    _record("kernel", "fill", flat)
-    for a in arrays:
-        _record("kernel", "index", _nbytes(a) + 2 * flat)
-    _record("kernel", what, moved + flat)
-
-
-def _count_matmul(inputs: tuple[Any, ...], result: np.ndarray) -> None:
-    """`cupy.matmul` (cupy/_core/_routines_linalg.pyx): cuBLAS, after copies and pointer kernels."""
-    a, b = (np.asarray(x) for x in inputs)
-    moved = _nbytes(a) + _nbytes(b) + _nbytes(result)
-    if max(a.ndim, b.ndim) <= 2:
-        _record("library", "cublas", moved)
-        return
-    for x in (a, b):  # `ascontiguousarray` of each operand
-        if not x.flags.c_contiguous:
-            _record("kernel", "copy", 2 * _nbytes(x))
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    ndim = len(batch)
-    broadcast = any(
-        len(x.shape[:-2]) < ndim or any(s == 1 and c > 1 for s, c in zip(x.shape[:-2], batch[-len(x.shape[:-2]) :], strict=True))
-        for x in (a, b)
-    )
-    if broadcast and int(np.prod(batch)) > 1:
-        _record("kernel", "mat_ptrs", 3 * 8 * int(np.prod(batch)), count=3)
-    _record("library", "cublas", moved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +328,7 @@ class _Event:
     done = True
 
     def synchronize(self) -> None:
-        _sync()
+        sync()
 
 
 class _Stream:
@@ -486,7 +349,7 @@ class _Device:
         return None
 
     def synchronize(self) -> None:
-        _sync()
+        sync()
 
 
 class _Cuda:
@@ -511,7 +374,7 @@ class _RawKernel:
 
     def __call__(self, grid: Any, block: Any, args: tuple[Any, ...], **kwargs: Any) -> None:
         twin = RAW_KERNEL_TWINS[self.name.split("<", 1)[0]]
-        _record("kernel", self.name.split("<", 1)[0], twin(*_plain(args)))
+        record("kernel", self.name.split("<", 1)[0], twin(*_plain(args)))
 
 
 class _RawModule:
@@ -541,11 +404,16 @@ def _paste_twin(
     from dli.kernels.paste import _paste_arrays
 
     _paste_arrays(
-        target, source, mask, labels if int(write_labels) else None, class_ids if int(write_labels) else None, slots
+        target,
+        source,
+        mask,
+        labels if int(write_labels) else None,
+        class_ids if int(write_labels) else None,
+        slots,
     )
     pasted = int(np.count_nonzero(mask))
     per_pixel = int(channels) * 3 * target.itemsize + (labels.itemsize if int(write_labels) else 0)
-    return _nbytes(mask) + pasted * per_pixel + _nbytes(slots)
+    return nbytes(mask) + pasted * per_pixel + nbytes(slots)
 
 
 RAW_KERNEL_TWINS = {"paste_kernel": _paste_twin}
@@ -556,19 +424,27 @@ class _Fft:
     """`cupyx.scipy.fft`'s sine transforms: computed by `scipy.fft`, counted by `DST_TABLE`."""
 
     @staticmethod
-    def dstn(x: Any, type: int = 2, s: Any = None, axes: Any = None, norm: Any = None, overwrite_x: bool = False) -> Any:
+    def dstn(
+        x: Any, type: int = 2, s: Any = None, axes: Any = None, norm: Any = None, overwrite_x: bool = False
+    ) -> Any:
         return _sine_nd(x, type, axes, norm, overwrite_x, inverse=False)
 
     @staticmethod
-    def idstn(x: Any, type: int = 2, s: Any = None, axes: Any = None, norm: Any = None, overwrite_x: bool = False) -> Any:
+    def idstn(
+        x: Any, type: int = 2, s: Any = None, axes: Any = None, norm: Any = None, overwrite_x: bool = False
+    ) -> Any:
         return _sine_nd(x, type, axes, norm, overwrite_x, inverse=True)
 
     @staticmethod
-    def dst(x: Any, type: int = 2, n: Any = None, axis: int = -1, norm: Any = None, overwrite_x: bool = False) -> Any:
+    def dst(
+        x: Any, type: int = 2, n: Any = None, axis: int = -1, norm: Any = None, overwrite_x: bool = False
+    ) -> Any:
         return _sine_nd(x, type, (axis,), norm, overwrite_x, inverse=False)
 
     @staticmethod
-    def idst(x: Any, type: int = 2, n: Any = None, axis: int = -1, norm: Any = None, overwrite_x: bool = False) -> Any:
+    def idst(
+        x: Any, type: int = 2, n: Any = None, axis: int = -1, norm: Any = None, overwrite_x: bool = False
+    ) -> Any:
         return _sine_nd(x, type, (axis,), norm, overwrite_x, inverse=True)
 
 
@@ -581,61 +457,16 @@ def _sine_nd(x: Any, kind: int, axes: Any, norm: Any, overwrite_x: bool, inverse
     axes = tuple(range(ndim)) if axes is None else tuple(axes)
     real = np.dtype(plain.dtype) if plain.dtype.kind == "f" else np.dtype(np.float64)
     if plain.dtype.kind != "f":
-        _record("kernel", "astype", _nbytes(plain) + plain.size * real.itemsize)
+        record("kernel", "astype", nbytes(plain) + plain.size * real.itemsize)
     type_ii = (kind == 2) != inverse  # idst of type 2 is a DST-III, of type 3 a DST-II
-    for number, axis in enumerate(axes):
+    for axis in axes:
         last = axis % ndim == ndim - 1
         if type_ii:
-            _count_dst2(plain.shape, axis % ndim, real.itemsize, last)
+            count_dst2(plain.shape, axis % ndim, real.itemsize, last)
         else:
-            _count_dst3(plain.shape, axis % ndim, real.itemsize, last, overwrite_x or number > 0)
+            count_dst3(plain.shape, axis % ndim, real.itemsize, last, overwrite_x)
     function = scipy.fft.idstn if inverse else scipy.fft.dstn
     return _wrap(function(plain, type=kind, axes=axes, norm=norm))
-
-
-def _fft_plan(n: int, batch: int, itemsize: int) -> None:
-    key = (n, "C2C" if itemsize == 4 else "Z2Z", batch)
-    for counts in _ACTIVE:
-        counts.fft_plans.add(key)
-
-
-def _count_dst2(shape: tuple[int, ...], axis: int, s: int, last: bool) -> None:
-    """DST-II along `axis`, row by row of `DST_TABLE`."""
-    elements, n = math.prod(shape), shape[axis]
-    odd = elements // n * (n // 2)
-    c = 2 * s
-    _record("kernel", "dst: negate", 2 * odd * s)
-    _record("kernel", "dst: concatenate", 2 * (elements - odd) * s)
-    _record("kernel", "dst: concatenate", 2 * odd * s)
-    _record("kernel", "dst: astype complex", elements * (s + c))
-    if not last:
-        _record("kernel", "dst: contiguous copy", 2 * elements * c)
-    _record("library", "cufft", 2 * elements * c)
-    _fft_plan(n, elements // n, s)
-    _record("kernel", "dst: twiddles", n * (s + c))
-    _record("kernel", "dst: multiply", 2 * elements * c + n * c)
-    _record("kernel", "dst: scale first", 2 * elements // n * s)
-
-
-def _count_dst3(shape: tuple[int, ...], axis: int, s: int, last: bool, overwrite: bool) -> None:
-    """DST-III along `axis`, row by row of `DST_TABLE`."""
-    elements, n = math.prod(shape), shape[axis]
-    half = elements // n * (n // 2)
-    c = 2 * s
-    if not overwrite:
-        _record("kernel", "dst: copy input", 2 * elements * s)
-    _record("kernel", "dst: scale first", 2 * elements // n * s)
-    _record("kernel", "dst: twiddles", n * (s + c))
-    _record("kernel", "dst: multiply", elements * (s + c) + n * c)
-    _record("kernel", "dst: scale first", 2 * elements // n * c)
-    if not last:
-        _record("kernel", "dst: contiguous copy", 2 * elements * c)
-    _record("library", "cufft", 2 * elements * c)
-    _fft_plan(n, elements // n, s)
-    _record("kernel", "dst: normalize", 2 * elements * c)
-    _record("kernel", "dst: copy even", 2 * (elements - half) * s)
-    _record("kernel", "dst: negate", 2 * half * s)
-    _record("kernel", "dst: copy odd", 2 * half * s)
 
 
 class DeviceModule:
@@ -666,7 +497,7 @@ class DeviceModule:
 
     def zeros(self, shape: Any, dtype: Any = float, order: str = "C") -> ModelArray:
         result = np.zeros(shape, dtype=dtype, order=order)
-        _record("kernel", "memset", _nbytes(result))
+        record("kernel", "memset", nbytes(result))
         return _wrap(result)
 
     def ones(self, shape: Any, dtype: Any = float, order: str = "C") -> ModelArray:
@@ -674,19 +505,19 @@ class DeviceModule:
 
     def full(self, shape: Any, fill_value: Any, dtype: Any = None, order: str = "C") -> ModelArray:
         result = np.full(shape, fill_value, dtype=dtype, order=order)
-        _record("kernel", "fill", _nbytes(result))
+        record("kernel", "fill", nbytes(result))
         return _wrap(result)
 
     def arange(self, *args: Any, **kwargs: Any) -> ModelArray:
         result = np.arange(*args, **kwargs)
-        _record("kernel", "arange", _nbytes(result))
+        record("kernel", "arange", nbytes(result))
         return _wrap(result)
 
     def asarray(self, a: Any, dtype: Any = None, order: Any = None) -> ModelArray:
         if isinstance(a, ModelArray):
             return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
         host = np.asarray(a, dtype=dtype, order=order)
-        _record("copy", "host->device", _nbytes(host))
+        record("copy", "host->device", nbytes(host))
         return _wrap(np.array(host))
 
     array = asarray
@@ -723,3 +554,24 @@ ModelArray.__dli_array_module__ = MODEL
 def to_model(array: Any) -> ModelArray:
     """A host array as a device array of the model, with no copy counted (data already on the device)."""
     return _wrap(np.array(array))
+
+
+@contextlib.contextmanager
+def modelled() -> Iterator[None]:
+    """Inside, CPU torch tensors given to the kernels (and to `dli.pipeline.inject`) stand for
+    CUDA tensors: they become `MODEL` arrays (views of the tensors' memory)."""
+    with modelled_device(MODEL):
+        yield
+
+
+def cost(call: Callable[[], Any], *, warm_up: bool = True) -> DeviceCounts:
+    """The device operations of `call()` (made on `MODEL` arrays or under `modelled()`).
+
+    With `warm_up` the call runs once uncounted first, so per-shape caches (the preconditioner's
+    spectra and transform matrices, uploaded once) are warm as in training's steady state.
+    """
+    if warm_up:
+        call()
+    with counting() as counts:
+        call()
+    return counts

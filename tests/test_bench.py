@@ -250,6 +250,12 @@ def check_record(record: dict, dataset: Manifest, device: str) -> dict:
         assert cg["steps"] > 0 and cg["traffic_bytes"] > 0 and cg["floor_seconds"] > 0
         assert cg["bandwidth_bytes_per_s"] > 0 and cg["measured_seconds"] >= 0
 
+    model = record["device_model"]  # the CUDA path of `inject`, counted on the CPU
+    assert model["batches"] >= 1 and model["launches"] > model["kernels"] > 0 and model["bytes"] > 0
+    parts = model["kernels"] + model["library_calls"] + model["copies"]
+    assert model["launches"] == pytest.approx(parts)
+    assert model["host_syncs"] == 0  # boxes from the host: the CUDA path reads nothing back
+
     training = record["training"]["l-resnet18"]
     assert training["parameters"] > 0
     for name in ("premade", "dali_dli", "baseline_dli"):
