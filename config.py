@@ -166,6 +166,9 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     image_size: int | None = None
+    crop: int | None = None
+    scale: float = 1.0
+    crop_defect_prob: float = 0.5
     lr: float | None = None
     weight_decay: float = 0.0
     seed: int = 0
@@ -232,11 +235,32 @@ class TrainConfig:
                     f"--image-size {self.image_size}: must be a multiple of {stride} "
                     f"for encoder {self.encoder}"
                 )
+        self._validate_crop(stride=2 ** ENCODERS[self.encoder].depth)
         if not _DEVICE.match(self.device):
             raise DliError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
         if self.resume and self.out is None:
             raise DliError("--resume needs --out RUN (the run folder to continue)")
         return self
+
+    def _validate_crop(self, stride: int) -> None:
+        """`--crop`, `--scale`, `--crop-defect-prob` (training on native-resolution crops)."""
+        _in_range(self, "crop_defect_prob", low=0.0, high=1.0, low_inclusive=True)
+        _in_range(self, "scale", low=0.0, high=1.0)
+        if self.crop is None:
+            if self.scale != 1.0:
+                raise DliError(f"--scale {self.scale:g}: applies to training on crops; pass --crop S too")
+            return
+        from dli.pipeline.loader import MAX_IMAGE_SIZE
+
+        _positive_int(self, "crop", minimum=32)
+        if self.image_size is not None and self.image_size != self.crop:
+            raise DliError(
+                f"--image-size {self.image_size}: with --crop {self.crop} the model's input is the crop"
+            )
+        if self.crop > MAX_IMAGE_SIZE:
+            raise DliError(f"--crop {self.crop}: must be at most {MAX_IMAGE_SIZE}")
+        if self.crop % stride:
+            raise DliError(f"--crop {self.crop}: must be a multiple of {stride} for encoder {self.encoder}")
 
     # -- resolution ---------------------------------------------------------------------------
 
@@ -266,7 +290,7 @@ class TrainConfig:
             split=str(Path(self.split).absolute()) if split_is_folder else self.split,
             epochs=self.epochs or schedule.epochs,
             batch_size=self.batch_size or schedule.batch_size,
-            image_size=self.image_size or schedule.image_size,
+            image_size=self.crop or self.image_size or schedule.image_size,
             lr=schedule.lr if self.lr is None else self.lr,
         )
 

@@ -99,6 +99,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.image_size,
         help=f"square training size; unset: {quick.image_size} without --data, {paper.image_size} with it",
     )
+    data.add_argument(
+        "--crop",
+        type=int,
+        default=d.crop,
+        metavar="S",
+        help="train on S x S crops at native resolution (cut by DALI; images smaller than S are not "
+        "upscaled); validation, eval and predict then run by overlapping S x S tiles; unset: whole "
+        "images resized to --image-size",
+    )
+    data.add_argument(
+        "--scale",
+        type=float,
+        default=d.scale,
+        metavar="F",
+        help="with --crop: resize images by F in (0, 1] before cropping (and before tiling at inference)",
+    )
+    data.add_argument(
+        "--crop-defect-prob",
+        type=float,
+        default=d.crop_defect_prob,
+        metavar="P",
+        help="with --crop: probability that a defect image's crop contains its defect (else uniform)",
+    )
     data.add_argument("--num-threads", type=int, default=d.num_threads, help="DALI worker threads")
 
     method = parser.add_argument_group("method")

@@ -70,7 +70,9 @@ from dli.models.losses import (
 from dli.models.metrics import ConfusionCounter, SegmentationScores, all_reduce_sum, evaluate_model
 from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
 from dli.models.thresholds import ThresholdCalibrator, choose_thresholds
+from dli.models.tiled import TiledModel
 from dli.models.unet import PretrainedStatus, build_model, count_parameters
+from dli.pipeline.crops import CropConfig
 from dli.run_folder import (
     BEST,
     CALIBRATED_SCORES_KEY,
@@ -81,6 +83,7 @@ from dli.run_folder import (
     prepare_run_folder,
 )
 from dli.steps import MAX_SKIPPED_IN_A_ROW, StepMonitor, StepTotals, make_optimizer, train_step
+from dli.tiling import Tiling
 
 # ---------------------------------------------------------------------------------------------
 # Device and precision.
@@ -274,16 +277,20 @@ class Trainer:
             "num_threads": config.num_threads,
             "resize": str(config.resize),
         }
+        crop = None if config.crop is None else CropConfig(config.crop, config.scale, config.crop_defect_prob)
         self.train_loader = build_loader(
             self.datasets.train,
             train=True,
+            crop=crop,
             dli=injection,
             donors=self.datasets.donors(),
             source_boxes=self.datasets.source_boxes(),
             drop_last=config.last_batch == "drop",
             **common,
         )
-        self.val_loader = build_loader(self.datasets.val, train=False, **common)
+        # A model trained on crops is validated as it will be used: whole images by tiles.
+        self.tiling = None if crop is None else Tiling(crop.size, scale=crop.scale)
+        self.val_loader = None if crop else build_loader(self.datasets.val, train=False, **common)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
@@ -352,6 +359,7 @@ class Trainer:
             std=tuple(self.train_loader.std),
             decoder_convs=int(config.decoder_convs or 2),
             resize=str(config.resize),
+            tiling=self.tiling,
         )
         self.tensorboard: Any = None
         self.lock = FolderLock(self.folder.root, "run folder")
@@ -500,7 +508,8 @@ class Trainer:
             if self.prediction_grid is not None:
                 self.prediction_grid.close()
             self.train_loader.close()  # DALI pipelines hold worker threads and buffers
-            self.val_loader.close()
+            if self.val_loader is not None:
+                self.val_loader.close()
         return RunResult(
             run_dir=self.folder.root,
             config=config,
@@ -604,8 +613,7 @@ class Trainer:
         """
         calibrator = ThresholdCalibrator(self.class_names, device=self.device)
         evaluation = evaluate_model(
-            self.eval_net,
-            self.val_loader,
+            *self._validation_model_and_batches(),
             self.class_names,
             device=self.device,
             amp_dtype=self.amp_dtype,
@@ -628,6 +636,18 @@ class Trainer:
         else:
             progress.evaluations_since_best += 1
         return record
+
+    def _validation_model_and_batches(self) -> tuple[nn.Module, Any]:
+        """The model and batches validation runs: the loader's, or whole native images by tiles."""
+        if self.val_loader is not None:
+            return self.eval_net, self.val_loader
+        from dli.pipeline.native import native_batches
+
+        assert self.tiling is not None
+        tiled = TiledModel(self.eval_net, self.tiling, batch=self.config.batch_size or 8)
+        val = self.datasets.val  # each process scores its share; counts are summed across them
+        share = val.subset(range(self.rank, len(val), self.world_size))
+        return tiled, native_batches(share, self.info.mean, self.info.std)
 
     def _calibration(self, calibrator: ThresholdCalibrator) -> dict[str, Any]:
         """Checkpoint entries: the calibrated thresholds and the validation scores at them."""
@@ -668,8 +688,10 @@ class Trainer:
                 image_size=self.config.image_size,
                 device=self.device,
                 amp_dtype=self.amp_dtype,
+                native=(self.info.mean, self.info.std) if self.tiling is not None else None,
             )
-        self.prediction_grid.write(self.model, self.folder.predictions, title=f"validation, {title}")
+        model = self.model if self.tiling is None else TiledModel(self.model, self.tiling)
+        self.prediction_grid.write(model, self.folder.predictions, title=f"validation, {title}")
 
     def _progress_bar(self, epoch: int) -> Any:
         """A tqdm bar over the training loader, or None when quiet or not rank 0."""

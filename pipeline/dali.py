@@ -53,7 +53,13 @@ RESIZE_MODES: tuple[str, ...] = ("linear", "nearest")
 
 @pipeline_def(enable_checkpointing=False)
 def decode_augment(
-    size: tuple[int, int], decoder: str, warp: bool, mean: float, std: float, resize: str = "linear"
+    size: tuple[int, int],
+    decoder: str,
+    warp: bool,
+    mean: float,
+    std: float,
+    resize: str = "linear",
+    crop: bool = False,
 ):
     """Decode (GRAY), resize to `size`, warp image and mask by the same matrix, normalize.
 
@@ -65,7 +71,9 @@ def decode_augment(
     edges are not blended; the warp uses linear interpolation for
     images and nearest for masks, with the same matrix, so both stay aligned. Pixels mapped
     from outside the image repeat its border (DALI's default: no fill value). `decoder` is
-    "cpu" or "mixed" (nvJPEG on the GPU) for the images; masks always decode on the CPU. Element-wise
+    "cpu" or "mixed" (nvJPEG on the GPU) for the images; masks always decode on the CPU. With
+    `crop` nothing is resized: each sample's matrix maps its native pixels into the `size`
+    output (`dli.pipeline.crops` folds the crop, and any `--scale`, into it). Element-wise
     work is done here, on DALI's threads, rather than on the training loop's.
     """
     images = fn.external_source(name=IMAGES, dtype=types.UINT8, ndim=1)
@@ -82,13 +90,16 @@ def decode_augment(
     masks = fn.reshape(fn.cast(masks > MASK_THRESHOLD, dtype=types.UINT8), layout="HWC")
     if decoder == "mixed":
         masks = masks.gpu()
-    if resize == "nearest":
+    if crop:
+        images = fn.cast(images, dtype=types.FLOAT)
+    elif resize == "nearest":
         images = fn.resize(images, size=size, interp_type=types.INTERP_NN, dtype=types.FLOAT)
     else:
         images = fn.resize(
             images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT
         )
-    masks = fn.resize(masks, size=size, interp_type=types.INTERP_NN)
+    if not crop:
+        masks = fn.resize(masks, size=size, interp_type=types.INTERP_NN)
     if warp:
         matrices = fn.external_source(name=MATRICES, dtype=types.FLOAT, ndim=2)
         images = fn.warp_affine(
@@ -166,6 +177,7 @@ class DecodePipeline:
         resize: image resizing, one of `RESIZE_MODES`.
         num_threads: DALI's CPU worker threads.
         prefetch: the most works in flight at once.
+        crop: samples are cut from native-resolution images by their matrices (no resize; needs `warp`).
     """
 
     def __init__(
@@ -180,6 +192,7 @@ class DecodePipeline:
         resize: str = "linear",
         num_threads: int = 2,
         prefetch: int = 2,
+        crop: bool = False,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise DliError(f"resize {resize!r}: choose from {', '.join(RESIZE_MODES)}")
@@ -192,6 +205,7 @@ class DecodePipeline:
             mean=mean,
             std=std,
             resize=resize,
+            crop=crop,
             batch_size=max_batch_size,
             num_threads=num_threads,
             device_id=device_id,

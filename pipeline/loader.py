@@ -41,8 +41,9 @@ import torch
 
 from dli.errors import DliError
 from dli.kernels.poisson import PoissonInfo
-from dli.pipeline.augment import Size, defect_augments, random_flips
+from dli.pipeline.augment import Size, compose, defect_augments, random_flips
 from dli.pipeline.batch import Batch
+from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
 from dli.pipeline.manifest import FREE, Manifest
 from dli.pipeline.planner import DliConfig, Plan, Planner
 
@@ -53,6 +54,9 @@ MT_STD = 0.11959978240241884
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
 """Bounds of an output side; one 64-image float32 batch of 4096 px is already 4 GB per channel."""
+
+CROP_STREAM = 0x63726F70
+"""Part of the seed of a batch's crop generator, apart from the plan's ("crop")."""
 
 FLIP_PROBABILITY = 0.5
 """Training flips of batch images: horizontal and vertical, each with this probability."""
@@ -65,6 +69,7 @@ class _Item:
     work: Any  # dli.pipeline.dali.Work
     indices: np.ndarray
     plan: Plan | None
+    source_boxes: np.ndarray | None = None  # with crops: the sources' boxes as fractions of their crops
 
 
 def _image_size(value: int | tuple[int, int] | Any) -> Size:
@@ -145,12 +150,14 @@ class Loader:
         donors: Collection[int] | None = None,
         source_boxes: np.ndarray | None = None,
         resize: str = "linear",
+        crop: CropConfig | None = None,
     ) -> None:
         if resize not in ("linear", "nearest"):
             raise DliError(f"resize {resize!r}: choose from linear, nearest")
         self.resize = resize
         self.batch_size = _checked_int("batch size", batch_size)
-        self.image_size = _image_size(image_size)
+        self.crop = crop if train else None
+        self.image_size = _image_size(image_size if self.crop is None else self.crop.size)
         self.seed = _checked_int("seed", seed, minimum=0)
         self.num_shards = _checked_int("number of shards", num_shards)
         self.shard_id = _checked_int("shard id", shard_id, minimum=0)
@@ -204,6 +211,11 @@ class Loader:
             if source_boxes.shape != (len(manifest), 4):
                 raise DliError(f"source boxes of shape {source_boxes.shape} for {len(manifest)} samples")
         self.source_boxes = source_boxes
+        self.crops: CropSampler | None = None
+        if self.crop is not None:
+            sizes = image_sizes([s.image for s in manifest.samples])
+            check_crop_fits(self.crop, sizes, manifest.root)
+            self.crops = CropSampler(self.crop, sizes, source_boxes)
         self._poisson_report: PoissonInfo | None = None  # the last batch's, checked at the next
         self._pipeline: Any = None
         self._serial = 0
@@ -283,6 +295,7 @@ class Loader:
                 resize=self.resize,
                 num_threads=self.num_threads,
                 prefetch=self.prefetch,
+                crop=self.crops is not None,
             )
         return self._pipeline
 
@@ -295,9 +308,11 @@ class Loader:
         images = [s.image for s in batch] + [samples[i].image for i in sources]
         # A defect-free image has no label channel, so its mask is never read (zeros are fed).
         masks = [s.mask if s.class_id != FREE else None for s in batch] + [samples[i].mask for i in sources]
-        matrices = None
+        matrices, crop_boxes = None, None
         if plan is not None:
             matrices = np.concatenate([plan.image_matrices, plan.source_matrices()]).astype(np.float32)
+            if self.crops is not None:
+                matrices, crop_boxes = self._crop_matrices(plan, matrices)
         self._serial += 1
         work = Work(
             self._serial,
@@ -305,7 +320,33 @@ class Loader:
             tuple(None if p is None else str(p) for p in masks),
             matrices,
         )
-        return _Item(work, indices, plan)
+        return _Item(work, indices, plan, crop_boxes)
+
+    def _crop_matrices(self, plan: Plan, matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The plan's matrices composed after each sample's crop (`dli.pipeline.crops`), and the
+        sources' defect boxes as fractions of their crops (for the Poisson windows)."""
+        assert self.crops is not None and self.crop is not None
+        # Seeded by the batch's own indices, so `replay(plan)` cuts the same crops.
+        rng = np.random.default_rng([self.seed, CROP_STREAM, *plan.batch_indices])
+        class_ids = self._class_ids[np.asarray(plan.batch_indices, dtype=np.int64)]
+        crops = []
+        for index, class_id in zip(plan.batch_indices, class_ids, strict=True):
+            defect = class_id != FREE and rng.random() < self.crop.defect_prob
+            crops.append((index, self.crops.corner(index, rng, with_defect=bool(defect))))
+        donor_corners: dict[int, tuple[float, float]] = {}
+        for source in plan.source_indices:
+            if source not in donor_corners:
+                donor_corners[source] = self.crops.corner(source, rng, with_defect=True)
+            crops.append((source, donor_corners[source]))
+        composed = np.stack(
+            [compose(m, self.crops.matrix(c)) for m, (_, c) in zip(matrices, crops, strict=True)]
+        )
+        boxes = None
+        if self.source_boxes is not None:
+            boxes = self.source_boxes.copy()
+            for source, corner in donor_corners.items():
+                boxes[source] = self.crops.box_in_crop(source, corner)
+        return composed.astype(np.float32), boxes
 
     def _items(self, epoch: int) -> Iterator[_Item]:
         if not self.train:
@@ -417,8 +458,9 @@ class Loader:
             # images; only the clamp of Poisson overshoot needs the normalized [0, 1] bounds.
             self._check_poisson_report()
             boxes = None
-            if self.source_boxes is not None:
-                boxes = region_boxes(item.plan, self.source_boxes, self.image_size, self.dli.dilate_radius)
+            source_boxes = item.source_boxes if item.source_boxes is not None else self.source_boxes
+            if source_boxes is not None:
+                boxes = region_boxes(item.plan, source_boxes, self.image_size, self.dli.dilate_radius)
             self._poisson_report = inject(
                 batch_images,
                 labels,
@@ -460,6 +502,7 @@ def build_loader(
     donors: Collection[int] | None = None,
     source_boxes: np.ndarray | None = None,
     resize: str = "linear",
+    crop: CropConfig | None = None,
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -484,4 +527,5 @@ def build_loader(
         donors=donors,
         source_boxes=source_boxes,
         resize=resize,
+        crop=crop,
     )
