@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,24 @@ READ_ERRORS: tuple[type[Exception], ...] = (
 """What PIL raises on a missing, truncated or corrupt file."""
 
 
+MAX_DECODE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+"""The largest image dli decodes (Pillow's decompression-bomb limit, about 179 megapixels); a
+larger one is refused from its header, before any pixel is decoded. Below it, Pillow's warning
+about images over half this size is silenced: inspection cameras take such pictures."""
+
+
 def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
     except FileNotFoundError:
         raise DliError(f"{what} not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise DliError(
+            f"{what} {path} is too large to decode (more than {MAX_DECODE_PIXELS / 1e6:.0f} megapixels)"
+        ) from None
     except READ_ERRORS as error:
         raise DliError(f"cannot read {what} {path}: {error}") from None
 

@@ -224,3 +224,42 @@ def test_predict_tile_flags_override_and_bad_values_are_one_line_errors(tiny_mod
         assert (
             main(["predict", *model, *base, "--tile", "64", "--overlap", "0.5", "--window", "gaussian"]) == 0
         )
+
+
+def test_an_image_too_large_to_decode_is_one_line(tmp_path, capsys):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 20000, 8, 0, 0, 0, 0)  # 600 megapixels, gray
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "huge.png").write_bytes(png)
+    checkpoint = tmp_path / "best.pt"
+    info = ModelInfo("l-resnet18", CLASSES, 64, (0.45,) * 3, (0.2,) * 3, tiling=Tiling(64))
+    payload = {"model": {}, "model_info": info.to_dict(), "config": TrainConfig().to_dict()}
+    torch.save({"format": "dli-checkpoint", "version": 1, **payload}, checkpoint)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dli.models.unet.build_model", lambda *args, **kwargs: (conv_net(), None))
+        patch.setattr("dli.checkpoint.non_finite_tensors", lambda state: [])
+        patch.setattr(nn.Module, "load_state_dict", lambda self, state: None)
+        argv = [
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+        assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "huge.png is too large to decode" in err and "\n" not in err
