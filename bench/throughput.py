@@ -5,7 +5,8 @@
     python -m dli.bench.throughput ...      # the same; also `python bench/throughput.py ...`
 
 One run, one device, one dataset (default: the bundled synthetic set), one batch and image size,
-in three sections, each in its own module:
+in three sections, each in its own module (`--tiling` runs a fourth one alone instead,
+`dli.bench.tiling`: tiled ONNX prediction of a large image on the CPU and its overlap overhead):
 
 1. Data path (`dli.bench.data_path`): images/s of the DALI loader without and with Dynamic Label
    Injection, and of the practitioner's alternative (`dli.bench.baseline`: a PyTorch DataLoader
@@ -163,6 +164,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", type=Path, default=unset, help="where to write the figures: bench-<device>.json"
     )
+    tiling = parser.add_argument_group("tiled prediction (--tiling: this section alone, on the CPU)")
+    tiling.add_argument(
+        "--tiling",
+        action="store_true",
+        help="time tiled ONNX prediction of one large image instead of the other sections",
+    )
+    tiling.add_argument(
+        "--onnx", default=None, help="the model to time; unset: a random export of the first --encoders"
+    )
+    tiling.add_argument("--tile", type=int, default=512, help="tile side S")
+    tiling.add_argument("--overlap", type=float, default=0.25, help="tile overlap, in [0, 0.9]")
+    tiling.add_argument(
+        "--tiling-image", default="2448x2048", metavar="WxH", help="size of the predicted image"
+    )
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -313,10 +328,48 @@ def measure(settings: Settings) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """`dli bench`: measure, print the table, write the JSON."""
+    if args.tiling:
+        return _run_tiling(args)
     settings = resolve_settings(args)
     path = getattr(args, "json", None) or Path(f"bench-{settings.device}.json")
     figures = measure(settings)
     print(table(figures))
+    try:
+        atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
+    except OSError as error:
+        raise DliError(f"--json {path}: cannot write: {error}") from None
+    print(f"figures written to {path}")
+    return 0
+
+
+def _run_tiling(args: argparse.Namespace) -> int:
+    from dli.bench.tiling import measure_tiling, tiling_table
+    from dli.tiling import check_overlap
+
+    check_overlap(args.overlap)
+    try:
+        width, height = (int(side) for side in args.tiling_image.lower().split("x"))
+    except ValueError:
+        raise DliError(f"--tiling-image {args.tiling_image}: expected WxH, e.g. 2448x2048") from None
+    figures = measure_tiling(
+        args.onnx,
+        encoder=args.encoders[0],
+        tile=args.tile,
+        overlap=args.overlap,
+        image=(width, height),
+        repeats=getattr(args, "repeats", 3),
+    )
+    figures = {
+        "schema": SCHEMA_VERSION,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "git": git_state(),
+        "device": {"type": "cpu", "cpu_count": os.cpu_count(), "load_average": load_average()},
+        "versions": versions(),
+        "tiling": figures,
+    }
+    path = getattr(args, "json", None) or Path("bench-tiling.json")
+    print(tiling_table(figures["tiling"]))
     try:
         atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
     except OSError as error:
