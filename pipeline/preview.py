@@ -4,6 +4,8 @@ Each batch takes two rows: the augmented batch as decoded (``before``) and the s
 after injection (``after``), both from one loader iteration, so the two rows differ only by the
 injection. Label outlines are drawn in one colour per class; an injected tile gets a frame in
 its class colour and a tag with the class name and method (P = Poisson, CP = cut-paste).
+With `--crop S` the tiles are the S x S native-resolution crops training would see
+(`dli.pipeline.crops`), injections made inside them.
 """
 
 from __future__ import annotations
@@ -236,11 +238,15 @@ def preview(
     poisson_prob: float = 0.5,
     fill: str = "all-free",
     epoch: int = 0,
+    crop: int | None = None,
+    scale: float = 1.0,
+    crop_defect_prob: float = 0.5,
 ) -> list[Plan]:
     """Write the preview PNG of the first `batches` training batches of `data`; returns their plans.
 
     The whole dataset is the training set here (its defect images are the injection pool).
-    `data` None means the bundled synthetic dataset.
+    `data` None means the bundled synthetic dataset. `crop` shows training crops of that side
+    (`scale` and `crop_defect_prob` as `dli train`'s) instead of resized whole images.
     """
     from dli.pipeline.loader import MAX_IMAGE_SIZE, build_loader
     from dli.pipeline.manifest import read_dataset
@@ -255,9 +261,16 @@ def preview(
 
         data = default_dataset()
     manifest = read_dataset(data)
-    validate(manifest)
+    report = validate(manifest)
+    crops = None
+    if crop is not None:
+        from dli.pipeline.crops import CropConfig
+
+        crops = CropConfig(crop, scale, crop_defect_prob)
     loader = build_loader(
         manifest,
+        crop=crops,
+        source_boxes=report.mask_boxes if crops is not None else None,
         batch_size=batch_size,
         image_size=image_size,
         train=True,
@@ -275,7 +288,9 @@ def preview(
     loader.close()
     subtitle = (
         f"{Path(str(data)).name}  \u00b7  seed {seed}, epoch {epoch}  \u00b7  poisson_prob {poisson_prob:g}, "
-        f"fill {fill}  \u00b7  {image_size}\u00b2, flips on"
+        f"fill {fill}  \u00b7  "
+        + (f"{image_size}\u00b2" if crop is None else f"{crop}\u00b2 crops at scale {scale:g}")
+        + ", flips on"
     )
     atomic_write_bytes(out, render(shown, manifest.class_names, subtitle=subtitle))
     return [b.plan for b in shown]
@@ -295,6 +310,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--poisson-prob", type=float, default=0.5, help="probability of Poisson blending (else cut-paste)"
     )
     parser.add_argument("--fill", choices=FILL_POLICIES, default="all-free", help="which free slots to fill")
+    parser.add_argument(
+        "--crop", type=int, default=None, metavar="S", help="show S x S native-resolution training crops"
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="with --crop: resize by F first")
+    parser.add_argument(
+        "--crop-defect-prob",
+        type=float,
+        default=0.5,
+        help="with --crop: share of defect images whose crop holds the defect",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,6 +333,9 @@ def run(args: argparse.Namespace) -> int:
         poisson_prob=args.poisson_prob,
         fill=args.fill,
         epoch=args.epoch,
+        crop=args.crop,
+        scale=args.scale,
+        crop_defect_prob=args.crop_defect_prob,
     )
     injected = sum(len(p.injections) for p in plans)
     print(f"wrote {args.out}: {len(plans)} batch(es), {injected} injection(s)")

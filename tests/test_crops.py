@@ -138,3 +138,15 @@ def test_training_on_crops_validates_by_tiles_and_the_checkpoint_carries_the_til
     assert document["model_info"]["tiling"] == Tiling(64).to_dict()
     assert document["config"]["crop"] == 64 and document["config"]["crop_defect_prob"] == 0.5
     assert (run / "val_predictions.png").stat().st_size > 0
+
+
+def test_preview_shows_crops_with_their_injections(native_data, tmp_path):
+    from PIL import Image
+
+    from dli.pipeline.preview import preview
+
+    out = tmp_path / "preview.png"
+    plans = preview(native_data, out, batches=1, batch_size=4, crop=64, crop_defect_prob=1.0)
+    assert plans[0].injections
+    with Image.open(out) as picture:
+        assert picture.size[0] > 0
