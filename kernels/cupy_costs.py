@@ -71,6 +71,7 @@ class DeviceCounts:
     copies: int = 0  # host <-> device
     copy_bytes: int = 0
     syncs: int = 0  # the host waited for a device value
+    flops: int = 0  # of the cuBLAS products (2 m n k per product)
     operations: Counter = field(default_factory=Counter)  # launches by name
     operation_bytes: Counter = field(default_factory=Counter)  # bytes by name
     fft_plans: set = field(default_factory=set)  # cuFFT plan keys (length, type, batch)
@@ -98,6 +99,7 @@ class DeviceCounts:
             "copies": self.copies,
             "copy_bytes": self.copy_bytes,
             "host_syncs": self.syncs,
+            "matmul_flops": self.flops,
             "fft_plans": len(self.fft_plans),
             "cupy": CUPY_VERSION,
         }
@@ -167,6 +169,8 @@ def count_matmul(inputs: tuple[Any, ...], result: np.ndarray) -> None:
     """`cupy.matmul` (cupy/_core/_routines_linalg.pyx): cuBLAS, after copies and pointer kernels."""
     a, b = (np.asarray(x) for x in inputs)
     moved = nbytes(a) + nbytes(b) + nbytes(result)
+    for counts in _ACTIVE:
+        counts.flops += 2 * int(np.size(result)) * int(a.shape[-1])
     if max(a.ndim, b.ndim) <= 2:
         record("library", "cublas", moved)
         return

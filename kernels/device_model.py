@@ -564,13 +564,16 @@ def modelled() -> Iterator[None]:
         yield
 
 
-def cost(call: Callable[[], Any], *, warm_up: bool = True) -> DeviceCounts:
+def cost(call: Callable[[], Any], *, warm_up: bool | Callable[[], Any] = True) -> DeviceCounts:
     """The device operations of `call()` (made on `MODEL` arrays or under `modelled()`).
 
-    With `warm_up` the call runs once uncounted first, so per-shape caches (the preconditioner's
-    spectra and transform matrices, uploaded once) are warm as in training's steady state.
+    With `warm_up` the call (or the cheaper call given) runs once uncounted first, so per-shape
+    caches (the preconditioner's spectra and transform matrices, uploaded once) are warm as in
+    training's steady state.
     """
-    if warm_up:
+    if callable(warm_up):
+        warm_up()
+    elif warm_up:
         call()
     with counting() as counts:
         call()

@@ -54,7 +54,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -518,6 +518,11 @@ class _Bucket:
     advanced indexing costs about 25x a plain copy (5.6 against 0.22 ns per pixel, measured in
     docs/kernels.md). Both give the same windows: rows and columns past the image's far edge
     repeat its last one.
+
+    On the device a contiguous array is indexed through its flat view with one (B, planes,
+    height, width) index (`_flat_index`), made once per bucket and plane count: CuPy turns k
+    index arrays into k + 2 kernels over an int64 index of the output's size, one array into a
+    single gather (`dli.kernels.cupy_costs`).
     """
 
     images: Any  # (B,) device indices into the batch
@@ -526,6 +531,10 @@ class _Bucket:
     count: int
     host_images: np.ndarray  # (B,) the same indices on the host
     corners: np.ndarray  # (B, 2) host (top, left) of each window
+    transfers: _Transfers | None = None  # uploads the flat indices
+    host_rows: np.ndarray | None = None  # (B, height), (B, width): `rows` and `cols` on the host
+    host_cols: np.ndarray | None = None
+    flat: dict[tuple[int, int, int], Any] = field(default_factory=dict, compare=False)  # `_flat_index`
 
     @staticmethod
     def group(
@@ -537,7 +546,17 @@ class _Bucket:
             rows = np.minimum(corners[images, :1] + np.arange(shape[0]), height - 1)
             cols = np.minimum(corners[images, 1:] + np.arange(shape[1]), width - 1)
             device = (transfers.to_device(a) for a in (images, rows, cols))
-            buckets.append(_Bucket(*device, count=len(images), host_images=images, corners=corners[images]))
+            buckets.append(
+                _Bucket(
+                    *device,
+                    count=len(images),
+                    host_images=images,
+                    corners=corners[images],
+                    transfers=transfers,
+                    host_rows=rows,
+                    host_cols=cols,
+                )
+            )
         return buckets
 
     @property
@@ -557,9 +576,30 @@ class _Bucket:
         """Device advanced index of the windows' pixels in (N, H, W) arrays: (B, height, width)."""
         return self.images[:, None, None], self.rows[:, :, None], self.cols[:, None, :]
 
+    def _flat_index(self, array: Any) -> Any:
+        """(B, planes, height, width) device index of the windows' pixels in `array.reshape(-1)`.
+
+        `array` is (N, ..., H, W) with `planes` = the product of its middle axes. Host arithmetic,
+        one upload of (B, planes, height) row offsets and one sum with the columns, made once per
+        (planes, H, W). None when `array` is not C-contiguous (its flat view would be a copy).
+        """
+        if self.transfers is None or not array.flags.c_contiguous or not array.size:
+            return None
+        n, h, w = array.shape[0], *array.shape[-2:]
+        planes = array.size // (n * h * w)
+        key = (planes, h, w)
+        if key not in self.flat:
+            first = (self.host_images[:, None] * planes + np.arange(planes)) * (h * w)  # (B, planes)
+            offsets = first[:, :, None] + self.host_rows[:, None, :] * w  # (B, planes, height)
+            self.flat[key] = self.transfers.to_device(offsets)[..., None] + self.cols[:, None, None, :]
+        return self.flat[key]
+
     def crop(self, xp: ModuleType, array: Any) -> Any:
         """(N, ..., H, W) -> contiguous (B, ..., height, width) windows, edge rows/columns repeated."""
         if xp is not np:
+            flat = self._flat_index(array)
+            if flat is not None:  # one gather
+                return array.reshape(-1)[flat].reshape(self.count, *array.shape[1:-2], *self.shape)
             moved = xp.moveaxis(array, (-2, -1), (1, 2))[self._index()]  # (B, height, width, ...)
             return xp.ascontiguousarray(xp.moveaxis(moved, (1, 2), (-2, -1)))
         height, width = self.shape
@@ -583,14 +623,26 @@ class _Bucket:
         """
         _, height, width = mask.shape
         omega = self.crop(xp, mask).astype(bool, copy=False)
-        omega &= ((self.rows > 0) & (self.rows < height - 1))[:, :, None]
-        omega &= ((self.cols > 0) & (self.cols < width - 1))[:, None, :]
-        _clear_edges(omega)
+        if self.transfers is None:
+            omega &= ((self.rows > 0) & (self.rows < height - 1))[:, :, None]
+            omega &= ((self.cols > 0) & (self.cols < width - 1))[:, None, :]
+            _clear_edges(omega)
+            return omega
+        # The same rows and columns chosen on the host: two small uploads, two passes.
+        keep_rows = (self.host_rows > 0) & (self.host_rows < height - 1)
+        keep_cols = (self.host_cols > 0) & (self.host_cols < width - 1)
+        keep_rows[:, [0, -1]] = keep_cols[:, [0, -1]] = False
+        omega &= self.transfers.to_device(keep_rows)[:, :, None]
+        omega &= self.transfers.to_device(keep_cols)[:, None, :]
         return omega
 
     def paste(self, xp: ModuleType, images: Any, windows: Any) -> None:
         """Write (B, C, height, width) windows back into (N, C, H, W) `images` in place."""
         if xp is not np:
+            flat = self._flat_index(images)
+            if flat is not None:  # one scatter
+                images.reshape(-1)[flat] = windows.reshape(flat.shape)
+                return
             images.transpose(0, 2, 3, 1)[self._index()] = windows.transpose(0, 2, 3, 1)
             return
         for k, image, rows, cols in self._slices():
@@ -731,6 +783,7 @@ class _WindowSystem:
         self.chi = omega[:, None].astype(dtype)
         self.spectrum = spectrum
         self.pixels = omega.shape[1] * omega.shape[2]
+        self.batched_rows: tuple[Any, Any] | None = None  # `_rows_per_system`
 
     def bytes_per_system_step(self, dtype: Any) -> int:
         return (self.words_per_pixel_step * np.dtype(dtype).itemsize + 1) * self.pixels
@@ -760,12 +813,34 @@ class _WindowSystem:
             coefficients = self.fft.dstn(r, type=2, axes=(-2, -1), norm="ortho")
             coefficients *= spectrum.inverse_eigenvalues
             z = self.fft.idstn(coefficients, type=2, axes=(-2, -1), norm="ortho", overwrite_x=True)
-        else:  # the same orthonormal transforms as dense products: S_h r S_wᵀ, then S_hᵀ (.) S_w
+        elif (
+            self.xp is np
+        ):  # the same orthonormal transforms as dense products: S_h r S_wᵀ, then S_hᵀ (.) S_w
             coefficients = spectrum.rows @ r @ spectrum.cols_t
             coefficients *= spectrum.inverse_eigenvalues
             z = spectrum.rows_t @ coefficients @ spectrum.cols
+        else:  # the same on the GPU: row products batched per system, one 2-D product for the columns
+            rows, rows_t = self._rows_per_system(r.shape[:2])
+            width = r.shape[-1]
+            coefficients = ((rows @ r).reshape(-1, width) @ spectrum.cols_t).reshape(r.shape)
+            coefficients *= spectrum.inverse_eigenvalues
+            z = ((rows_t @ coefficients).reshape(-1, width) @ spectrum.cols).reshape(r.shape)
         z *= self.chi
         return z
+
+    def _rows_per_system(self, systems: tuple[int, ...]) -> tuple[Any, Any]:
+        """S_h and S_hᵀ copied once per system, (B, C, h, h), made at the first transform of a solve.
+
+        CuPy runs a product with a matrix broadcast over the batch as three pointer kernels and a
+        pointer-array cuBLAS call, and with these as one strided-batched call (`dli.kernels.cupy_costs`).
+        """
+        if self.batched_rows is None or self.batched_rows[0].shape[:2] != systems:
+            spectrum, shape = self.spectrum, (*systems, *self.spectrum.rows.shape)
+            self.batched_rows = (
+                self.xp.ascontiguousarray(self.xp.broadcast_to(spectrum.rows, shape)),
+                self.xp.ascontiguousarray(self.xp.broadcast_to(spectrum.rows_t, shape)),
+            )
+        return self.batched_rows
 
     def restricted(self, images: Any) -> _WindowSystem:
         """The same system for a subset of the images (a bool or index selection)."""
@@ -782,7 +857,7 @@ class _WindowSystem:
         return (a.reshape(*rows, 1, cols) @ b.reshape(*rows, cols, 1))[..., 0, 0]
 
 
-DENSE_TRANSFORM_MAX_SIDE = {"cpu": 80, "cuda": 128}
+DENSE_TRANSFORM_MAX_SIDE = {"cpu": 80, "cuda": 256}
 """Windows with no side above this apply their DSTs as dense matrix products, larger ones by FFT.
 
 A DST of n points as a product with its n x n matrix costs n multiply-adds per point against the

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dli.kernels import device_model, poisson
-from dli.kernels.device_model import MODEL, counting, to_model
+from dli.kernels.device_model import MODEL, DeviceCounts, counting, to_model
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import measured_boxes, poisson_blend
@@ -137,36 +137,50 @@ def test_inject_on_the_model_is_inject_on_the_cpu() -> None:
     assert counts.syncs == 1
 
 
-def per_step(options: dict, arrays: list, boxes: np.ndarray) -> tuple[int, int]:
-    """Launches and bytes one more CG step costs."""
-    counts = [
+def per_step(options: dict, arrays: list, boxes: np.ndarray) -> DeviceCounts:
+    """What one more CG step costs: the counts of 4 steps less those of 3."""
+    three, four = (
         device_model.cost(lambda k=k: poisson_blend(*arrays, boxes=boxes, max_iter=k, **options))
         for k in (3, 4)
-    ]
-    return counts[1].launches - counts[0].launches, counts[1].bytes - counts[0].bytes
+    )
+    step = DeviceCounts(launches=four.launches - three.launches, bytes=four.bytes - three.bytes)
+    step.operations = four.operations - three.operations
+    return step
 
 
-def test_cg_launches_grow_with_steps_and_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One PCG step of one bucket on cuFFT windows costs what CuPy's expressions and DSTs make it
-    (~70 launches, 4 of them cuFFT executions); two buckets cost twice that; the budget is run
-    in full whatever the images."""
-    target, source, mask = blobs(4, 200, seed=2)
-    mask[:2] = False
-    mask[0, 20:170, 30:180] = mask[1, 40:190, 10:160] = True  # windows above the dense-transform size
-    boxes = measured_boxes(mask)
-    arrays = [to_model(a.astype(np.float32)) for a in (target, source, mask)]
+def square_regions(size: int, sides: list[int], seed: int) -> list:
+    """Model arrays of len(sides) images whose regions are squares of those sides (mixed gradients)."""
+    target, source, _ = blobs(len(sides), size, seed)
+    mask = np.zeros((len(sides), size, size), dtype=bool)
+    for k, side in enumerate(sides):
+        mask[k, 5 : 5 + side, 7 : 7 + side] = True
+    return [to_model(a.astype(np.float32)) for a in (target, source, mask)]
+
+
+@pytest.mark.parametrize("transforms", ["dense", "fft"])
+def test_cg_launches_grow_with_steps_and_buckets(monkeypatch: pytest.MonkeyPatch, transforms: str) -> None:
+    """One PCG step of one bucket costs what CuPy's expressions and transforms make it: 4 cuFFT
+    executions and ~70 launches with cupyx's DSTs, 7 cuBLAS calls and under 40 launches with dense
+    products; two buckets cost twice that; the budget is run in full whatever the images."""
+    monkeypatch.setitem(poisson.DENSE_TRANSFORM_MAX_SIDE, "cuda", 40)  # small windows, both ways
+    monkeypatch.setattr(poisson, "_SPECTRA", {})  # none cached under another limit
+    sides = [28, 18] if transforms == "dense" else [50, 60]
+    arrays = square_regions(max(sides) + 12, sides, seed=2)
+    boxes = measured_boxes(np.asarray(arrays[2]))
     options = {"mixed_gradients": True, "solver": "cg"}
     monkeypatch.setitem(poisson.BUCKET_OVERHEAD_PIXELS, "cuda", 1 << 40)  # one bucket
-    one_bucket, one_bytes = per_step(options, arrays, boxes)
-    assert 60 <= one_bucket <= 80, one_bucket
+    one = per_step(options, arrays, boxes)
+    if transforms == "fft":
+        assert 60 <= one.launches <= 80 and one.operations["cufft"] == 4, one.operations
+    else:
+        assert 30 <= one.launches <= 40 and one.operations["cublas"] == 7, one.operations
+        assert "mat_ptrs" not in one.operations  # no product with a broadcast matrix
     window = poisson_blend(*arrays, boxes=boxes, **options)[1].window
-    assert one_bytes > 40 * 4 * window[0] * window[1] * 4  # dozens of passes over 4 float32 windows
+    assert one.bytes > 20 * 2 * window[0] * window[1] * 4  # dozens of passes over 2 float32 windows
     monkeypatch.setitem(poisson.BUCKET_OVERHEAD_PIXELS, "cuda", 0)  # one bucket per window shape
-    split = [b for b in np.unique(poisson_blend(*arrays, boxes=boxes, **options)[1].windows, axis=0) if b[0]]
-    assert len(split) >= 2
-    two_buckets, _ = per_step(options, arrays, boxes)
-    dense = [s for s in split if max(s) <= poisson.DENSE_TRANSFORM_MAX_SIDE["cuda"]]
-    assert two_buckets > one_bucket and (dense or two_buckets == len(split) * one_bucket)
+    assert poisson_blend(*arrays, boxes=boxes, **options)[1].buckets == 2
+    assert per_step(options, arrays, boxes).launches == 2 * one.launches
     with counting() as counts:
         poisson_blend(*arrays, boxes=boxes, tol=0.5, **options)  # converged at once: the GPU runs on
-    assert counts.operations["cufft"] >= 4 * poisson.default_max_iter(0.5)
+    library = counts.operations["cufft"] + counts.operations["cublas"]
+    assert library >= (4 if transforms == "fft" else 7) * 2 * poisson.default_max_iter(0.5)
