@@ -65,6 +65,7 @@ from dli.kernels.xp import (
     array_module,
     as_array,
     as_tensor,
+    count_true,
     device_of,
     on_torch_stream,
     scipy_fft_module,
@@ -684,7 +685,7 @@ def _blend(
     residuals = xp.zeros((n, c), dtype=dtype)
     converged = xp.ones((n, c), dtype=bool)
     # Region pixels off the image border, less those solved in a window: what the boxes left out.
-    outside_box = xp.count_nonzero(mask[:, 1:-1, 1:-1], axis=(1, 2))
+    outside_box = count_true(mask[:, 1:-1, 1:-1] != 0, axis=(1, 2))
     steps = traffic = 0
     for bucket in _Bucket.group(transfers, sides, corners, h, w):
         omega_w = bucket.region(xp, mask)
@@ -697,7 +698,7 @@ def _blend(
         iterations[bucket.images] = result.iterations
         residuals[bucket.images] = _true_residuals(system, rhs, solution, result.scale)
         converged[bucket.images] = ~result.active
-        outside_box[bucket.images] -= xp.count_nonzero(omega_w, axis=(1, 2))
+        outside_box[bucket.images] -= count_true(omega_w, axis=(1, 2))
         steps += result.steps
         traffic += system.bytes_per_system_step(dtype) * result.system_steps
     transfers.to_host(

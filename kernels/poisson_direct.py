@@ -54,6 +54,7 @@ from dli.kernels.poisson import (
     fast_side,
     measured_boxes,
 )
+from dli.kernels.xp import count_true
 
 DIRECT_MARGIN = 4
 """Pixels between a region's box and its window's Dirichlet edge (`window="box"`)."""
@@ -149,7 +150,7 @@ def direct_blend(
     transfers = _Transfers(xp)
     blended = target.copy()
     # Region pixels off the image border, less those inside a window's interior: what boxes missed.
-    outside_box = xp.count_nonzero(omega[:, 1:-1, 1:-1], axis=(1, 2))
+    outside_box = count_true(omega[:, 1:-1, 1:-1], axis=(1, 2))
     solved = np.flatnonzero(sides[:, 0] > 0)
     if solved.size and layout == "shapes":
         for bucket in _Bucket.group(transfers, sides, corners, h, w):
@@ -230,7 +231,7 @@ def _solve_bucket(
     correction = fft.dstn(coefficients, type=1, axes=(-2, -1), norm="ortho", overwrite_x=True)
     target_w[..., 1:-1, 1:-1] += correction.astype(target.dtype, copy=False)
     bucket.paste(xp, blended, target_w)
-    return xp.count_nonzero(omega_w[:, 1:-1, 1:-1], axis=(1, 2))
+    return count_true(omega_w[:, 1:-1, 1:-1], axis=(1, 2))
 
 
 def _solve_padded(
@@ -282,7 +283,7 @@ def _solve_padded(
     correction = s_rows @ coefficients @ s_cols
     target_w[..., 1:-1, 1:-1] += correction
     blended.transpose(0, 2, 3, 1)[index] = target_w.transpose(0, 2, 3, 1)
-    return xp.count_nonzero(omega_w[:, 1:-1, 1:-1] & (inverse > 0), axis=(1, 2))
+    return count_true(omega_w[:, 1:-1, 1:-1] & (inverse > 0), axis=(1, 2))
 
 
 @dataclass

@@ -251,3 +251,15 @@ def on_torch_stream(function: F) -> F:
 
     wrapper.runs_on_torch_stream = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def count_true(mask: Any, axis: tuple[int, ...]) -> Any:
+    """Per-slice counts of True in a bool array, as int64, reading nothing back on the GPU.
+
+    NumPy's `count_nonzero` is its fastest count. On CuPy 14 a `count_nonzero` over axes made the
+    host wait for the device's queued work (seen on an H200, 2026-12-04, docs/gpu.md), so the
+    GPU sums the bool array instead, a plain reduction.
+    """
+    if isinstance(mask, np.ndarray):
+        return np.count_nonzero(mask, axis=axis)
+    return mask.sum(axis=axis, dtype=np.int64)
