@@ -259,14 +259,31 @@ def _solve_padded(
     cols = corners[solved, 1:] + np.minimum(np.arange(shape[1]), own[:, 1:] - 1)
     table = _DstTable.of(transfers, max(h, w) - 2, target.dtype, own - 2)
     rows_at, cols_at = table.rows_of(own[:, 0] - 2), table.rows_of(own[:, 1] - 2)
-    images, rows, cols, at = (
-        transfers.to_device(a) for a in (solved, rows, cols, np.stack([rows_at, cols_at]))
+    at = transfers.to_device(np.stack([rows_at, cols_at]))
+    # On the device the windows move through `_Bucket`'s flat index (one gather or scatter per
+    # array); NumPy, which only tests this layout, indexes the repeated rows and columns directly.
+    bucket = _Bucket(
+        *(transfers.to_device(a) for a in (solved, rows, cols)),
+        count=len(solved),
+        host_images=solved,
+        corners=corners[solved],
+        transfers=transfers,
+        host_rows=rows,
+        host_cols=cols,
     )
-    index = images[:, None, None], rows[:, :, None], cols[:, None, :]
+    index = solved[:, None, None], rows[:, :, None], cols[:, None, :]
 
     def crop(array: Any) -> Any:  # (N, ..., H, W) -> (B, ..., H', W')
-        moved = xp.moveaxis(array, (-2, -1), (1, 2))[index]
-        return xp.ascontiguousarray(xp.moveaxis(moved, (1, 2), (-2, -1)))
+        if xp is not np:
+            return bucket.crop(xp, array)
+        moved = np.moveaxis(array, (-2, -1), (1, 2))[index]
+        return np.ascontiguousarray(np.moveaxis(moved, (1, 2), (-2, -1)))
+
+    def paste(windows: Any) -> None:
+        if xp is not np:
+            bucket.paste(xp, blended, windows)
+        else:
+            blended.transpose(0, 2, 3, 1)[index] = windows.transpose(0, 2, 3, 1)
 
     target_w, source_w, omega_w = crop(target), crop(source), crop(omega)
     dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, mixed)
@@ -282,7 +299,7 @@ def _solve_padded(
     coefficients *= inverse[:, None]
     correction = s_rows @ coefficients @ s_cols
     target_w[..., 1:-1, 1:-1] += correction
-    blended.transpose(0, 2, 3, 1)[index] = target_w.transpose(0, 2, 3, 1)
+    paste(target_w)
     return count_true(omega_w[:, 1:-1, 1:-1] & (inverse > 0), axis=(1, 2))
 
 
