@@ -27,7 +27,7 @@ import yaml
 
 from dli.errors import DliError
 from dli.models.losses import METHODS
-from dli.pipeline.planner import FILL_POLICIES
+from dli.pipeline.planner import CANVASES, FILL_POLICIES
 from dli.pipeline.planner import POISSON_SOLVERS as PLANNER_POISSON_SOLVERS
 
 FILLS: tuple[str, ...] = FILL_POLICIES
@@ -36,6 +36,9 @@ FILLS: tuple[str, ...] = FILL_POLICIES
 POISSON_SOLVERS: tuple[str, ...] = PLANNER_POISSON_SOLVERS
 """DLI's Poisson solvers: one sine-transform solve per window, or the region's own problem by PCG
 (`dli.kernels.poisson`); the default is chosen in docs/results.md."""
+
+CANVAS_CHOICES: tuple[str, ...] = CANVASES
+"""Which images of a batch DLI injects into: defect-free ones, any, or free ones when the batch has some."""
 
 SPLITS: tuple[str, ...] = ("stratified", "reference")
 """Named train/validation splits; `--split` also takes a folder of split CSVs."""
@@ -150,6 +153,7 @@ class TrainConfig:
     method: str = "dli"
     poisson_prob: float = 0.5
     fill: str = "all-free"
+    canvas: str = "auto"
     wce_weights: str | None = None
     balanced_counts: str | None = None
     focal: str | None = None
@@ -191,6 +195,7 @@ class TrainConfig:
         _choice(self, "method", METHODS)
         _choice(self, "fill", FILLS)
         _choice(self, "poisson_solver", POISSON_SOLVERS)
+        _choice(self, "canvas", CANVAS_CHOICES)
         if self.protocol is not None:
             _choice(self, "protocol", PROTOCOLS)
         for name, choices in PROTOCOL_CHOICES.items():

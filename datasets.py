@@ -27,6 +27,7 @@ from dli.models.losses import (
     ClassPixelCounts,
     count_class_pixels,
 )
+from dli.pipeline.instances import DonorTable, Instance
 from dli.pipeline.manifest import FREE, Manifest, Sample
 
 
@@ -40,6 +41,8 @@ class Datasets:
             class pixel counts need not read the masks again.
         mask_boxes: each validated sample's defect bounding box as fractions of its size (from
             `validate`), so injection can size its Poisson windows on the host.
+        class_fractions: each validated sample's pixel fraction per class (from `validate`).
+        instances: each validated sample's defect instances (from `validate`): DLI's donors.
     """
 
     train: Manifest
@@ -47,6 +50,8 @@ class Datasets:
     data_path: Path
     mask_fractions: Mapping[Sample, float] = field(default_factory=dict)
     mask_boxes: Mapping[Sample, tuple[float, ...]] = field(default_factory=dict)
+    class_fractions: Mapping[Sample, tuple[float, ...]] = field(default_factory=dict)
+    instances: Mapping[Sample, tuple[Instance, ...]] = field(default_factory=dict)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -64,6 +69,26 @@ class Datasets:
         """(len(train), 4) defect boxes of the training samples (NaN rows where not measured)."""
         unknown = (float("nan"),) * 4
         return np.array([self.mask_boxes.get(s, unknown) for s in self.train.samples], dtype=np.float64)
+
+    def donor_table(self) -> DonorTable:
+        """DLI's donors: every defect instance of the training images (`DonorTable.from_instances`)."""
+        return DonorTable.from_instances(self.train, self.instances)
+
+    def canvas_boxes(self) -> list[np.ndarray]:
+        """Each training sample's defect boxes (m, 4) as fractions: its instances' boxes (a NaN row
+        where not measured), so injection can stay clear of them (`DliConfig.canvas`)."""
+        out = []
+        for s in self.train.samples:
+            if s.is_free:
+                out.append(np.zeros((0, 4)))
+            elif self.instances.get(s):
+                out.append(np.array([i.box for i in self.instances[s]], dtype=np.float64))
+            else:
+                out.append(np.full((1, 4), np.nan))
+        return out
+
+    def free_training_images(self) -> int:
+        return sum(1 for s in self.train.samples if s.is_free)
 
 
 def load_datasets(
@@ -108,13 +133,15 @@ def load_datasets(
         report = validate(manifest)
     fractions = dict(zip(manifest.samples, report.mask_fractions.tolist(), strict=True))
     boxes = dict(zip(manifest.samples, map(tuple, report.mask_boxes.tolist()), strict=True))
+    per_class = dict(zip(manifest.samples, map(tuple, report.class_fractions.tolist()), strict=True))
+    instances = dict(zip(manifest.samples, report.instances, strict=True))
     if data_fraction < 1.0:
         train = apply_fraction(train, data_fraction, seed=seed)
     if len(train) == 0 or len(val) == 0:
         raise DliError(
             f"split {split} of {data_path} leaves {len(train)} training and {len(val)} validation images"
         )
-    return Datasets(train, val, data_path, fractions, boxes)
+    return Datasets(train, val, data_path, fractions, boxes, per_class, instances)
 
 
 def datasets_of(config: TrainConfig) -> Datasets:
@@ -141,7 +168,12 @@ def _read_split_folder(folder: Path) -> tuple[Manifest, Manifest]:
 
 def class_pixel_counts(datasets: Datasets, image_size: int) -> ClassPixelCounts:
     """Defect pixels per class of the training set (see `dli.models.losses.count_class_pixels`)."""
-    return count_class_pixels(datasets.train, image_size, fractions=datasets.mask_fractions)
+    return count_class_pixels(
+        datasets.train,
+        image_size,
+        fractions=datasets.mask_fractions,
+        class_fractions=datasets.class_fractions,
+    )
 
 
 FINGERPRINT = "size+blake2b(first and last 16 KiB)"
@@ -175,7 +207,7 @@ def manifest_entries(manifest: Manifest) -> dict[str, str]:
     """What identifies each sample of `manifest`: its image path relative to the dataset root ->
     its class and the fingerprints (`file_fingerprint`) of its image and mask."""
     return {
-        manifest.sort_key(s): f"{manifest.class_name(s.class_id)}|{file_fingerprint(s.image)}|"
+        manifest.sort_key(s): f"{manifest.class_set_name(s)}|{file_fingerprint(s.image)}|"
         f"{file_fingerprint(s.mask)}"
         for s in manifest.samples
     }

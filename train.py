@@ -24,6 +24,7 @@ import torch
 
 from dli.checkpoint import load_checkpoint
 from dli.config import (
+    CANVAS_CHOICES,
     DEFAULT_PROTOCOL,
     FILLS,
     PAPER_SCHEDULE,
@@ -69,7 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data", default=d.data, help="dataset folder or CSV; unset: the bundled synthetic data"
+        "--data",
+        default=d.data,
+        help="dataset: a folder of <Class>/Imgs/ folders (Magnetic Tile layout), a folder of images/ + "
+        "masks/ + classes.txt (index PNG masks: value k = k-th class of classes.txt, 0 = background; "
+        "several classes per image), or an image,mask,class CSV; unset: the bundled synthetic data",
     )
     data.add_argument(
         "--split",
@@ -138,7 +143,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DLI: probability of Poisson blending per injection (0 = cut-paste only, 1 = Poisson only)",
     )
     method.add_argument(
-        "--fill", choices=FILLS, default=d.fill, help="DLI: which defect-free images receive a defect"
+        "--fill", choices=FILLS, default=d.fill, help="DLI: which canvas images receive a defect"
+    )
+    method.add_argument(
+        "--canvas",
+        choices=CANVAS_CHOICES,
+        default=d.canvas,
+        help="DLI: the images defects are injected into: free (defect-free images only), any (every "
+        "image, into its defect-free area, never over an existing defect), auto (the batch's free "
+        "images when it has some, else any)",
     )
     method.add_argument(
         "--poisson-solver",

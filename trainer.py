@@ -263,10 +263,22 @@ class Trainer:
                 poisson_label=str(config.poisson_label),
                 poisson_solver=config.poisson_solver,
                 poisson_window=str(config.poisson_window),
+                canvas=config.canvas,
             )
             if config.method == "dli"
             else None
         )
+        if injection is not None and not self.datasets.free_training_images():
+            if config.canvas == "free":
+                raise DliError(
+                    f"--method dli --canvas free: the training set of {self.datasets.data_path} has no "
+                    "defect-free image to inject into; use --canvas auto or any (into defect-free areas)"
+                )
+            if config.crop is not None:
+                raise DliError(
+                    f"--method dli --crop: the training set of {self.datasets.data_path} has no "
+                    "defect-free image, and with crops DLI injects into defect-free images only"
+                )
         common = {
             "batch_size": local_batch,
             "image_size": config.image_size,
@@ -283,8 +295,9 @@ class Trainer:
             train=True,
             crop=crop,
             dli=injection,
-            donors=self.datasets.donors(),
+            donors=self.datasets.donor_table(),
             source_boxes=self.datasets.source_boxes(),
+            canvas_boxes=self.datasets.canvas_boxes(),
             drop_last=config.last_batch == "drop",
             **common,
         )

@@ -46,12 +46,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from dli.models.metrics import all_reduce_sum
 from dli.pipeline.imageio import read_mask
+from dli.pipeline.index_masks import mask_class_pixels
 from dli.pipeline.manifest import FREE, Manifest, Sample
 
 METHODS: tuple[str, ...] = ("bce", "focal", "balanced", "wce", "dli")
@@ -100,27 +102,44 @@ def count_class_pixels(
     image_size: int,
     *,
     fractions: Mapping[Sample, float] | None = None,
+    class_fractions: Mapping[Sample, Sequence[float]] | None = None,
     workers: int | None = None,
 ) -> ClassPixelCounts:
     """Count defect pixels per class over `manifest`'s masks (formula in the module docstring).
 
-    `fractions` may give a sample's defect-pixel fraction already measured (e.g. by
-    `dli.pipeline.validation.validate`); other masks are read with `read_mask`.
+    `fractions` may give a single-class sample's defect-pixel fraction already measured, and
+    `class_fractions` any sample's fraction per class (both from
+    `dli.pipeline.validation.validate`); other masks are read.
     """
     known = fractions or {}
+    known_per_class = class_fractions or {}
     pixels = float(image_size * image_size)
+    num_classes = manifest.num_classes
 
-    def defect_fraction(sample: Sample) -> float:
+    def defect_fractions(sample: Sample) -> np.ndarray:
+        per_class = np.asarray(known_per_class.get(sample, (math.nan,)), dtype=np.float64)
+        if not np.isnan(per_class).any() and per_class.size == num_classes:
+            return per_class
+        out = np.zeros(num_classes)
         fraction = known.get(sample, math.nan)
-        return fraction if not math.isnan(fraction) else float(read_mask(sample.mask).mean())
+        if not sample.index_bits and not math.isnan(fraction):
+            out[sample.class_id] = fraction
+            return out
+        if not sample.index_bits:
+            out[sample.class_id] = float(read_mask(sample.mask).mean())
+            return out
+        counts = mask_class_pixels(sample, num_classes)
+        size = read_mask(sample.mask).size
+        return counts / max(1, size)
 
     defect = [s for s in manifest.samples if s.class_id != FREE and s.mask is not None]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PNG decoding releases the GIL
-        measured = list(pool.map(defect_fraction, defect))
-    positive = [0.0] * manifest.num_classes
-    for sample, fraction in zip(defect, measured, strict=True):
-        positive[sample.class_id] += fraction * pixels
+        measured = list(pool.map(defect_fractions, defect))
+    positive = [0.0] * num_classes
+    for per_class in measured:
+        for c in np.flatnonzero(per_class):
+            positive[c] += float(per_class[c]) * pixels
     return ClassPixelCounts(tuple(positive), len(manifest) * pixels)
 
 
@@ -142,10 +161,11 @@ def count_stored_defect_pixels(manifest: Manifest, *, workers: int | None = None
     defect = [s for s in manifest.samples if s.class_id != FREE and s.mask is not None]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PNG decoding releases the GIL
-        counts = list(pool.map(lambda sample: int(read_mask(sample.mask).sum()), defect))
+        counts = list(pool.map(lambda sample: mask_class_pixels(sample, manifest.num_classes), defect))
     positive = [0.0] * manifest.num_classes
-    for sample, count in zip(defect, counts, strict=True):
-        positive[sample.class_id] += float(count)
+    for per_class in counts:
+        for c in np.flatnonzero(per_class):
+            positive[c] += float(per_class[c])
     return tuple(positive)
 
 

@@ -30,8 +30,23 @@ except ImportError as error:  # an optional dependency: say which package brings
 from dli.errors import DliError
 from dli.pipeline.imageio import MASK_THRESHOLD
 
-IMAGES, MASKS, MATRICES, TAGS = "images", "masks", "matrices", "tags"
+IMAGES, MASKS, CODES, MATRICES, TAGS = "images", "masks", "codes", "matrices", "tags"
 """Names of the pipeline's external inputs."""
+
+INDEX_DIVISOR = {8: 257, 16: 1}
+"""What an index mask's decoded 16-bit value is divided by to give the stored index, by bit depth
+(the decoder scales 8-bit PNGs to 16 bits by 257 exactly; 16-bit PNGs keep their values)."""
+
+
+def mask_code(binary_value: int, index_bits: int = 0) -> np.ndarray:
+    """The (2,) uint16 code that tells the pipeline how to read a mask as a class-index map.
+
+    A binary mask (``index_bits`` 0): every defect pixel takes `binary_value` (class id + 1; 0
+    for an all-background map). An index mask of 8 or 16 bits: its stored values, as they are.
+    """
+    if index_bits:
+        return np.array([0, INDEX_DIVISOR[index_bits]], dtype=np.uint16)
+    return np.array([binary_value, 1], dtype=np.uint16)
 
 
 @functools.cache
@@ -64,11 +79,13 @@ def decode_augment(
     """Decode (GRAY), resize to `size`, warp image and mask by the same matrix, normalize.
 
     Outputs per sample: the image (H, W, 1) float32 normalized as (x - mean) / std on [0, 1]
-    intensities; the mask (H, W, 1) float32, 1 where the stored value is > `MASK_THRESHOLD` in
-    the mask's own bit depth (any channel of a colour or palette mask, as `read_mask` reads it);
-    the tag (1,) int64. Images are resized with antialiased linear interpolation (`resize`
-    ``linear``) or nearest neighbour (``nearest``), masks always with nearest neighbour so their
-    edges are not blended; the warp uses linear interpolation for
+    intensities; the class-index map (H, W, 1) uint8 (0 background, k + 1 where class k), read
+    from the mask by its code (`mask_code`): a binary mask is defect where its stored value is
+    > `MASK_THRESHOLD` in its own bit depth (any channel of a colour or palette mask, as
+    `read_mask` reads it), an index mask gives its stored values; the tag (1,) int64. Images are
+    resized with antialiased linear interpolation (`resize` ``linear``) or nearest neighbour
+    (``nearest``), masks always with nearest neighbour so their edges are not blended (nor their
+    class indices mixed); the warp uses linear interpolation for
     images and nearest for masks, with the same matrix, so both stay aligned. Pixels mapped
     from outside the image repeat its border (DALI's default: no fill value). `decoder` is
     "cpu" or "mixed" (nvJPEG on the GPU) for the images; masks always decode on the CPU. With
@@ -78,16 +95,20 @@ def decode_augment(
     """
     images = fn.external_source(name=IMAGES, dtype=types.UINT8, ndim=1)
     masks = fn.external_source(name=MASKS, dtype=types.UINT8, ndim=1)
+    codes = fn.external_source(name=CODES, dtype=types.UINT16, ndim=1)
     tags = fn.external_source(name=TAGS, dtype=types.INT64, ndim=1)
     images = fn.decoders.image(images, device=decoder, output_type=types.GRAY)
     # Masks keep their own bit depth: a 16-bit 0/1 mask decoded to 8 bits would lose every
-    # defect pixel. RGB output at 16 bits holds every mask kind (grayscale of any depth,
-    # palette, RGB(A)); a pixel is defect where any channel is > MASK_THRESHOLD. They decode on
-    # the CPU in both pipelines (the mixed decoder decodes PNGs on the CPU too) and move to the
-    # GPU as 0/1 bytes.
-    masks = fn.decoders.image(masks, device="cpu", output_type=types.RGB, dtype=types.UINT16)
-    masks = fn.reductions.max(masks, axes=[2], keep_dims=True)
-    masks = fn.reshape(fn.cast(masks > MASK_THRESHOLD, dtype=types.UINT8), layout="HWC")
+    # defect pixel, and a 16-bit index mask its values. RGB output at 16 bits holds every mask
+    # kind (grayscale of any depth, palette, RGB(A)); a binary mask's pixel is defect where any
+    # channel is > MASK_THRESHOLD. They decode on the CPU in both pipelines (the mixed decoder
+    # decodes PNGs on the CPU too) and move to the GPU as class-index bytes.
+    decoded = fn.decoders.image(masks, device="cpu", output_type=types.RGB, dtype=types.UINT16)
+    binary_value, divisor = codes[0], codes[1]
+    defect = fn.reductions.max(decoded, axes=[2], keep_dims=True) > MASK_THRESHOLD
+    index = decoded[:, :, 0:1] // divisor
+    labels = defect * binary_value + (binary_value == 0) * index
+    masks = fn.reshape(fn.cast(labels, dtype=types.UINT8), layout="HWC")
     if decoder == "mixed":
         masks = masks.gpu()
     if crop:
@@ -109,7 +130,6 @@ def decode_augment(
             masks, matrix=matrices, size=size, inverse_map=False, interp_type=types.INTERP_NN
         )
     images = (images - 255.0 * mean) * (1.0 / (255.0 * std))
-    masks = fn.cast(masks, dtype=types.FLOAT)
     return images, masks, tags
 
 
@@ -120,14 +140,17 @@ class Work:
     Attributes:
         serial: the batch's number in feeding order (the tag checked on output).
         images: image file of each sample (batch images first, then sources).
-        masks: mask file of each sample, or None for an all-zero mask.
+        masks: mask of each sample: a file, encoded PNG bytes (uint8 array), or None for an
+            all-zero mask.
         matrices: (M, 2, 3) float32 augmentation per sample, or None when the pipeline does not warp.
+        codes: (M, 2) uint16 `mask_code` of each mask; None: every mask binary of class 0.
     """
 
     serial: int
     images: tuple[str, ...]
-    masks: tuple[str | None, ...]
+    masks: tuple[str | np.ndarray | None, ...]
     matrices: np.ndarray | None
+    codes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -139,7 +162,7 @@ class Decoded:
 
     Attributes:
         images: M normalized images (H, W, 1) float32.
-        masks: M masks (H, W, 1) float32 in {0, 1}.
+        masks: M class-index maps (H, W, 1) uint8 (0 background, k + 1 where class k).
     """
 
     images: object
@@ -238,9 +261,13 @@ class DecodePipeline:
         # Every file is read before anything is fed, so a missing one leaves the pipeline intact.
         zero = zero_mask_png()
         images = [_read_bytes(p) for p in work.images]
-        masks = [zero if p is None else _read_bytes(p) for p in work.masks]
+        masks = [
+            zero if p is None else p if isinstance(p, np.ndarray) else _read_bytes(p) for p in work.masks
+        ]
+        codes = work.codes if work.codes is not None else np.tile(mask_code(1), (len(work), 1))
         self._pipe.feed_input(IMAGES, images)
         self._pipe.feed_input(MASKS, masks)
+        self._pipe.feed_input(CODES, list(np.ascontiguousarray(codes, dtype=np.uint16)))
         self._pipe.feed_input(TAGS, [np.array([work.serial], dtype=np.int64)] * len(work))
         if work.matrices is not None:
             self._pipe.feed_input(MATRICES, list(np.ascontiguousarray(work.matrices, dtype=np.float32)))

@@ -96,19 +96,19 @@ class InjectionIndex:
 def region_boxes(plan: Plan, source_boxes: np.ndarray, size: Size, dilate_radius: int) -> np.ndarray | None:
     """Pixel boxes that contain each injection's region in the output grid: (K, 4) int, plan order.
 
-    A source's defect box (`source_boxes[source]`: fractions of its image, far edges exclusive;
-    `ValidationReport.mask_boxes`) is scaled to the resized H x W grid and its corners are mapped
-    by the injection's source matrix; output pixels whose centres fall inside, widened by the
-    dilation radius and `BOX_MARGIN`, hold the region. A box touching the source's edge is
-    extended past it, since the warp repeats edge pixels there; so is one the resize brings to
-    the edge (its first or last output pixel samples a defect row or column). Returns None when
-    some source's box is unknown (NaN), so the solver measures the regions itself. Boxes are inclusive
+    A donor's box (`source_boxes[injection.donor_id]`: fractions of its image, far edges exclusive;
+    `DonorTable.boxes` or `ValidationReport.mask_boxes`) is scaled to the resized H x W grid and its
+    corners are mapped by the injection's source matrix; output pixels whose centres fall inside, widened
+    by the dilation radius and `BOX_MARGIN`, hold the region. A box touching the source's edge is extended
+    past it, since the warp repeats edge pixels there; so is one the resize brings to the edge (its first
+    or last output pixel samples a defect row or column). Returns None when some source's box is unknown
+    (NaN), so the solver measures the regions itself. Boxes are inclusive
     (top, left, bottom, right); top > bottom where the region leaves the image.
     """
     if not plan.injections:
         return np.zeros((0, 4), dtype=np.int64)
     height, width = size
-    boxes = source_boxes[[i.source for i in plan.injections]]
+    boxes = source_boxes[[i.donor_id for i in plan.injections]]
     if np.isnan(boxes).any():
         return None
     far = 4.0 * max(height, width)  # beyond any edge: where the warp's clamping repeats the edge

@@ -7,8 +7,13 @@ One iteration, in order:
    seeded by (seed, epoch, batch): labels only, no pixels; the shard keeps its part of the plan;
 3. DALI decodes the N batch images and the K planned sources with their masks, resizes them
    to H x W and warps each by its matrix (`dli.pipeline.dali`), a few batches ahead;
-4. on the training device, label channels are built from the masks, the plan's defects are
-   injected (`dli.pipeline.inject`), and the images are normalized and expanded to 3 channels.
+4. on the training device, label channels are built from the decoded class-index maps (channel
+   c = pixels of value c + 1, one comparison), the plan's defects are injected
+   (`dli.pipeline.inject`), and the images are normalized and expanded to 3 channels.
+
+A donor (`dli.pipeline.instances.DonorTable`) is one defect instance: its mask, fed to DALI as
+an in-memory PNG of its own pixels, is decoded and warped with its image, so an injection
+carries one class and that instance's pixels only.
 
 Shuffling, flips and plans are functions of (seed, epoch, batch index) alone, so the same
 seed gives the same plans, and on the CPU the same batches bit for bit; a recorded plan
@@ -44,7 +49,8 @@ from dli.kernels.poisson import PoissonInfo
 from dli.pipeline.augment import Size, compose, defect_augments, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
-from dli.pipeline.manifest import FREE, Manifest
+from dli.pipeline.instances import DonorTable
+from dli.pipeline.manifest import FREE, Manifest, Sample
 from dli.pipeline.planner import DliConfig, Plan, Planner
 
 MT_MEAN = 0.4319174835105347
@@ -124,12 +130,16 @@ class Loader:
         resize: image resizing, ``linear`` (antialiased) or ``nearest`` (masks: always nearest).
         planner: the DLI planner, or None when injection is off.
 
-    `donors` (training with DLI): manifest indices allowed as injection sources; default every
-    defect image of the manifest. `source_boxes` (optional): (len(manifest), 4) defect boxes of
-    the samples as fractions of their size (`ValidationReport.mask_boxes`); with them a Poisson
-    injection reads nothing back from the GPU (`dli.pipeline.inject.region_boxes`). A batch's
-    Poisson report is checked when the next batch is assembled, so a non-converged solve is
-    warned about one batch late instead of making the host wait.
+    `donors` (training with DLI): a `DonorTable` of the defect instances to inject (the
+    training default, `dli.datasets.Datasets.donors`), or manifest indices whose whole masks are
+    the donors (default: every single-class defect image). `source_boxes` (optional, with
+    indices): (len(manifest), 4) defect boxes of the samples as fractions of their size
+    (`ValidationReport.mask_boxes`). With boxes a Poisson injection reads nothing back from the
+    GPU (`dli.pipeline.inject.region_boxes`). `canvas_boxes` (optional): each sample's defect
+    boxes (m, 4), which let the planner place an injection into a defective image's defect-free
+    area (`DliConfig.canvas`). A batch's Poisson report is checked when the next batch is
+    assembled, so a non-converged solve is warned about one batch late instead of making the
+    host wait.
     """
 
     def __init__(
@@ -147,10 +157,11 @@ class Loader:
         drop_last: bool | None = None,
         num_threads: int = 2,
         prefetch: int = 2,
-        donors: Collection[int] | None = None,
+        donors: Collection[int] | DonorTable | None = None,
         source_boxes: np.ndarray | None = None,
         resize: str = "linear",
         crop: CropConfig | None = None,
+        canvas_boxes: list[np.ndarray] | None = None,
     ) -> None:
         if resize not in ("linear", "nearest"):
             raise DliError(f"resize {resize!r}: choose from linear, nearest")
@@ -180,21 +191,39 @@ class Loader:
         self.std = (MT_STD,) * 3
         self.epoch = 0
         self._class_ids = np.array(manifest.class_ids(), dtype=np.int64)
+        self._class_sets = manifest.class_sets()
+        self._codes = np.stack([_mask_code(s) for s in manifest.samples])
+        self._class_values: torch.Tensor | None = None  # (1, C, 1, 1) uint8 1..C on the device
         self.planner: Planner | None = None
+        self.donors: DonorTable | None = None
+        if source_boxes is not None:
+            source_boxes = np.asarray(source_boxes, dtype=np.float64)
+            if source_boxes.shape != (len(manifest), 4):
+                raise DliError(f"source boxes of shape {source_boxes.shape} for {len(manifest)} samples")
+        if canvas_boxes is not None and len(canvas_boxes) != len(manifest):
+            raise DliError(f"canvas boxes for {len(canvas_boxes)} of {len(manifest)} samples")
         if dli is not None:
             # A defect image whose mask is empty would inject nothing yet count as its class:
             # callers pass `donors` (e.g. from `validate(...).mask_fractions > 0`) to leave such out.
-            allowed = None if donors is None else set(donors)
-            pool = {
-                c: [i for i in v if allowed is None or i in allowed]
-                for c, v in manifest.indices_by_class().items()
-                if c != FREE
-            }
+            if isinstance(donors, DonorTable):
+                self.donors = donors
+            else:
+                self.donors = DonorTable.whole_masks(manifest, donors, source_boxes)
             augment = dli.augment if dli.augment is not None else defect_augments(manifest.class_names)
             if len(augment) != self.num_classes:
                 raise DliError(f"{len(augment)} class augmentations given for {self.num_classes} classes")
             self.planner = Planner(
-                pool, self.num_classes, dli, self.image_size, augment, manifest.class_names
+                self.donors.pool(self.num_classes),
+                self.num_classes,
+                dli,
+                self.image_size,
+                augment,
+                manifest.class_names,
+                donor_samples=self.donors.sample,
+                donor_boxes=self.donors.boxes,
+                # Crops are cut after planning, so a defective canvas's boxes are not known in its
+                # crop: with crops DLI injects into defect-free images only.
+                canvas_boxes=canvas_boxes if self.crop is None else None,
             )
         if self.train and self.num_shards > 1 and not self.drop_last:
             # A ragged last global batch could leave some shards without a batch: their processes
@@ -206,16 +235,15 @@ class Loader:
                 f"{self.batch_size} per shard over {self.num_shards} shard(s); lower the batch size "
                 "or keep the last batch"
             )
-        if source_boxes is not None:
-            source_boxes = np.asarray(source_boxes, dtype=np.float64)
-            if source_boxes.shape != (len(manifest), 4):
-                raise DliError(f"source boxes of shape {source_boxes.shape} for {len(manifest)} samples")
         self.source_boxes = source_boxes
         self.crops: CropSampler | None = None
+        self.donor_crops: CropSampler | None = None
         if self.crop is not None:
             sizes = image_sizes([s.image for s in manifest.samples])
             check_crop_fits(self.crop, sizes, manifest.root)
             self.crops = CropSampler(self.crop, sizes, source_boxes)
+            if self.donors is not None:  # a donor's crop holds its own instance
+                self.donor_crops = CropSampler(self.crop, sizes[self.donors.sample], self.donors.boxes)
         self._poisson_report: PoissonInfo | None = None  # the last batch's, checked at the next
         self._pipeline: Any = None
         self._serial = 0
@@ -261,11 +289,16 @@ class Loader:
         rng = np.random.default_rng([self.seed, epoch, batch])
         flips = random_flips(rng, len(global_indices), self.image_size, FLIP_PROBABILITY)
         class_ids = self._class_ids[global_indices]
+        class_sets = [self._class_sets[i] for i in global_indices]
         if self.planner is not None:
-            plan = self.planner.plan(class_ids, rng, batch_indices=global_indices, image_matrices=flips)
+            plan = self.planner.plan(
+                class_ids, rng, batch_indices=global_indices, image_matrices=flips, class_sets=class_sets
+            )
         else:
             ids = tuple(int(c) for c in class_ids)
-            plan = Plan(tuple(int(i) for i in global_indices), ids, ids, (), flips, self.num_classes)
+            sets = tuple(class_sets)
+            indices = tuple(int(i) for i in global_indices)
+            plan = Plan(indices, ids, ids, (), flips, self.num_classes, sets, sets)
         if self.num_shards == 1:
             return plan
         return plan.take(range(self.shard_id, len(global_indices), self.num_shards))
@@ -303,49 +336,57 @@ class Loader:
         from dli.pipeline.dali import Work
 
         samples = self.manifest.samples
-        sources = plan.source_indices if plan is not None else ()
+        injections = plan.injections if plan is not None else ()
         batch = [samples[i] for i in indices]
-        images = [s.image for s in batch] + [samples[i].image for i in sources]
+        images = [str(s.image) for s in batch] + [str(samples[i.source].image) for i in injections]
         # A defect-free image has no label channel, so its mask is never read (zeros are fed).
-        masks = [s.mask if s.class_id != FREE else None for s in batch] + [samples[i].mask for i in sources]
+        masks: list[str | np.ndarray | None] = [None if s.is_free else str(s.mask) for s in batch]
+        codes = [self._codes[i] for i in indices]
+        for injection in injections:
+            donor = injection.donor_id
+            assert self.donors is not None
+            encoded = self.donors.mask_png(donor)
+            if encoded is None:  # the whole mask of a single-class image
+                masks.append(str(samples[injection.source].mask))
+                codes.append(self._codes[injection.source])
+            else:  # the instance's own pixels, as 1 in an in-memory PNG
+                masks.append(encoded)
+                codes.append(_binary_code(injection.class_id))
         matrices, crop_boxes = None, None
         if plan is not None:
             matrices = np.concatenate([plan.image_matrices, plan.source_matrices()]).astype(np.float32)
             if self.crops is not None:
                 matrices, crop_boxes = self._crop_matrices(plan, matrices)
         self._serial += 1
-        work = Work(
-            self._serial,
-            tuple(str(p) for p in images),
-            tuple(None if p is None else str(p) for p in masks),
-            matrices,
-        )
+        work = Work(self._serial, tuple(images), tuple(masks), matrices, np.stack(codes))
         return _Item(work, indices, plan, crop_boxes)
 
     def _crop_matrices(self, plan: Plan, matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The plan's matrices composed after each sample's crop (`dli.pipeline.crops`), and the
-        sources' defect boxes as fractions of their crops (for the Poisson windows)."""
+        donors' boxes as fractions of their crops (for the Poisson windows)."""
         assert self.crops is not None and self.crop is not None
         # Seeded by the batch's own indices, so `replay(plan)` cuts the same crops.
         rng = np.random.default_rng([self.seed, CROP_STREAM, *plan.batch_indices])
         class_ids = self._class_ids[np.asarray(plan.batch_indices, dtype=np.int64)]
-        crops = []
+        corners = []
         for index, class_id in zip(plan.batch_indices, class_ids, strict=True):
             defect = class_id != FREE and rng.random() < self.crop.defect_prob
-            crops.append((index, self.crops.corner(index, rng, with_defect=bool(defect))))
+            corners.append(self.crops.corner(index, rng, with_defect=bool(defect)))
         donor_corners: dict[int, tuple[float, float]] = {}
-        for source in plan.source_indices:
-            if source not in donor_corners:
-                donor_corners[source] = self.crops.corner(source, rng, with_defect=True)
-            crops.append((source, donor_corners[source]))
+        for injection in plan.injections:
+            donor = injection.donor_id
+            if donor not in donor_corners:
+                assert self.donor_crops is not None
+                donor_corners[donor] = self.donor_crops.corner(donor, rng, with_defect=True)
+            corners.append(donor_corners[donor])
         composed = np.stack(
-            [compose(m, self.crops.matrix(c)) for m, (_, c) in zip(matrices, crops, strict=True)]
+            [compose(m, self.crops.matrix(c)) for m, c in zip(matrices, corners, strict=True)]
         )
         boxes = None
-        if self.source_boxes is not None:
-            boxes = self.source_boxes.copy()
-            for source, corner in donor_corners.items():
-                boxes[source] = self.crops.box_in_crop(source, corner)
+        if self.donors is not None and self.donor_crops is not None:
+            boxes = self.donors.boxes.copy()
+            for donor, corner in donor_corners.items():
+                boxes[donor] = self.donor_crops.box_in_crop(donor, corner)
         return composed.astype(np.float32), boxes
 
     def _items(self, epoch: int) -> Iterator[_Item]:
@@ -416,13 +457,14 @@ class Loader:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _to_torch(self, decoded: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """DALI outputs copied into (M, 1, H, W) normalized images and (M, H, W) 0/1 masks on the device."""
+        """DALI outputs copied into (M, 1, H, W) normalized images and (M, H, W) uint8 class-index
+        maps on the device."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         height, width = self.image_size
         count = len(decoded.images)
         images = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
-        masks = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
+        masks = torch.empty((count, height, width, 1), dtype=torch.uint8, device=self.device)
         stream = self._cuda_stream()
         feed_ndarray(decoded.images.as_tensor(), images, cuda_stream=stream)
         feed_ndarray(decoded.masks.as_tensor(), masks, cuda_stream=stream)
@@ -444,23 +486,30 @@ class Loader:
 
         images, masks = self._to_torch(decoded)
         n = len(item.indices)
-        batch_images, sources, source_masks = images[:n], images[n:], masks[n:]
+        batch_images, sources = images[:n], images[n:]
         before = self._class_ids[item.indices]
-        # Label channel c of image n is its mask when n is of class c: a one-hot product.
-        one_hot = np.zeros((n, self.num_classes), dtype=np.float32)
-        defect = np.flatnonzero(before >= 0)
-        one_hot[defect, before[defect]] = 1.0
-        labels = to_device(one_hot, self.device)[:, :, None, None] * masks[:n, None]
+        if self._class_values is None:
+            values = np.arange(1, self.num_classes + 1, dtype=np.uint8).reshape(1, -1, 1, 1)
+            self._class_values = to_device(values, self.device)
+        # Label channel c is where the class-index map holds c + 1: one comparison.
+        labels = (masks[:n, None] == self._class_values).to(torch.float32)
+        source_masks = (masks[n:] != 0).to(torch.float32)
         clean = batch_images.clone() if keep_clean else None
         after = before
         if item.plan is not None and self.dli is not None and item.plan.injections:
             # Injection is affine-invariant (paste and Poisson alike), so it runs on the normalized
             # images; only the clamp of Poisson overshoot needs the normalized [0, 1] bounds.
             self._check_poisson_report()
+            _keep_off_defects(source_masks, labels, item.plan)
             boxes = None
-            source_boxes = item.source_boxes if item.source_boxes is not None else self.source_boxes
-            if source_boxes is not None:
-                boxes = region_boxes(item.plan, source_boxes, self.image_size, self.dli.dilate_radius)
+            donor_boxes = item.source_boxes if item.source_boxes is not None else None
+            if donor_boxes is None and self.donors is not None:
+                donor_boxes = self.donors.boxes
+            if (
+                donor_boxes is not None
+                and not np.isnan(donor_boxes[[i.donor_id for i in item.plan.injections]]).any()
+            ):
+                boxes = region_boxes(item.plan, donor_boxes, self.image_size, self.dli.dilate_radius)
             self._poisson_report = inject(
                 batch_images,
                 labels,
@@ -485,6 +534,30 @@ class Loader:
             self._active = None
 
 
+def _binary_code(class_id: int) -> np.ndarray:
+    from dli.pipeline.dali import mask_code
+
+    return mask_code(class_id + 1)
+
+
+def _mask_code(sample: Sample) -> np.ndarray:
+    """How the pipeline reads `sample`'s mask (`dli.pipeline.dali.mask_code`)."""
+    from dli.pipeline.dali import mask_code
+
+    return mask_code(max(sample.class_id, 0) + 1, sample.index_bits)
+
+
+def _keep_off_defects(source_masks: torch.Tensor, labels: torch.Tensor, plan: Plan) -> None:
+    """Clear, in place, the injected pixels that fall on a canvas's own defects (a defective
+    canvas: `DliConfig.canvas`); the planner already placed each region clear of their boxes."""
+    defective = [k for k, i in enumerate(plan.injections) if plan.class_sets_before[i.slot]]
+    if not defective:
+        return
+    slots = [plan.injections[k].slot for k in defective]
+    occupied = labels[slots].amax(dim=1)  # (k, H, W) 1 where the canvas holds a defect
+    source_masks[defective] *= 1.0 - occupied
+
+
 def build_loader(
     manifest: Manifest,
     *,
@@ -499,10 +572,11 @@ def build_loader(
     drop_last: bool | None = None,
     num_threads: int = 2,
     prefetch: int = 2,
-    donors: Collection[int] | None = None,
+    donors: Collection[int] | DonorTable | None = None,
     source_boxes: np.ndarray | None = None,
     resize: str = "linear",
     crop: CropConfig | None = None,
+    canvas_boxes: list[np.ndarray] | None = None,
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -528,4 +602,5 @@ def build_loader(
         source_boxes=source_boxes,
         resize=resize,
         crop=crop,
+        canvas_boxes=canvas_boxes,
     )

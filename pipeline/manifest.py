@@ -1,10 +1,14 @@
-"""Datasets as manifests: a list of (image, mask, class id) with the class names recorded.
+"""Datasets as manifests: a list of (image, mask, classes) with the class names recorded.
 
 Readers for the Magnetic Tile layout, any folder-per-class dataset and CSV manifests live here;
 checking the files' contents is `dli.pipeline.validation`. Everything downstream (splits,
 planner, DALI) sees only a `Manifest`.
 
 Dataset formats read by `read_dataset`:
+
+Index masks (`dli.pipeline.index_masks`)
+    ``<root>/images/`` + ``<root>/masks/`` (one index PNG per image, same stem) + ``classes.txt``:
+    mask value k is the k-th listed class, 0 background; one image may hold several classes.
 
 Folder per class (the Magnetic Tile layout)
     ``<root>/<Folder>/Imgs/`` holds the images of one class. The class name is the folder
@@ -90,15 +94,39 @@ class Sample:
 
     Attributes:
         image: path of the image file.
-        mask: path of its mask (same size; defect where its value > 0 in its own bit depth, see
-            `dli.pipeline.imageio.MASK_THRESHOLD`), or None for a defect-free image that ships
-            without one (read as all zeros).
-        class_id: `FREE` (-1) or a defect class id in `0..num_classes-1`.
+        mask: path of its mask (same size), or None for a defect-free image that ships without
+            one (read as all zeros). A binary mask (``index_bits`` 0) is defect where its value
+            is > 0 in its own bit depth (see `dli.pipeline.imageio.MASK_THRESHOLD`), all of it
+            of class `class_id`; an index mask holds value k + 1 where class k is (0 = background).
+        class_id: `FREE` (-1) when the image holds no defect, else its first (lowest) class id.
+        classes: every defect class id the image holds, ascending (empty for a defect-free image;
+            ``(class_id,)`` when not given for a binary mask).
+        index_bits: 0 for a binary mask, else the bit depth (8 or 16) of an index mask.
     """
 
     image: Path
     mask: Path | None
     class_id: int
+    classes: tuple[int, ...] = ()
+    index_bits: int = 0
+
+    def __post_init__(self) -> None:
+        classes = tuple(sorted({int(c) for c in self.classes}))
+        if not classes and self.class_id != FREE:
+            classes = (int(self.class_id),)
+        if (classes[0] if classes else FREE) != self.class_id:
+            raise ValueError(f"class_id {self.class_id} of {self.image} is not the first of {classes}")
+        object.__setattr__(self, "classes", classes)
+
+    @property
+    def is_free(self) -> bool:
+        return not self.classes
+
+
+def labelled_sample(image: Path, mask: Path | None, classes: Iterable[int], index_bits: int) -> Sample:
+    """A sample of an index mask holding `classes` (defect-free when empty)."""
+    ordered = tuple(sorted(set(classes)))
+    return Sample(image, mask, ordered[0] if ordered else FREE, ordered, index_bits)
 
 
 @dataclass(frozen=True)
@@ -117,16 +145,37 @@ class Manifest:
         return len(self.samples)
 
     def class_ids(self) -> list[int]:
+        """Each sample's `Sample.class_id` (its first class, `FREE` for none)."""
         return [s.class_id for s in self.samples]
 
+    def class_sets(self) -> list[tuple[int, ...]]:
+        """Each sample's `Sample.classes` (empty for a defect-free image)."""
+        return [s.classes for s in self.samples]
+
+    def has_several_classes(self) -> bool:
+        """Whether some image holds more than one defect class."""
+        return any(len(s.classes) > 1 for s in self.samples)
+
     def indices_by_class(self) -> dict[int, list[int]]:
-        """Sample indices per class id, `FREE` included, every class key present (maybe empty)."""
+        """Sample indices per class id, `FREE` included, every class key present (maybe empty).
+
+        An image holding several classes is listed under each of them.
+        """
         out: dict[int, list[int]] = {FREE: [], **{c: [] for c in range(self.num_classes)}}
         for i, s in enumerate(self.samples):
-            out[s.class_id].append(i)
+            for c in s.classes or (FREE,):
+                out[c].append(i)
+        return out
+
+    def indices_by_class_set(self) -> dict[tuple[int, ...], list[int]]:
+        """Sample indices per class set (the strata of a split), sets in first-seen order."""
+        out: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(self.samples):
+            out.setdefault(s.classes, []).append(i)
         return out
 
     def counts(self) -> dict[int, int]:
+        """Images holding each class (an image of two classes counts for both), `FREE` included."""
         return {c: len(v) for c, v in self.indices_by_class().items()}
 
     def subset(self, indices: Iterable[int]) -> Manifest:
@@ -135,6 +184,10 @@ class Manifest:
     def class_name(self, class_id: int) -> str:
         """The name of `class_id` (``free`` for `FREE`)."""
         return FREE_NAME if class_id == FREE else self.class_names[class_id]
+
+    def class_set_name(self, sample: Sample) -> str:
+        """The names of a sample's classes joined by ``+`` (``free`` for none)."""
+        return "+".join(self.class_name(c) for c in sample.classes) or FREE_NAME
 
     def counts_by_name(self) -> dict[str, int]:
         """Image count per class name, defect classes in id order, then ``free``."""
@@ -251,12 +304,19 @@ def read_dataset(path: str | os.PathLike[str], *, class_names: Sequence[str] | N
     """
     path = Path(path).absolute()
     if path.is_dir():
+        from dli.pipeline.index_masks import is_index_folder, read_index_folder
+
+        if is_index_folder(path):
+            return read_index_folder(path, class_names)
         return _read_folders(path, class_names)
     if path.is_file() and path.suffix.lower() == ".csv":
         return _read_csv(path, class_names)
     if not path.exists():
         raise DliError(f"dataset not found: {path}")
-    raise DliError(f"not a dataset: {path} (expected a folder of <Class>/{IMAGES_FOLDER}/ folders or a .csv)")
+    raise DliError(
+        f"not a dataset: {path} (expected a folder of <Class>/{IMAGES_FOLDER}/ folders, a folder of "
+        "images/ + masks/ + classes.txt, or a .csv)"
+    )
 
 
 def _folder_class_names(folder_names: Sequence[str]) -> list[str]:
@@ -516,6 +576,12 @@ def write_csv(manifest: Manifest, path: str | os.PathLike[str]) -> None:
     """
     path = Path(path).absolute()
     base = path.parent
+    indexed = [s.mask for s in manifest.samples if s.index_bits]
+    if indexed:
+        raise DliError(
+            f"cannot write {path}: {len(indexed)} masks (e.g. {indexed[0]}) are index masks, which an "
+            "image,mask,class CSV cannot hold; keep them as images/ + masks/ + classes.txt"
+        )
 
     def relative(p: Path) -> str:
         return Path(os.path.relpath(p.absolute(), base)).as_posix()

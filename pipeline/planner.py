@@ -6,11 +6,20 @@ cut-paste, the source's augmentation matrix, the batch images' flips) from one N
 generator and records them in a `Plan`. DALI and the kernels then only apply the plan, so a
 recorded plan replays its batch exactly and plans can be computed ahead of the GPU.
 
-Rule (Caruso et al., reference implementation): for each defect-free slot in batch order, the
+Rule (Caruso et al., reference implementation): for each canvas slot in batch order, the
 class c* to inject is the one with the fewest occurrences in the batch so far, injections
-already planned included. Ties are broken at random (the reference's ``argmin`` always favours
-the lowest class id, which would bias small batches towards class 0). Classes without any
-training defect image cannot be injected and are left out of the count.
+already planned included. An image holding several classes counts once for each of them. Ties
+are broken at random (the reference's ``argmin`` always favours the lowest class id, which would
+bias small batches towards class 0). Classes without any donor cannot be injected and are left
+out of the count. A donor is one defect instance (`dli.pipeline.instances.DonorTable`): the pool
+maps each class to donor ids, and `Injection.source` is the manifest index of the donor's image.
+
+Canvases (`DliConfig.canvas`): ``free`` injects into defect-free images only (the reference);
+``any`` into every image of the batch; ``auto`` into the defect-free images when the batch has
+some, else into every image. A defect goes into a defective image only where it misses that
+image's defects: its region's box (after augmentation, widened by the dilation radius) must
+be clear of the canvas's defect boxes, else the planner tries other positions
+(`dli.pipeline.placement`) and leaves the slot without an injection when none fits.
 
 Fill policies (`DliConfig.fill`):
 
@@ -38,11 +47,14 @@ import numpy as np
 from dli.errors import DliError
 from dli.pipeline.augment import DEFAULT_DEFECT_AUGMENT, AffineAugment, Size, identities
 from dli.pipeline.manifest import FREE
+from dli.pipeline.placement import PLACEMENT_MARGIN, place
 
 Method = Literal["poisson", "paste"]
 Fill = Literal["all-free", "until-uniform"]
 
 FILL_POLICIES: tuple[str, ...] = ("all-free", "until-uniform")
+CANVASES: tuple[str, ...] = ("free", "any", "auto")
+"""Which batch images may receive a defect (see the module docstring)."""
 METHOD_CODES: dict[str, str] = {"poisson": "P", "paste": "CP"}
 """Short names of the injection methods, as in the paper (P = Poisson, CP = cut-paste)."""
 
@@ -84,6 +96,7 @@ class DliConfig:
             the whole ``image`` (the reference implementation's choice).
         augment: per-class augmentation of the injected sources (index = class id); None
             picks it from the class names (`dli.pipeline.augment.defect_augments`).
+        canvas: which batch images receive defects, ``free``, ``any`` or ``auto`` (module docstring).
     """
 
     poisson_prob: float = 0.5
@@ -95,6 +108,7 @@ class DliConfig:
     poisson_label: str = "source"
     poisson_solver: str = "direct"
     poisson_window: str = "box"
+    canvas: str = "free"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.poisson_prob <= 1.0:
@@ -115,6 +129,8 @@ class DliConfig:
             )
         if self.poisson_label not in POISSON_LABELS:
             raise DliError(f"poisson_label {self.poisson_label!r}: choose one of {', '.join(POISSON_LABELS)}")
+        if self.canvas not in CANVASES:
+            raise DliError(f"canvas {self.canvas!r}: choose one of {', '.join(CANVASES)}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -126,6 +142,7 @@ class DliConfig:
             "poisson_label": self.poisson_label,
             "poisson_solver": self.poisson_solver,
             "poisson_window": self.poisson_window,
+            "canvas": self.canvas,
         }
         if self.augment is not None:
             out["augment"] = [a.to_dict() for a in self.augment]
@@ -143,6 +160,7 @@ class Injection:
         method: ``poisson`` (seamless cloning) or ``paste`` (cut-paste).
         source_matrix: (2, 3) float32 augmentation of the source, in the output pixel grid
             (convention of `dli.pipeline.augment`).
+        donor: the donor's id in its `DonorTable` (-1: the whole mask of image `source`).
     """
 
     slot: int
@@ -150,12 +168,19 @@ class Injection:
     source: int
     method: Method
     source_matrix: np.ndarray
+    donor: int = -1
+
+    @property
+    def donor_id(self) -> int:
+        """The row of the donor table (boxes, masks) this injection takes: `donor`, else `source`."""
+        return self.donor if self.donor >= 0 else self.source
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "slot": self.slot,
             "class_id": self.class_id,
             "source": self.source,
+            "donor": self.donor,
             "method": self.method,
             "source_matrix": np.round(self.source_matrix.astype(np.float64), 6).tolist(),
         }
@@ -172,6 +197,8 @@ class Plan:
         injections: in batch-slot order; the pipeline decodes their sources in this order.
         image_matrices: (N, 2, 3) float32 augmentation (flips) of the batch images.
         num_classes: number of defect classes, for the per-class counts.
+        class_sets_before, class_sets_after: every class each image holds, before and after
+            injection (default: from the class ids, one class or none per image).
     """
 
     batch_indices: tuple[int, ...]
@@ -180,14 +207,23 @@ class Plan:
     injections: tuple[Injection, ...]
     image_matrices: np.ndarray
     num_classes: int
+    class_sets_before: tuple[tuple[int, ...], ...] = ()
+    class_sets_after: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, ids in (
+            ("class_sets_before", self.class_ids_before),
+            ("class_sets_after", self.class_ids_after),
+        ):
+            if not getattr(self, name):
+                object.__setattr__(self, name, tuple(() if c == FREE else (int(c),) for c in ids))
 
     def __len__(self) -> int:
         return len(self.batch_indices)
 
     def counts(self, after: bool = True) -> np.ndarray:
-        """Images per defect class in the batch, after (default) or before injection."""
-        ids = np.asarray(self.class_ids_after if after else self.class_ids_before, dtype=np.int64)
-        return np.bincount(ids[ids >= 0], minlength=self.num_classes)
+        """Images holding each defect class in the batch, after (default) or before injection."""
+        return _class_counts(self.class_sets_after if after else self.class_sets_before, self.num_classes)
 
     @property
     def source_indices(self) -> tuple[int, ...]:
@@ -218,6 +254,8 @@ class Plan:
             injections=tuple(replace(i, slot=slot_of[i.slot]) for i in self.injections if i.slot in slot_of),
             image_matrices=self.image_matrices[positions].copy(),
             num_classes=self.num_classes,
+            class_sets_before=tuple(self.class_sets_before[p] for p in positions),
+            class_sets_after=tuple(self.class_sets_after[p] for p in positions),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,6 +267,8 @@ class Plan:
             "injections": [i.to_dict() for i in self.injections],
             "image_matrices": np.round(self.image_matrices.astype(np.float64), 6).tolist(),
             "num_classes": self.num_classes,
+            "class_sets_before": [list(s) for s in self.class_sets_before],
+            "class_sets_after": [list(s) for s in self.class_sets_after],
         }
 
     def as_log_line(self, class_names: Sequence[str] | None = None) -> str:
@@ -241,6 +281,9 @@ class Plan:
         after = "/".join(str(int(c)) for c in self.counts(after=True))
         free = sum(1 for c in self.class_ids_before if c == FREE)
         parts = [f"counts {before} -> {after}", f"{len(self.injections)}/{free} free slots injected"]
+        into_defects = sum(1 for i in self.injections if self.class_sets_before[i.slot])
+        if into_defects:
+            parts.append(f"{into_defects} into defective images")
         if self.injections:
             parts.append(
                 ", ".join(
@@ -249,6 +292,23 @@ class Plan:
                 )
             )
         return "; ".join(parts)
+
+
+def _class_counts(class_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """Images holding each class (an image of several classes counts for each)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for classes in class_sets:
+        for c in classes:
+            counts[c] += 1
+    return counts
+
+
+def canvas_slots(class_sets: Sequence[Sequence[int]], canvas: str) -> list[int]:
+    """The batch positions that may receive a defect under `canvas` (`DliConfig.canvas`)."""
+    free = [i for i, classes in enumerate(class_sets) if not classes]
+    if canvas == "free" or (canvas == "auto" and free):
+        return free
+    return list(range(len(class_sets)))
 
 
 def injectable_classes(pool: Mapping[int, Sequence[int]], num_classes: int) -> list[int]:
@@ -271,12 +331,18 @@ def plan_batch(
     batch_indices: Sequence[int] | None = None,
     image_matrices: np.ndarray | None = None,
     augment: Sequence[AffineAugment] | None = None,
+    class_sets: Sequence[Sequence[int]] | None = None,
+    donor_samples: Sequence[int] | np.ndarray | None = None,
+    donor_boxes: np.ndarray | None = None,
+    canvas_boxes: Sequence[np.ndarray] | None = None,
 ) -> Plan:
-    """Plan the injections of one batch (rule and fill policies in the module docstring).
+    """Plan the injections of one batch (rule, canvases and fill policies in the module docstring).
 
     Args:
-        class_ids: class of each batch image (`FREE` for defect-free).
-        pool: source manifest indices per defect class (the training defect images).
+        class_ids: class of each batch image (`FREE` for defect-free; its first class when it
+            holds several).
+        pool: donor ids per defect class; without `donor_samples` a donor id is the manifest
+            index of a defect image (its whole mask is the donor).
         rng: where every random choice is drawn from, in a fixed order.
         config: the injection settings.
         num_classes: number of defect classes.
@@ -285,12 +351,22 @@ def plan_batch(
         image_matrices: (N, 2, 3) augmentation of the batch images, recorded only (default identity).
         augment: per-class source augmentation (default `config.augment`, else a flip +
             mild shift-scale-rotate for every class).
+        class_sets: every class of each batch image (default: from `class_ids`).
+        donor_samples: the manifest index of each donor id's image (`DonorTable.sample`).
+        donor_boxes: (K, 4) box of each donor id as fractions (`DonorTable.boxes`).
+        canvas_boxes: defect boxes (m, 4) of each manifest index, as fractions; with
+            `donor_boxes` they let a defect go into a defective image, clear of its defects.
 
-    Within a batch, sources of one class are drawn without replacement while the class has
-    unused images (as the reference does), uniformly among them.
+    Within a batch, donors of one class are drawn without replacement while the class has
+    unused ones (as the reference does), uniformly among them.
     """
     class_ids = [int(c) for c in class_ids]
     n = len(class_ids)
+    if class_sets is None:
+        class_sets = [() if c == FREE else (c,) for c in class_ids]
+    sets = [tuple(sorted({int(c) for c in s})) for s in class_sets]
+    if len(sets) != n or any((s[0] if s else FREE) != c for s, c in zip(sets, class_ids, strict=True)):
+        raise ValueError("class_sets must hold each image's classes, its class id first")
     bad = [c for c in class_ids if c != FREE and not 0 <= c < num_classes]
     if bad:
         raise ValueError(f"class ids {bad} are outside [0, {num_classes}) and not FREE ({FREE})")
@@ -307,12 +383,12 @@ def plan_batch(
         raise ValueError(f"{len(augment)} augmentations for {num_classes} classes")
 
     available = np.array(injectable_classes(pool, num_classes), dtype=np.int64)
-    ids = np.asarray(class_ids, dtype=np.int64)
-    counts = np.bincount(ids[ids >= 0], minlength=num_classes)
-    after = list(class_ids)
+    counts = _class_counts(sets, num_classes)
+    after = list(sets)
     used: dict[int, set[int]] = {int(c): set() for c in available}
     injections: list[Injection] = []
-    for slot in (i for i, c in enumerate(class_ids) if c == FREE):
+    pad = config.dilate_radius + PLACEMENT_MARGIN
+    for slot in canvas_slots(sets, config.canvas):
         if available.size == 0:
             break
         current = counts[available]
@@ -320,36 +396,57 @@ def plan_batch(
             break
         rarest = available[current == current.min()]
         class_id = int(rarest[rng.integers(rarest.size)]) if rarest.size > 1 else int(rarest[0])
-        sources = pool[class_id]
-        unused = [s for s in sources if s not in used[class_id]] or list(sources)
-        source = int(unused[rng.integers(len(unused))])
+        donors = pool[class_id]
+        unused = [d for d in donors if d not in used[class_id]] or list(donors)
+        donor = int(unused[rng.integers(len(unused))])
         method: Method = "poisson" if rng.random() < config.poisson_prob else "paste"
         matrix = augment[class_id].sample(rng, size)
-        injections.append(Injection(slot, class_id, source, method, matrix))
-        used[class_id].add(source)
+        if sets[slot]:  # a defective canvas: the defect must miss the canvas's own
+            if donor_boxes is None or canvas_boxes is None:
+                continue
+            placed = place(
+                donor_boxes[donor],
+                matrix,
+                np.asarray(canvas_boxes[batch_indices[slot]], dtype=np.float64).reshape(-1, 4),
+                image_matrices[slot],
+                size,
+                pad,
+                rng,
+            )
+            if placed is None:
+                continue
+            matrix = placed
+        if donor_samples is None:
+            injections.append(Injection(slot, class_id, donor, method, matrix))
+        else:
+            injections.append(Injection(slot, class_id, int(donor_samples[donor]), method, matrix, donor))
+        used[class_id].add(donor)
         counts[class_id] += 1
-        after[slot] = class_id
+        after[slot] = tuple(sorted({*after[slot], class_id}))
     return Plan(
         batch_indices=batch_indices,
         class_ids_before=tuple(class_ids),
-        class_ids_after=tuple(after),
+        class_ids_after=tuple(s[0] if s else FREE for s in after),
         injections=tuple(injections),
         image_matrices=image_matrices,
         num_classes=num_classes,
+        class_sets_before=tuple(sets),
+        class_sets_after=tuple(after),
     )
 
 
 @dataclass
 class Planner:
-    """`plan_batch` bound to a training set's defect pool; warns once about empty classes.
+    """`plan_batch` bound to a training set's donors; warns once about empty classes.
 
     Attributes:
-        pool: source manifest indices per defect class.
+        pool: donor ids per defect class (see `plan_batch`).
         num_classes: number of defect classes.
         config: the injection settings.
         size: (H, W) output grid.
         augment: per-class source augmentation.
         class_names: for the warning and log lines.
+        donor_samples, donor_boxes, canvas_boxes: as in `plan_batch`.
     """
 
     pool: Mapping[int, Sequence[int]]
@@ -358,6 +455,9 @@ class Planner:
     size: Size
     augment: tuple[AffineAugment, ...]
     class_names: tuple[str, ...] = ()
+    donor_samples: Sequence[int] | np.ndarray | None = None
+    donor_boxes: np.ndarray | None = None
+    canvas_boxes: Sequence[np.ndarray] | None = None
     empty_classes: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -379,6 +479,7 @@ class Planner:
         *,
         batch_indices: Sequence[int] | None = None,
         image_matrices: np.ndarray | None = None,
+        class_sets: Sequence[Sequence[int]] | None = None,
     ) -> Plan:
         return plan_batch(
             class_ids,
@@ -390,4 +491,8 @@ class Planner:
             batch_indices=batch_indices,
             image_matrices=image_matrices,
             augment=self.augment,
+            class_sets=class_sets,
+            donor_samples=self.donor_samples,
+            donor_boxes=self.donor_boxes,
+            canvas_boxes=self.canvas_boxes,
         )

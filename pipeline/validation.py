@@ -1,11 +1,15 @@
 """Up-front validation of a dataset: every image and mask opened once, every problem reported at once.
 
 `validate` checks a `Manifest` before anything trains on it: missing or unreadable files, a
-defect sample without a mask, a mask whose size differs from its image are errors (one
-`DliError` listing every offending file); a defect image with an empty mask, or a defect-free
-one with a non-empty mask, are warnings (one `DatasetWarning`). Decoding the masks also
-measures what downstream code needs without reading them again: each mask's defect-pixel
-fraction (class pixel counts) and defect bounding box (the Poisson windows of injection).
+defect sample without a mask, a mask whose size differs from its image, a binary (single-class)
+mask that holds several small distinct values (an index mask given through a single-class
+route, which would be flattened into one class), an index mask with a value beyond the class
+list are errors (one `DliError` listing every offending file); a defect image with an empty
+mask, or a defect-free one with a non-empty mask, are warnings (one `DatasetWarning`). Decoding
+the masks also measures what downstream code needs without reading them again: each mask's
+defect-pixel fraction, per class too (class pixel counts), its defect bounding box, and its
+defect instances (`dli.pipeline.instances`: the donors of injection, with the boxes that size
+their Poisson windows).
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from dli.pipeline.imageio import (
     READ_ERRORS,
     defect_pixels,
 )
+from dli.pipeline.index_masks import IndexMaskError, index_values
+from dli.pipeline.instances import Instance, measure_instances
 from dli.pipeline.manifest import FREE, Manifest, Problem, Sample, problems_error, warn_of_problems
+
+INDEX_LIKE_MAX = 64
+"""A binary mask whose non-zero values are several and all at most this looks like an index mask
+(class k stored as k) given through a single-class route: an error, never flattened silently.
+Anti-aliased binary masks (Magnetic Tile's: 5 to 100+ distinct values) reach 176..255."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +54,10 @@ class ValidationReport:
             its height and width, (top, left, bottom, right) with the far edges exclusive
             (a box [0, 0, 1, 1] covers the whole image); NaN where not measured or empty.
             Injection sizes its Poisson windows from them without reading the GPU back.
+        class_fractions: (N, C) float64, fraction of each sample's pixels of each class (NaN
+            rows where not measured; zeros for a defect-free sample).
+        instances: each sample's defect instances (empty where not measured, and for
+            defect-free samples: their masks carry no label).
     """
 
     source: Path
@@ -51,6 +66,8 @@ class ValidationReport:
     image_sizes: tuple[tuple[int, int] | None, ...]
     mask_fractions: np.ndarray
     mask_boxes: np.ndarray
+    class_fractions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    instances: tuple[tuple[Instance, ...], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -67,6 +84,8 @@ class _SampleCheck:
     size: tuple[int, int] | None = None
     mask_fraction: float = math.nan
     mask_box: tuple[float, float, float, float] = (math.nan,) * 4
+    class_fractions: dict[int, float] | None = None
+    instances: tuple[Instance, ...] = ()
 
 
 def defect_box(defect: np.ndarray) -> tuple[float, float, float, float]:
@@ -91,7 +110,51 @@ def _open_image(path: Path, check_pixels: bool) -> tuple[int, int]:
     return height, width
 
 
-def _check_sample(sample: Sample, check_pixels: bool) -> _SampleCheck:
+def _index_like_values(mask: Image.Image) -> np.ndarray | None:
+    """The distinct non-zero values of a single-channel (or palette) binary mask when they look
+    like class indices (several, all <= `INDEX_LIKE_MAX`), else None."""
+    if mask.mode not in ("L", "P", "I") and not mask.mode.startswith("I;16"):
+        return None
+    values = np.unique(np.asarray(mask))
+    values = values[values > 0]
+    if values.size >= 2 and values[-1] <= INDEX_LIKE_MAX:
+        return values
+    return None
+
+
+def _class_labels(
+    sample: Sample, mask: Image.Image, num_classes: int, out: _SampleCheck
+) -> np.ndarray | None:
+    """The (H, W) uint8 class-index map of an opened mask (0 background, k + 1 where class k), or
+    None after recording the problem in `out`. A binary mask's defect pixels take `class_id`."""
+    if sample.index_bits:
+        try:
+            values, _ = index_values(mask)
+        except IndexMaskError as error:
+            out.errors.append(Problem(sample.mask, "not an index mask", str(error)))
+            return None
+        if values.size and values[-1] > num_classes:
+            unknown = ", ".join(str(int(v)) for v in values[values > num_classes][:10])
+            detail = f"values {unknown}; {num_classes} classes listed"
+            out.errors.append(Problem(sample.mask, "mask value not in the class list", detail))
+            return None
+        return np.asarray(mask).astype(np.uint8)
+    several = _index_like_values(mask)
+    if several is not None:
+        out.errors.append(
+            Problem(
+                sample.mask,
+                "several classes in a single-class mask",
+                f"distinct values {', '.join(str(int(v)) for v in several)}: give masks of several classes "
+                "as images/ + masks/ + classes.txt (value k = k-th class)",
+            )
+        )
+        return None
+    pixels = defect_pixels(mask)
+    return pixels.astype(np.uint8) * np.uint8(max(sample.class_id, 0) + 1)
+
+
+def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _SampleCheck:
     out = _SampleCheck()
     defect = sample.class_id != FREE
     if not sample.image.is_file():
@@ -106,6 +169,7 @@ def _check_sample(sample: Sample, check_pixels: bool) -> _SampleCheck:
             out.errors.append(Problem(sample.image, "defect sample without a mask"))
         else:
             out.mask_fraction = 0.0
+            out.class_fractions = {}
         return out
     if not sample.mask.is_file():
         out.errors.append(Problem(sample.mask, "missing mask", f"for {sample.image.name}"))
@@ -114,9 +178,20 @@ def _check_sample(sample: Sample, check_pixels: bool) -> _SampleCheck:
         with Image.open(sample.mask) as mask:
             mask_size = (mask.height, mask.width)
             if check_pixels:
-                pixels = defect_pixels(mask)
+                labels = _class_labels(sample, mask, num_classes, out)
+                if labels is None:
+                    return out
+                pixels = labels > 0
                 out.mask_fraction = np.count_nonzero(pixels) / max(1, pixels.size)
                 out.mask_box = defect_box(pixels)
+                if defect:
+                    counts = np.bincount(labels.ravel(), minlength=num_classes + 1)
+                    out.class_fractions = {
+                        c: counts[c + 1] / labels.size for c in range(num_classes) if counts[c + 1]
+                    }
+                    out.instances = measure_instances(labels)
+                else:
+                    out.class_fractions = {}
     except READ_ERRORS as error:
         out.errors.append(Problem(sample.mask, "unreadable mask", str(error)))
         return out
@@ -150,9 +225,15 @@ def validate(
     samples = manifest.samples
     if workers > 1 and len(samples) > 64:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            checks = list(pool.map(lambda s: _check_sample(s, check_pixels), samples))
+            checks = list(pool.map(lambda s: _check_sample(s, check_pixels, manifest.num_classes), samples))
     else:
-        checks = [_check_sample(s, check_pixels) for s in samples]
+        checks = [_check_sample(s, check_pixels, manifest.num_classes) for s in samples]
+    class_fractions = np.full((len(samples), manifest.num_classes), np.nan)
+    for row, check in enumerate(checks):
+        if check.class_fractions is not None:
+            class_fractions[row] = 0.0
+            for c, fraction in check.class_fractions.items():
+                class_fractions[row, c] = fraction
     report = ValidationReport(
         source=manifest.root,
         errors=tuple(p for c in checks for p in c.errors),
@@ -160,6 +241,8 @@ def validate(
         image_sizes=tuple(c.size for c in checks),
         mask_fractions=np.array([c.mask_fraction for c in checks], dtype=np.float64),
         mask_boxes=np.array([c.mask_box for c in checks], dtype=np.float64).reshape(-1, 4),
+        class_fractions=class_fractions,
+        instances=tuple(c.instances for c in checks),
     )
     if report.warnings:
         warn_of_problems(report.warnings, manifest.root)

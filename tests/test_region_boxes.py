@@ -137,11 +137,12 @@ def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
         return real_blend(*args, **kwargs)
 
     monkeypatch.setattr(inject_module, "poisson_blend", recording_blend)
-    with_boxes = list(build_loader(synthetic, source_boxes=report.mask_boxes, **options))
+    loader = build_loader(synthetic, source_boxes=report.mask_boxes, **options)
+    with_boxes = list(loader)
     assert seen and all(b is not None for b in seen)
     checked = 0
     for batch in with_boxes:
-        boxes = region_boxes(batch.plan, report.mask_boxes, (64, 64), RADIUS)
+        boxes = region_boxes(batch.plan, loader.donors.boxes, (64, 64), RADIUS)  # indexed by donor
         for injection, (top, left, bottom, right) in zip(batch.plan.injections, boxes, strict=True):
             label = batch.masks[injection.slot, injection.class_id].numpy() > 0
             region = ndimage.binary_dilation(label, np.ones((5, 5), bool))
