@@ -93,6 +93,17 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
         raise DliError(f"cannot read mask {path}: {error}") from None
 
 
+def read_index(path: str | os.PathLike[str]) -> np.ndarray:
+    """The index mask at `path` as a (H, W) int32 array of its stored values (8 or 16 bits)."""
+    try:
+        with Image.open(path) as mask:
+            return np.asarray(mask).astype(np.int32)
+    except FileNotFoundError:
+        raise DliError(f"mask not found: {path}") from None
+    except READ_ERRORS as error:
+        raise DliError(f"cannot read mask {path}: {error}") from None
+
+
 def is_image_file(path: Path) -> bool:
     """Whether `path` has one of the `IMAGE_EXTENSIONS` (case-insensitive)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS

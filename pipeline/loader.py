@@ -502,13 +502,12 @@ class Loader:
             self._check_poisson_report()
             _keep_off_defects(source_masks, labels, item.plan)
             boxes = None
-            donor_boxes = item.source_boxes if item.source_boxes is not None else None
+            # The donors' boxes (in their crops, with crops); an unknown one (NaN) makes
+            # `region_boxes` return None, and the solver measures the regions itself.
+            donor_boxes = item.source_boxes
             if donor_boxes is None and self.donors is not None:
                 donor_boxes = self.donors.boxes
-            if (
-                donor_boxes is not None
-                and not np.isnan(donor_boxes[[i.donor_id for i in item.plan.injections]]).any()
-            ):
+            if donor_boxes is not None:
                 boxes = region_boxes(item.plan, donor_boxes, self.image_size, self.dli.dilate_radius)
             self._poisson_report = inject(
                 batch_images,

@@ -16,20 +16,25 @@ import torch
 
 from dli.errors import DliError
 from dli.pipeline.batch import Batch
-from dli.pipeline.imageio import read_gray, read_mask
+from dli.pipeline.imageio import read_gray, read_index, read_mask
 from dli.pipeline.manifest import FREE, Manifest, Sample
 
 
 def label_channels(sample: Sample, num_classes: int, shape: tuple[int, int]) -> np.ndarray:
-    """(classes, H, W) float32 {0, 1}: channel `class_id` is the sample's mask, the others zero."""
+    """(classes, H, W) float32 {0, 1}: for a binary mask, channel `class_id` is the mask and the
+    others zero; for an index mask, channel c is where it holds c + 1."""
     labels = np.zeros((num_classes, *shape), np.float32)
     if sample.class_id != FREE and sample.mask is not None:
-        mask = read_mask(sample.mask)
+        mask = read_index(sample.mask) if sample.index_bits else read_mask(sample.mask)
         if mask.shape != shape:
             raise DliError(
                 f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]}, its image {shape[1]}x{shape[0]}"
             )
-        labels[sample.class_id] = mask
+        if sample.index_bits:
+            for c in sample.classes:
+                labels[c] = mask == c + 1
+        else:
+            labels[sample.class_id] = mask
     return labels
 
 
