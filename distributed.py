@@ -8,19 +8,20 @@ and train with `DistributedDataParallel` (`dli.trainer.Trainer`).
 `dli train --devices K` starts the processes with `launch`, a few lines of its own rather than
 torchrun's elastic agent: when one process fails it stops the others and returns that exit
 status, so a bad input ends with `dli train`'s one-line error instead of torchrun's failure
-report. Everything else (rendezvous on a free local port, one process per local device) is what
-`torchrun --standalone` does.
+report. Everything else (rendezvous on a local port, held for the launch by `reserved_port`, and
+one process per local device) is what `torchrun --standalone` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from dli.errors import DliError
@@ -81,11 +82,20 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the rendezvous port of a local run)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+@contextlib.contextmanager
+def reserved_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A TCP port for a local rendezvous, held for the duration of the block.
+
+    A port merely found free can be taken by another program before the run's rank 0 listens
+    on it (seconds later, after importing torch). Here a socket stays bound to it (with
+    SO_REUSEADDR, not listening) while the block runs: no other `bind` to port 0 is handed the
+    port and a plain `bind` to it fails, while torch's rendezvous server, which also sets
+    SO_REUSEADDR, can still bind it and listen.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind((host, 0))
+        yield int(holder.getsockname()[1])
 
 
 def process_env(rank: int, world_size: int, port: int, *, cpu: bool) -> dict[str, str]:
@@ -122,8 +132,13 @@ def launch(command: Sequence[str], processes: int, *, cpu: bool) -> int:
     """
     if processes < 1:
         raise DliError(f"--devices {processes}: must be an integer >= 1")
-    port = free_port()
-    envs = [process_env(rank, processes, port, cpu=cpu) for rank in range(processes)]
+    with reserved_port() as port:
+        return _run_processes(
+            command, [process_env(rank, processes, port, cpu=cpu) for rank in range(processes)]
+        )
+
+
+def _run_processes(command: Sequence[str], envs: Sequence[Mapping[str, str]]) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers may be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     children: list[subprocess.Popen] = []

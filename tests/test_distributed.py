@@ -8,7 +8,9 @@ Dice term, which are computed on each process's half batch).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dli.cli import main
 from dli.config import TrainConfig
-from dli.distributed import ProcessPlace, free_port, launch
+from dli.distributed import ProcessPlace, launch, reserved_port
 from dli.errors import DliError
 from dli.pipeline.synth import generate
 from dli.train import add_arguments, config_from_args
@@ -107,9 +109,8 @@ def train_both_ways(
     """Train `config` in 2 gloo processes and in this one: (per-rank records, single trainer, its history)."""
     folder.mkdir()
     ddp = replace(config, out=str(folder / "ddp"))
-    torch.multiprocessing.spawn(
-        _ddp_worker, args=(2, free_port(), ddp, folder, running_bn), nprocs=2, join=True
-    )
+    with reserved_port() as port:
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, port, ddp, folder, running_bn), nprocs=2, join=True)
     ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
     single = Trainer(replace(config, out=str(folder / "single")))
     history = single.fit().history
@@ -205,7 +206,8 @@ def test_two_nodes_launched_by_torchrun_train_one_model_into_one_run_folder(
     data: Path, tmp_path: Path
 ) -> None:
     """`torchrun --nnodes 2 --nproc_per_node 1` on each of two "nodes" (here both on 127.0.0.1)."""
-    out, port = tmp_path / "run", free_port()
+    out, reservation = tmp_path / "run", reserved_port()
+    port = reservation.__enter__()  # held until the nodes are done: nobody else takes it meanwhile
     flags = tiny(data, out, epochs=1, max_steps=2, poisson_prob=0.0).to_argv()
 
     def node(rank: int) -> subprocess.Popen[str]:
@@ -222,6 +224,7 @@ def test_two_nodes_launched_by_torchrun_train_one_model_into_one_run_folder(
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        reservation.__exit__(None, None, None)
     for process, (_, stderr) in zip(nodes, outputs, strict=True):
         assert process.returncode == 0, stderr
     (rank0_out, _), (rank1_out, _) = outputs
@@ -233,8 +236,45 @@ def test_two_nodes_launched_by_torchrun_train_one_model_into_one_run_folder(
     assert torch.load(out / "last.pt", weights_only=False)["progress"]["step"] == 2
 
 
+PAUSE_HOOK = """
+import os
+if os.environ.get("DLI_TEST_PAUSE_AT_STEP") and "RANK" in os.environ:  # launched training processes
+    import time
+    import dli.steps
+
+    _train_step, _calls = dli.steps.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        _calls[0] += 1
+        if _calls[0] == int(os.environ["DLI_TEST_PAUSE_AT_STEP"]):
+            marker = os.path.join(os.environ["DLI_TEST_PAUSE_DIR"], "rank" + os.environ["RANK"])
+            with open(marker + ".tmp", "w") as handle:
+                handle.write(str(os.getpid()))
+            os.rename(marker + ".tmp", marker)
+            time.sleep(3600)  # until the launcher stops this process
+        return _train_step(*args, **kwargs)
+
+    dli.steps.train_step = train_step
+"""
+
+
+def paused_launch_env(folder: Path, step: int) -> dict[str, str]:
+    """An environment in which each launched process stops before its `step`-th training step
+    (1-based, across epochs) and writes `folder/rank<R>` holding its pid: a known point to act at."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(PAUSE_HOOK)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return os.environ | {
+        "PYTHONPATH": path,
+        "DLI_TEST_PAUSE_AT_STEP": str(step),
+        "DLI_TEST_PAUSE_DIR": str(folder),
+    }
+
+
 @pytest.mark.slow
-def test_a_terminated_launch_resumes_to_the_uninterrupted_weights(data: Path, tmp_path: Path) -> None:
+def test_a_terminated_launch_resumes_to_the_uninterrupted_weights_and_with_another_process_count(
+    data: Path, tmp_path: Path
+) -> None:
     def command(out: Path) -> list[str]:
         flags = tiny(data, out, epochs=2, poisson_prob=0.5).to_argv()
         return [sys.executable, "-m", "dli", "train", "--devices", "2", *flags]
@@ -243,17 +283,35 @@ def test_a_terminated_launch_resumes_to_the_uninterrupted_weights(data: Path, tm
     done = subprocess.run(command(whole), capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
 
-    launcher = subprocess.Popen(command(cut), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (cut / "metrics.jsonl").exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    launcher.send_signal(signal.SIGTERM)  # as a job scheduler would
-    _, stderr = launcher.communicate(timeout=120)
+    # Both processes stop before step 3 of epoch 2 and say so; the test terminates the launch there.
+    hooks = tmp_path / "hooks"
+    env = paused_launch_env(hooks, STEPS_PER_EPOCH + 3)
+    launcher = subprocess.Popen(
+        command(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    markers = [hooks / "rank0", hooks / "rank1"]
+    try:
+        deadline = time.monotonic() + 600  # only a broken run misses the point; it cannot run past it
+        while not all(m.exists() for m in markers):
+            assert launcher.poll() is None, launcher.communicate()[1]
+            assert time.monotonic() < deadline, "the launched processes never reached epoch 2's step 3"
+            time.sleep(0.1)
+        pids = [int(m.read_text()) for m in markers]
+        launcher.send_signal(signal.SIGTERM)  # as a job scheduler would
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
     assert launcher.returncode == 128 + signal.SIGTERM, stderr
+    for pid in pids:  # no process left running
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     written = (cut / "metrics.jsonl").read_text().splitlines()
     assert len(written) == 1  # stopped during epoch 2, whose records never came
-    time.sleep(2)
-    assert (cut / "metrics.jsonl").read_text().splitlines() == written  # no process left running
+    assert torch.load(cut / "last.pt", weights_only=False)["progress"]["step"] == STEPS_PER_EPOCH
+    other = tmp_path / "cut-one-process"
+    shutil.copytree(cut, other)
 
     resumed = subprocess.run(
         [sys.executable, "-m", "dli", "train", "--out", str(cut), "--resume", "--devices", "2"],
@@ -268,6 +326,29 @@ def test_a_terminated_launch_resumes_to_the_uninterrupted_weights(data: Path, tm
     assert ours["progress"]["step"] == theirs["progress"]["step"] == 2 * STEPS_PER_EPOCH
     for name, tensor in theirs["model"].items():
         torch.testing.assert_close(ours["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+    # The README: --resume works with any number of processes that divides the batch. One process
+    # sees the same global batches; only BatchNorm's batch statistics (per process) differ.
+    single = subprocess.run(
+        [sys.executable, "-m", "dli", "train", "--out", str(other), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert single.returncode == 0, single.stderr
+    alone = torch.load(other / "last.pt", weights_only=False)
+    assert alone["progress"]["step"] == 2 * STEPS_PER_EPOCH
+    records = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        [r["step"] for r in records]
+        == [r["step"] for r in expected]
+        == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    )
+    assert records[0] == expected[0] | {k: records[0][k] for k in ("seconds", "images_per_s")}
+    assert records[1]["train_loss"] == pytest.approx(expected[1]["train_loss"], rel=0.05)
+    assert yaml.safe_load((other / "config.yaml").read_text())["runtime"]["world_size"] == 1
 
 
 def test_config_round_trips_through_flags(tmp_path: Path) -> None:

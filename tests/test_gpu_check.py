@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -132,6 +133,16 @@ def test_pytest_results_separate_missing_packages_from_failures(tmp_path: Path) 
     assert gpu_check.pytest_figures(tmp_path / "absent.xml") == ({"junit": None}, False)
 
 
+class FakeClock:
+    """`time.monotonic` for `gpu_check`, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 def _fake_commands(out: Path) -> dict[str, list[str]]:
     """Stand-ins for the steps: pytest fails, the bench hangs, bce trains two epochs, dli fails."""
     python = sys.executable
@@ -163,18 +174,43 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     }
     environment["warnings"] = gpu_check.environment_warnings(environment)
 
+    # A fake clock: the budget arithmetic is exact whatever the machine's load. The steps run for
+    # real (the hanging one is stopped by the real time limit, 1 s) and advance the clock by
+    # what they declare: 0.1 s for the probe, 2 s for a step that ends, its limit for the hang.
+    clock = FakeClock()
+    monkeypatch.setattr(gpu_check, "time", SimpleNamespace(monotonic=clock.monotonic))
+    real_run_process, limits = gpu_check.run_process, {}
+
     def probe(env: Any, out_file: Path, limit_s: float, repo: Path) -> tuple[dict[str, Any], float]:
+        clock.now += 0.1
         return dict(environment), 0.1
 
+    def run_process(command, log, limit_s, env, cwd):
+        step = log.stem.split("-", 1)[1]
+        limits[step] = limit_s
+        if step == "bench":
+            code, timed_out, _ = real_run_process(command, log, 1.0, env, cwd)
+            assert timed_out and code is None
+            clock.now += limit_s
+            return code, timed_out, limit_s
+        code, timed_out, _ = real_run_process(command, log, 600.0, env, cwd)
+        clock.now += 2.0
+        return code, timed_out, 2.0
+
     monkeypatch.setattr(gpu_check, "probe", probe)
+    monkeypatch.setattr(gpu_check, "run_process", run_process)
     monkeypatch.setattr(gpu_check.Plan, "command", lambda self, step: commands[step])
     monkeypatch.setattr(gpu_check, "STOP_GRACE_S", 2.0)
     plan = gpu_check.Plan(out=out, data=None, minutes=0.4, epochs=3, repo=Path(gpu_check.__file__).parents[1])
-    started = time.monotonic()
-    report, status = gpu_check.check(plan, None, started)
-    elapsed = time.monotonic() - started
+    report, status = gpu_check.check(plan, None, clock.monotonic())
 
-    assert status == 1 and elapsed < plan.budget_s
+    assert status == 1 and report["seconds"] <= plan.budget_s - gpu_check.REPORT_RESERVE_S
+    left = plan.budget_s - gpu_check.REPORT_RESERVE_S - 0.1  # after the probe
+    assert limits["pytest-gpu"] == pytest.approx(gpu_check.limit_for("pytest-gpu", gpu_check.STEPS[1:], left))
+    left -= 2.0
+    assert limits["bench"] == pytest.approx(gpu_check.limit_for("bench", gpu_check.STEPS[2:], left))
+    left -= limits["bench"]
+    assert limits["train-dli"] == pytest.approx(left - 2.0)  # the last step takes all that is left
     steps = {s["name"]: s for s in report["steps"]}
     assert [s["name"] for s in report["steps"]] == list(gpu_check.STEPS)
     assert steps["environment"]["status"] == "passed"
@@ -182,7 +218,7 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     assert steps["pytest-gpu"]["status"] == "failed" and "1 failed" in steps["pytest-gpu"]["output_tail"]
     bench = steps["bench"]
     assert bench["status"] == "timed_out" and "measuring" in bench["output_tail"]
-    assert bench["seconds"] == pytest.approx(bench["limit_s"], abs=3) and bench["limit_s"] < 10
+    assert bench["seconds"] == bench["limit_s"] == round(limits["bench"], 1) and bench["limit_s"] < 10
     bce = steps["train-bce"]
     assert bce["status"] == "passed" and bce["figures"]["epochs_finished"] == 3
     assert bce["figures"]["best_iou"] == 0.25 and bce["figures"]["best_epoch"] == 2
