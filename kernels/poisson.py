@@ -30,9 +30,10 @@ Solver: preconditioned conjugate gradient, matrix-free, over all N x C systems a
   (frozen systems keep their iterate; a step changes only active ones). On the CPU a bucket stops
   as soon as all its systems are frozen. On the GPU it runs the fixed budget `max_iter` with no
   host check at all, so nothing waits for the device.
-- Budget. `default_max_iter` is a bound measured on every real Magnetic Tile mask (see
-  docs/kernels.md); a system still above `tol` after it is reported, never hidden: in
-  `PoissonInfo`, and with a `PoissonConvergenceWarning` when the report is checked.
+- Budget. `default_max_iter` (the CPU's cap) and `gpu_max_iter` (the GPU's fixed count, on its
+  merged windows) are bounds measured on every real Magnetic Tile mask (see docs/kernels.md);
+  a system still above `tol` after it is reported, never hidden: in `PoissonInfo`, and with a
+  `PoissonConvergenceWarning` when the report is checked.
 
 Starting guess (default): the source shifted per system by the mean of (target - source) on the
 ring of pixels around Ω. The solution differs from the source mostly by such a smooth offset.
@@ -98,6 +99,22 @@ def default_max_iter(tol: float) -> int:
     that true.
     """
     return math.ceil(BUDGET_BASE + BUDGET_PER_DECADE * math.log10(1.0 / tol))
+
+
+GPU_BUDGET_BASE = 5
+"""`gpu_max_iter` = GPU_BUDGET_BASE + BUDGET_PER_DECADE · log10(1 / tol), rounded up."""
+
+
+def gpu_max_iter(tol: float) -> int:
+    """The GPU's iteration budget for `tol`, every step of which it runs: 29 at 1e-4, 35 at 1e-5.
+
+    Fitted to the GPU's own windows (`BUCKET_OVERHEAD_PIXELS["cuda"]` merges a batch's windows
+    into one or two buckets): on all 392 real Magnetic Tile masks at 256² in batches of 64
+    (dilated 5x5, mixed gradients) the most any system needed is 23 at 1e-4 and 28 at 1e-5, at
+    most 80% of the budget; tests/test_poisson.py keeps that true. The CPU, which stops once its
+    systems converge, keeps the roomier `default_max_iter` as its cap.
+    """
+    return math.ceil(GPU_BUDGET_BASE + BUDGET_PER_DECADE * math.log10(1.0 / tol))
 
 
 class PoissonInfo:
@@ -267,7 +284,8 @@ def poisson_blend(
         mask: (N, H, W) bool or 0/1 region to clone; pixels on the image border are never changed.
         mixed_gradients: per edge, keep the stronger of the source and target gradients.
         tol: relative residual at which a system stops.
-        max_iter: PCG iteration budget; default `default_max_iter(tol)`.
+        max_iter: PCG iteration budget; default `default_max_iter(tol)` on the CPU,
+            `gpu_max_iter(tol)` on the GPU.
         x0: starting guess: None for the boundary-matched source, "zeros", or an (N, C, H, W) array.
         boxes: optional host (N, 4) int (top, left, bottom, right), inclusive pixel bounds that
             contain each image's region (empty where top > bottom); with them nothing is read
@@ -304,7 +322,10 @@ def poisson_blend(
                 xp, target, source, mask, mixed_gradients=mixed_gradients, boxes=boxes, window=window
             )
         else:
-            budget = default_max_iter(tol) if max_iter is None else max_iter
+            if max_iter is not None:
+                budget = max_iter
+            else:
+                budget = default_max_iter(tol) if xp is np else gpu_max_iter(tol)
             blended, info = _blend(xp, target, source, mask, mixed_gradients, tol, budget, x0, boxes)
     if xp is np:
         info.check(stacklevel=2)
@@ -546,19 +567,24 @@ class _Bucket:
             images = np.flatnonzero((sides == shape).all(axis=1))
             rows = np.minimum(corners[images, :1] + np.arange(shape[0]), height - 1)
             cols = np.minimum(corners[images, 1:] + np.arange(shape[1]), width - 1)
-            device = (transfers.to_device(a) for a in (images, rows, cols))
-            buckets.append(
-                _Bucket(
-                    *device,
-                    count=len(images),
-                    host_images=images,
-                    corners=corners[images],
-                    transfers=transfers,
-                    host_rows=rows,
-                    host_cols=cols,
-                )
-            )
+            buckets.append(_Bucket.of(transfers, images, rows, cols, corners[images]))
         return buckets
+
+    @staticmethod
+    def of(
+        transfers: _Transfers, images: np.ndarray, rows: np.ndarray, cols: np.ndarray, corners: np.ndarray
+    ) -> _Bucket:
+        """The windows of host `images` at host `rows` (B, height) and `cols` (B, width), uploaded."""
+        device = (transfers.to_device(a) for a in (images, rows, cols))
+        return _Bucket(
+            *device,
+            count=len(images),
+            host_images=images,
+            corners=corners,
+            transfers=transfers,
+            host_rows=rows,
+            host_cols=cols,
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -598,11 +624,7 @@ class _Bucket:
     def crop(self, xp: ModuleType, array: Any) -> Any:
         """(N, ..., H, W) -> contiguous (B, ..., height, width) windows, edge rows/columns repeated."""
         if xp is not np:
-            flat = self._flat_index(array)
-            if flat is not None:  # one gather
-                return array.reshape(-1)[flat].reshape(self.count, *array.shape[1:-2], *self.shape)
-            moved = xp.moveaxis(array, (-2, -1), (1, 2))[self._index()]  # (B, height, width, ...)
-            return xp.ascontiguousarray(xp.moveaxis(moved, (1, 2), (-2, -1)))
+            return self.gather(xp, array)
         height, width = self.shape
         out = np.empty((self.count, *array.shape[1:-2], height, width), dtype=array.dtype)
         for k, image, rows, cols in self._slices():
@@ -615,6 +637,22 @@ class _Bucket:
             if inside_w < width:
                 window[..., inside_w:] = window[..., inside_w - 1 : inside_w]
         return out
+
+    def gather(self, xp: ModuleType, array: Any) -> Any:
+        """`crop` by device indexing (`rows` and `cols` as given, whatever they repeat), any `xp`."""
+        flat = self._flat_index(array)
+        if flat is not None:  # one gather
+            return array.reshape(-1)[flat].reshape(self.count, *array.shape[1:-2], *self.shape)
+        moved = xp.moveaxis(array, (-2, -1), (1, 2))[self._index()]  # (B, height, width, ...)
+        return xp.ascontiguousarray(xp.moveaxis(moved, (1, 2), (-2, -1)))
+
+    def scatter(self, xp: ModuleType, images: Any, windows: Any) -> None:
+        """`paste` by device indexing, any `xp`: a pixel repeated in the windows takes one of its values."""
+        flat = self._flat_index(images)
+        if flat is not None:  # one scatter
+            images.reshape(-1)[flat] = windows.reshape(flat.shape)
+            return
+        images.transpose(0, 2, 3, 1)[self._index()] = windows.transpose(0, 2, 3, 1)
 
     def region(self, xp: ModuleType, mask: Any) -> Any:
         """The windows' part of the (N, H, W) region mask as bool, off the image and window edges.
@@ -640,11 +678,7 @@ class _Bucket:
     def paste(self, xp: ModuleType, images: Any, windows: Any) -> None:
         """Write (B, C, height, width) windows back into (N, C, H, W) `images` in place."""
         if xp is not np:
-            flat = self._flat_index(images)
-            if flat is not None:  # one scatter
-                images.reshape(-1)[flat] = windows.reshape(flat.shape)
-                return
-            images.transpose(0, 2, 3, 1)[self._index()] = windows.transpose(0, 2, 3, 1)
+            self.scatter(xp, images, windows)
             return
         for k, image, rows, cols in self._slices():
             target = images[image, :, rows, cols]

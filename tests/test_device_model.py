@@ -183,4 +183,4 @@ def test_cg_launches_grow_with_steps_and_buckets(monkeypatch: pytest.MonkeyPatch
     with counting() as counts:
         poisson_blend(*arrays, boxes=boxes, tol=0.5, **options)  # converged at once: the GPU runs on
     library = counts.operations["cufft"] + counts.operations["cublas"]
-    assert library >= (4 if transforms == "fft" else 7) * 2 * poisson.default_max_iter(0.5)
+    assert library >= (4 if transforms == "fft" else 7) * 2 * poisson.gpu_max_iter(0.5)

@@ -22,6 +22,7 @@ from dli.kernels.poisson import (
     bucket_shapes,
     default_max_iter,
     fast_side,
+    gpu_max_iter,
     guidance_field,
     poisson_blend,
 )
@@ -527,3 +528,29 @@ def test_the_iteration_budget_suffices_for_every_magnetic_tile_mask(mt_root: Pat
         assert info.converged.all(), info.summary()
         # With room to spare: the budget is no tight fit to today's masks.
         assert info.iterations.max() <= 0.8 * info.max_iter, info.summary()
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_the_gpu_budget_suffices_for_every_magnetic_tile_mask_on_the_gpus_windows(
+    mt_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU runs `gpu_max_iter` steps on windows merged by its own cost model: solved here on
+    the CPU with the GPU's bucketing, in training's batches of 64, with mixed gradients as
+    training blends, at training's tolerance and at 1e-5 (the two points of the budget's line)."""
+    from dli.kernels import poisson
+
+    monkeypatch.setitem(poisson.BUCKET_OVERHEAD_PIXELS, "cpu", poisson.BUCKET_OVERHEAD_PIXELS["cuda"])
+    target, source, mask = real_tile_batch(mt_root, 256)
+    assert len(mask) == 392
+    for tol in (DliConfig().poisson_tol, 1e-5):
+        budget, most = gpu_max_iter(tol), 0
+        for batch in range(0, len(mask), 64):
+            part = slice(batch, batch + 64)
+            _, info = poisson_blend(
+                target[part], source[part], mask[part], mixed_gradients=True, tol=tol, max_iter=budget
+            )
+            assert info.converged.all(), info.summary()
+            assert info.buckets <= 2, info.summary()  # the GPU's merged windows, not per-image ones
+            most = max(most, int(info.iterations.max()))
+        assert most <= 0.8 * budget, (tol, most, budget)  # room to spare, as for the CPU's budget
