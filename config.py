@@ -149,6 +149,7 @@ class TrainConfig:
     split: str = "stratified"
     val_fraction: float = 0.2
     split_free: bool = False
+    group_by: str | None = None
     data_fraction: float = 1.0
     method: str = "dli"
     poisson_prob: float = 0.5
@@ -211,6 +212,13 @@ class TrainConfig:
                 f"--split {self.split}: not one of {', '.join(SPLITS)} and not a folder "
                 "(a folder must hold train_data.csv and val_data.csv)"
             )
+        if self.group_by is not None:
+            if self.split != "stratified":
+                raise DliError(f"--group-by applies to --split stratified, not --split {self.split}")
+            try:
+                re.compile(self.group_by)
+            except re.error as error:
+                raise DliError(f"--group-by {self.group_by!r}: not a regular expression ({error})") from None
         _in_range(self, "val_fraction", low=0.0, high=1.0, high_inclusive=False)
         _in_range(self, "data_fraction", low=0.0, high=1.0)
         _in_range(self, "poisson_prob", low=0.0, high=1.0, low_inclusive=True)

@@ -27,8 +27,9 @@ from dli.models.losses import (
     ClassPixelCounts,
     count_class_pixels,
 )
-from dli.pipeline.instances import DonorTable, Instance
+from dli.pipeline.instances import DonorTable, Instance, canvas_boxes
 from dli.pipeline.manifest import FREE, Manifest, Sample
+from dli.pipeline.splits import GroupCounts
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Datasets:
             `validate`), so injection can size its Poisson windows on the host.
         class_fractions: each validated sample's pixel fraction per class (from `validate`).
         instances: each validated sample's defect instances (from `validate`): DLI's donors.
+        groups: the groups on each side of a ``--group-by`` split (None without one).
     """
 
     train: Manifest
@@ -52,6 +54,7 @@ class Datasets:
     mask_boxes: Mapping[Sample, tuple[float, ...]] = field(default_factory=dict)
     class_fractions: Mapping[Sample, tuple[float, ...]] = field(default_factory=dict)
     instances: Mapping[Sample, tuple[Instance, ...]] = field(default_factory=dict)
+    groups: GroupCounts | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -75,17 +78,9 @@ class Datasets:
         return DonorTable.from_instances(self.train, self.instances)
 
     def canvas_boxes(self) -> list[np.ndarray]:
-        """Each training sample's defect boxes (m, 4) as fractions: its instances' boxes (a NaN row
-        where not measured), so injection can stay clear of them (`DliConfig.canvas`)."""
-        out = []
-        for s in self.train.samples:
-            if s.is_free:
-                out.append(np.zeros((0, 4)))
-            elif self.instances.get(s):
-                out.append(np.array([i.box for i in self.instances[s]], dtype=np.float64))
-            else:
-                out.append(np.full((1, 4), np.nan))
-        return out
+        """Each training sample's defect boxes (m, 4) as fractions (`instances.canvas_boxes`), so
+        injection can stay clear of them (`DliConfig.canvas`)."""
+        return canvas_boxes(self.train, self.instances)
 
     def free_training_images(self) -> int:
         return sum(1 for s in self.train.samples if s.is_free)
@@ -99,15 +94,17 @@ def load_datasets(
     seed: int = 0,
     split_free: bool = False,
     data_fraction: float = 1.0,
+    group_by: str | None = None,
 ) -> Datasets:
     """Read, validate and split a dataset as `dli train` does (bad files: one `DliError` listing them).
 
     `split` is ``stratified`` (seeded, per class), ``reference`` (the published split CSVs under
     the dataset root) or a folder holding `SPLIT_CSV_NAMES`. `data_fraction` < 1 then keeps that
-    share of every training class.
+    share of every training class. `group_by` (with ``stratified``) keeps groups of images on one
+    side (`dli.pipeline.splits.group_split`).
     """
     from dli.pipeline.manifest import read_dataset
-    from dli.pipeline.splits import apply_fraction, reference_split, stratified_split
+    from dli.pipeline.splits import apply_fraction, group_split, reference_split, stratified_split
     from dli.pipeline.validation import validate
 
     if data is None:
@@ -116,10 +113,18 @@ def load_datasets(
         data_path = default_dataset()
     else:
         data_path = Path(data).absolute()
+    groups = None
     if split == "stratified":
         manifest = read_dataset(data_path)
         report = validate(manifest)
-        train, val = stratified_split(manifest, val_fraction=val_fraction, seed=seed, split_free=split_free)
+        if group_by is not None:
+            train, val, groups = group_split(
+                manifest, group_by, val_fraction=val_fraction, seed=seed, split_free=split_free
+            )
+        else:
+            train, val = stratified_split(
+                manifest, val_fraction=val_fraction, seed=seed, split_free=split_free
+            )
     else:
         if split == "reference":
             train, val = reference_split(data_path)
@@ -141,7 +146,7 @@ def load_datasets(
         raise DliError(
             f"split {split} of {data_path} leaves {len(train)} training and {len(val)} validation images"
         )
-    return Datasets(train, val, data_path, fractions, boxes, per_class, instances)
+    return Datasets(train, val, data_path, fractions, boxes, per_class, instances, groups)
 
 
 def datasets_of(config: TrainConfig) -> Datasets:
@@ -153,6 +158,7 @@ def datasets_of(config: TrainConfig) -> Datasets:
         seed=config.seed,
         split_free=config.split_free,
         data_fraction=config.data_fraction,
+        group_by=config.group_by,
     )
 
 

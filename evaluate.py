@@ -192,6 +192,7 @@ def evaluate_checkpoint(
             val_fraction=trained.val_fraction if val_fraction is None else val_fraction,
             seed=trained.seed if seed is None else seed,
             split_free=trained.split_free if split_free is None else split_free,
+            group_by=trained.group_by,
         ).val
     model, info = model_from_checkpoint(document, device=torch_device)
     if manifest.class_names != info.class_names:

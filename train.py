@@ -93,6 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also split defect-free images (otherwise all train, as in the reference split)",
     )
     data.add_argument(
+        "--group-by",
+        default=d.group_by,
+        metavar="REGEX",
+        help="keep images whose paths (relative to the dataset) share this regular expression's first "
+        "captured group (a part number, a camera, a date) on one side of the stratified split, e.g. "
+        "'part(\\d+)_'; the groups per side are reported",
+    )
+    data.add_argument(
         "--data-fraction",
         type=float,
         default=d.data_fraction,

@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -412,6 +412,7 @@ class Trainer:
             "class_names": list(self.class_names),
             "train_counts": self.datasets.train.counts_by_name(),
             "val_counts": self.datasets.val.counts_by_name(),
+            **({"groups": asdict(self.datasets.groups)} if self.datasets.groups is not None else {}),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "device": _device_description(self.device),
@@ -500,6 +501,10 @@ class Trainer:
                 f"{_device_description(self.device)} -> {self.folder.root}",
                 file=sys.stderr,
             )
+            if self.datasets.groups is not None:
+                print(
+                    f"dli train: --group-by {config.group_by}: {self.datasets.groups.line()}", file=sys.stderr
+                )
         try:
             while progress.epoch < config.epochs and progress.step < self.total_steps:
                 if self._out_of_patience():

@@ -185,6 +185,21 @@ class DonorTable:
         )
 
 
+def canvas_boxes(manifest: Manifest, instances: Mapping[Sample, Sequence[Instance]]) -> list[np.ndarray]:
+    """Each sample's defect boxes (m, 4) as fractions: its instances' boxes; none for a
+    defect-free sample, one NaN row for a defect sample whose instances were not measured."""
+    out = []
+    for sample in manifest.samples:
+        found = instances.get(sample, ())
+        if sample.is_free:
+            out.append(np.zeros((0, 4)))
+        elif found:
+            out.append(np.array([i.box for i in found], dtype=np.float64))
+        else:
+            out.append(np.full((1, 4), np.nan))
+    return out
+
+
 def instance_summary(instances: Sequence[Sequence[Instance]], num_classes: int) -> dict[str, list[int]]:
     """Per class: the number of instances and their pixel areas (for reports)."""
     areas: list[list[int]] = [[] for _ in range(num_classes)]

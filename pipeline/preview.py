@@ -21,7 +21,8 @@ import torch
 from dli.atomic import atomic_write_bytes
 from dli.errors import DliError
 from dli.pipeline.batch import Batch
-from dli.pipeline.planner import FILL_POLICIES, METHOD_CODES, DliConfig, Plan
+from dli.pipeline.instances import DonorTable, canvas_boxes
+from dli.pipeline.planner import CANVASES, FILL_POLICIES, METHOD_CODES, DliConfig, Plan
 
 CLASS_COLOURS: tuple[str, ...] = (
     "#ff3b30",  # red
@@ -237,6 +238,7 @@ def preview(
     seed: int = 0,
     poisson_prob: float = 0.5,
     fill: str = "all-free",
+    canvas: str = "auto",
     epoch: int = 0,
     crop: int | None = None,
     scale: float = 1.0,
@@ -244,7 +246,8 @@ def preview(
 ) -> list[Plan]:
     """Write the preview PNG of the first `batches` training batches of `data`; returns their plans.
 
-    The whole dataset is the training set here (its defect images are the injection pool).
+    The whole dataset is the training set here (its defect instances are the donors; `canvas`
+    as `dli train --canvas`).
     `data` None means the bundled synthetic dataset. `crop` shows training crops of that side
     (`scale` and `crop_defect_prob` as `dli train`'s) instead of resized whole images.
     """
@@ -267,14 +270,17 @@ def preview(
         from dli.pipeline.crops import CropConfig
 
         crops = CropConfig(crop, scale, crop_defect_prob)
+    instances = dict(zip(manifest.samples, report.instances, strict=True))
     loader = build_loader(
         manifest,
         crop=crops,
         source_boxes=report.mask_boxes if crops is not None else None,
+        donors=DonorTable.from_instances(manifest, instances),
+        canvas_boxes=canvas_boxes(manifest, instances),
         batch_size=batch_size,
         image_size=image_size,
         train=True,
-        dli=DliConfig(poisson_prob=poisson_prob, fill=fill),  # type: ignore[arg-type]
+        dli=DliConfig(poisson_prob=poisson_prob, fill=fill, canvas=canvas),  # type: ignore[arg-type]
         seed=seed,
         num_threads=2,
         prefetch=1,
@@ -288,7 +294,7 @@ def preview(
     loader.close()
     subtitle = (
         f"{Path(str(data)).name}  \u00b7  seed {seed}, epoch {epoch}  \u00b7  poisson_prob {poisson_prob:g}, "
-        f"fill {fill}  \u00b7  "
+        f"fill {fill}, canvas {canvas}  \u00b7  "
         + (f"{image_size}\u00b2" if crop is None else f"{crop}\u00b2 crops at scale {scale:g}")
         + ", flips on"
     )
@@ -309,7 +315,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poisson-prob", type=float, default=0.5, help="probability of Poisson blending (else cut-paste)"
     )
-    parser.add_argument("--fill", choices=FILL_POLICIES, default="all-free", help="which free slots to fill")
+    parser.add_argument(
+        "--fill", choices=FILL_POLICIES, default="all-free", help="which canvas slots to fill"
+    )
+    parser.add_argument(
+        "--canvas",
+        choices=CANVASES,
+        default="auto",
+        help="images injected into: free, any (into defect-free areas), auto (free when the batch has some)",
+    )
     parser.add_argument(
         "--crop", type=int, default=None, metavar="S", help="show S x S native-resolution training crops"
     )
@@ -332,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         poisson_prob=args.poisson_prob,
         fill=args.fill,
+        canvas=args.canvas,
         epoch=args.epoch,
         crop=args.crop,
         scale=args.scale,

@@ -282,3 +282,13 @@ def test_eval_ground_truth_per_class_equals_the_index_masks(tmp_path: Path) -> N
     for c, name in enumerate(CLASSES):
         expected = sum(int(np.count_nonzero(m == c + 1)) for m in masks)
         assert int(rows[name]["tp"]) + int(rows[name]["fn"]) == expected
+
+
+def test_preview_shows_injections_into_data_without_free_images(tmp_path: Path, capsys) -> None:
+    root = write_index_dataset(tmp_path / "data", images=8, free=0, seed=5)
+    out = tmp_path / "preview.png"
+    argv = ["preview", "--data", str(root), "--out", str(out), "--batches", "1", "--batch-size", "4"]
+    assert main([*argv, "--image-size", "32"]) == 0
+    printed = capsys.readouterr().out
+    injected = int(printed.split(",")[-1].split()[0])
+    assert injected > 0 and out.is_file()

@@ -154,3 +154,60 @@ def test_stratified_split_of_real_data_matches_reference_counts(mt_root: Path):
     train, val = stratified_split(read_dataset(mt_root), seed=42)
     reference_train, reference_val = reference_split(mt_root)
     assert val.counts() == reference_val.counts() and train.counts() == reference_train.counts()
+
+
+# ---------------------------------------------------------------------------------------------
+# Class sets and groups.
+
+
+def group_manifest(root: Path = Path("/data/parts")) -> Manifest:
+    """30 parts of 1-4 frames each; a part's frames share its classes (one or two, or none)."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    samples = []
+    for part in range(30):
+        classes = [(), (0,), (1,), (0, 2)][part % 4]
+        for frame in range(int(rng.integers(1, 5))):
+            stem = f"part{part:02d}_frame{frame}"
+            image = root / "images" / f"{stem}.png"
+            samples.append(
+                Sample(image, root / "masks" / f"{stem}.png", classes[0] if classes else FREE, classes)
+            )
+    samples.append(Sample(root / "images" / "stray.png", root / "masks" / "stray.png", 1))
+    return Manifest(tuple(samples), ("a", "b", "c"), root)
+
+
+def test_images_of_several_classes_form_their_own_stratum() -> None:
+    manifest = group_manifest()
+    _, val = stratified_split(manifest, val_fraction=0.25, seed=0)
+    for classes in [(0,), (1,), (0, 2)]:
+        total = sum(s.classes == classes for s in manifest.samples)
+        assert sum(s.classes == classes for s in val.samples) == validation_count(total, 0.25)
+    assert not any(s.is_free for s in val.samples)
+
+
+def test_group_split_keeps_each_part_on_one_side_and_counts_the_groups() -> None:
+    from dli.pipeline.splits import group_split
+
+    manifest = group_manifest()
+    train, val, groups = group_split(manifest, r"part(\d+)_", val_fraction=0.25, seed=3)
+    part = {s.image.name.split("_")[0] for s in train.samples}
+    assert part.isdisjoint({s.image.name.split("_")[0] for s in val.samples})
+    assert len(train) + len(val) == len(manifest)
+    assert groups.unmatched == 1 and groups.train + groups.val == 31
+    assert groups.val == len({s.image.name.split("_")[0] for s in val.samples}) > 0
+    for classes in [(0,), (1,), (0, 2)]:  # every class set reaches validation
+        assert any(s.classes == classes for s in val.samples)
+    assert not any(s.is_free for s in val.samples)  # free-only groups stay in training
+    again = group_split(manifest, r"part(\d+)_", val_fraction=0.25, seed=3)
+    assert again[1].samples == val.samples
+    assert "groups: " in groups.line() and "1 image(s) matched no group" in groups.line()
+
+
+def test_group_by_is_checked_before_reading(tmp_path: Path) -> None:
+    from dli.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--group-by", "part(\\d+", "--device", "cpu"]) == 2
+    argv = ["train", "--data", str(tmp_path), "--group-by", "p(\\d)", "--split", "reference"]
+    assert main([*argv, "--device", "cpu"]) == 2
