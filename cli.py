@@ -21,7 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("dli.predict", "write predicted masks and overlays for a folder of images"),
     "export": ("dli.export", "export a checkpoint to ONNX (metadata embedded, checked against torch)"),
     "preview": ("dli.pipeline.preview", "PNG grid of training batches before and after injection"),
-    "synth": ("dli.pipeline.synth", "generate a synthetic MT-like dataset"),
+    "synth": (
+        "dli.pipeline.synth",
+        "generate a synthetic dataset (MT-like; colour, index masks, COCO, labelme)",
+    ),
+    "data": ("dli.data_report", "what training would see of a dataset: classes, instances, sizes, problems"),
     "experiment": ("dli.experiment", "run a grid of trainings and aggregate the paper's tables"),
     "bench": ("dli.bench.throughput", "measure data-path, kernel and training throughput"),
 }

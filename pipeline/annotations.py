@@ -7,7 +7,8 @@ a set into the index-mask layout that every other part of dli reads:
 
     <cache>/annotations/<name>-<key>/
         classes.txt        the class names, one a line (index value k = k-th name, 1-based)
-        masks/<rel>.png    one 8-bit index PNG per image: 0 = background, k = class k
+        masks/<rel>.png    an 8-bit index PNG per annotated image: 0 = background, k = class k
+                           (none for a defect-free image: its mask is all zeros)
         images.csv         image,mask,values: each image (absolute path), its mask and the
                            values its mask holds (``1 3``); written last
 
@@ -148,6 +149,11 @@ class AnnotationSet:
 # Reading image headers (the readers check declared sizes against them).
 
 
+def normal_path(path: Path) -> Path:
+    """`path` absolute with ``..`` and ``.`` folded, symbolic links kept (as the other readers)."""
+    return Path(os.path.normpath(path.absolute()))
+
+
 def image_size(path: Path) -> tuple[int, int] | str:
     """(H, W) from the image's header, or the reason it cannot be read."""
     try:
@@ -236,14 +242,15 @@ class IndexMasks:
     Attributes:
         folder: the cache folder (layout in the module docstring).
         class_names: as in the set.
-        pairs: (original image, its index mask) per image, in the set's order.
+        pairs: (original image, its index mask or None when defect-free) per image, in the
+            set's order.
         classes: the class ids (0-based) each mask holds, ascending; empty for defect-free.
         reused: whether the folder existed already (nothing was rasterized).
     """
 
     folder: Path
     class_names: tuple[str, ...]
-    pairs: tuple[tuple[Path, Path], ...]
+    pairs: tuple[tuple[Path, Path | None], ...]
     classes: tuple[tuple[int, ...], ...]
     reused: bool
 
@@ -254,16 +261,19 @@ def _mask_names(aset: AnnotationSet) -> list[str]:
 
 
 def _write_masks(aset: AnnotationSet, folder: Path, workers: int) -> list[tuple[int, ...]]:
-    """Rasterize every image into `folder`; the class ids each mask holds, in image order.
+    """Rasterize every annotated image into `folder`; the class ids each mask holds, in image order.
 
-    Raises one error listing every empty shape (nothing is kept then).
+    Defect-free images get no mask file (a sample without a mask reads as all zeros). Raises one
+    error listing every empty shape (nothing is kept then).
     """
     names = _mask_names(aset)
-    for name in {Path(n).parent for n in names}:
+    for name in {Path(n).parent for item, n in zip(aset.images, names, strict=True) if item.shapes}:
         (folder / MASKS_FOLDER / name).mkdir(parents=True, exist_ok=True)
 
     def one(job: tuple[AnnotatedImage, str]) -> tuple[tuple[int, ...], list[Problem]]:
         item, name = job
+        if not item.shapes:
+            return (), []
         mask, problems = index_mask(item)
         if problems:
             return (), problems
@@ -303,7 +313,10 @@ def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMask
         )
     folder = cache_folder(aset)
     names = _mask_names(aset)
-    pairs = tuple((item.image, folder / MASKS_FOLDER / n) for item, n in zip(aset.images, names, strict=True))
+    pairs = tuple(
+        (item.image, folder / MASKS_FOLDER / n if item.shapes else None)
+        for item, n in zip(aset.images, names, strict=True)
+    )
     if (folder / PAIRS_FILE).is_file():  # written last: the folder is complete
         classes = _read_classes(folder)
         if len(classes) == len(pairs):
@@ -321,7 +334,8 @@ def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMask
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(("image", "mask", "values"))
         for (image, _), name, found in zip(pairs, names, classes, strict=True):
-            writer.writerow((image.as_posix(), f"{MASKS_FOLDER}/{name}", " ".join(str(c + 1) for c in found)))
+            mask = f"{MASKS_FOLDER}/{name}" if found else ""
+            writer.writerow((image.as_posix(), mask, " ".join(str(c + 1) for c in found)))
         (tmp / PAIRS_FILE).write_text(buffer.getvalue(), encoding="utf-8")
         if folder.exists():  # an incomplete folder left by hand: replace it
             shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from dli.pipeline.annotations import (
     AnnotatedImage,
     AnnotationSet,
     image_sizes,
+    normal_path,
     outside_image,
 )
 from dli.pipeline.manifest import (
@@ -118,19 +118,24 @@ def _categories(
 
 def _locate(base: Path, file_name: str) -> Path:
     """The first existing of `file_name` under `IMAGE_FOLDERS` of `base`, else its plain path."""
-    candidates = [(base / folder / file_name).resolve() for folder in IMAGE_FOLDERS]
-    return next((c for c in candidates if c.is_file()), candidates[0])
+    first = normal_path(base / file_name)
+    if first.is_file():
+        return first
+    others = (normal_path(base / folder / file_name) for folder in IMAGE_FOLDERS[1:])
+    return next((c for c in others if c.is_file()), first)
 
 
 def _polygon_problem(polygon: object, height: int, width: int) -> tuple[str, str] | None:
     """(kind, detail) of what is wrong with one polygon, or None."""
-    if not isinstance(polygon, list) or not all(
-        isinstance(v, Real) and not isinstance(v, bool) for v in polygon
-    ):
-        return "bad polygon", "a polygon must be a list of numbers"
-    if len(polygon) % 2 or len(polygon) < 6:
-        return "bad polygon", f"{len(polygon)} coordinates; a polygon needs an even count, at least 6"
-    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    try:  # one C pass: strings, nested lists and None fail here
+        flat = np.asarray(polygon, dtype=np.float64) if isinstance(polygon, list) else None
+    except (TypeError, ValueError):
+        flat = None
+    if flat is None or flat.ndim != 1 or any(isinstance(v, bool) for v in polygon[:2]):
+        return "bad polygon", "a polygon must be a flat list of numbers"
+    if flat.size % 2 or flat.size < 6:
+        return "bad polygon", f"{flat.size} coordinates; a polygon needs an even count, at least 6"
+    xy = flat.reshape(-1, 2)
     if not np.isfinite(xy).all():
         return "bad polygon", "a coordinate is not finite"
     if outside_image(xy[:, 0], xy[:, 1], height, width):
@@ -173,7 +178,7 @@ def _segmentation_problem(seg: object, height: int, width: int) -> tuple[str, st
 
 def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> AnnotationSet:
     """Read and check a COCO JSON file (rules in the module docstring); nothing is rasterized yet."""
-    path = Path(path).absolute()
+    path = normal_path(Path(path))
     data = _load(path)
     order, class_of = _categories(path, data, class_names)
     base = path.parent
@@ -182,12 +187,15 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
 
     entries: dict[int, tuple[Path, int, int]] = {}
     seen_files: dict[Path, int] = {}
+    refused: set[object] = set()  # ids of entries already reported: their annotations are not
     for number, image in enumerate(data["images"]):
         ok = isinstance(image, dict) and _is_int(image.get("id")) and isinstance(image.get("file_name"), str)
         ok = ok and _is_int(image.get("width")) and _is_int(image.get("height"))
         if not ok:
             detail = f"image entry {number} in {where_file} needs integer id, width, height and a file_name"
             problems.append(Problem(path, "bad image entry", detail))
+            if isinstance(image, dict):
+                refused.add(image.get("id"))
             continue
         image_path = _locate(base, image["file_name"])
         if image["id"] in entries:
@@ -195,6 +203,7 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
         elif image_path in seen_files:
             detail = f"ids {seen_files[image_path]} and {image['id']} in {where_file}"
             problems.append(Problem(image_path, "image listed twice", detail))
+            refused.add(image["id"])
         else:
             seen_files[image_path] = image["id"]
             entries[image["id"]] = (image_path, image["height"], image["width"])
@@ -216,6 +225,8 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
             continue
         where = f"annotation id {ann.get('id', f'#{number}')} in {where_file}"
         image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        if image_id in refused and image_id not in entries:
+            continue
         if image_id not in entries:
             problems.append(
                 Problem(path, "annotation of an unknown image id", f"{where}: image_id {image_id!r}")

@@ -52,6 +52,7 @@ from dli.pipeline.annotations import (
     AnnotationSet,
     image_sizes,
     json_files,
+    normal_path,
     outside_image,
 )
 from dli.pipeline.imageio import IMAGE_EXTENSIONS, is_image_file
@@ -127,16 +128,16 @@ class _Labelled:
 def _image_of(json_path: Path, image_path: object) -> Path:
     """The image a labelme file annotates: its ``imagePath``, else a same-stem image beside it."""
     if isinstance(image_path, str) and image_path:
-        candidate = (json_path.parent / image_path.replace("\\", "/")).resolve()
+        candidate = normal_path(json_path.parent / image_path.replace("\\", "/"))
         if candidate.is_file():
             return candidate
     for suffix in IMAGE_EXTENSIONS + tuple(s.upper() for s in IMAGE_EXTENSIONS):
         candidate = json_path.with_suffix(suffix)
         if candidate.is_file():
-            return candidate.resolve()
+            return normal_path(candidate)
     if isinstance(image_path, str) and image_path:
-        return (json_path.parent / image_path.replace("\\", "/")).resolve()
-    return json_path.with_suffix(".jpg").resolve()
+        return normal_path(json_path.parent / image_path.replace("\\", "/"))
+    return normal_path(json_path.with_suffix(".jpg"))
 
 
 def _parse(json_path: Path) -> _Labelled | Problem:
@@ -203,7 +204,7 @@ def _free_list(root: Path) -> tuple[set[Path], list[Problem]]:
         name = line.split("#", 1)[0].strip()
         if not name:
             continue
-        image = (root / name).resolve()
+        image = normal_path(root / name)
         if not image.is_file():
             problems.append(Problem(image, "missing image", f"line {number} of {FREE_LIST}"))
         listed.add(image)
@@ -225,12 +226,12 @@ def _all_images(root: Path) -> list[Path]:
         found += [
             Path(dirpath) / n for n in sorted(filenames) if not n.startswith(".") and is_image_file(Path(n))
         ]
-    return [p.resolve() for p in found]
+    return [normal_path(p) for p in found]
 
 
 def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None) -> AnnotationSet:
     """Read and check a folder of labelme files and images (rules in the module docstring)."""
-    root = Path(folder).resolve()
+    root = normal_path(Path(folder))
     if not root.is_dir():
         raise DliError(f"dataset not found: {root}")
     problems: list[Problem] = []

@@ -119,8 +119,9 @@ def test_masks_equal_pycocotools_pixel_for_pixel(tmp_path: Path) -> None:
         kinds.add("polygon" if isinstance(seg, list) else type(seg["counts"]).__name__)
     assert kinds == {"polygon", "list", "str"}  # all three encodings are exercised
     for image, mask_path in result.pairs:
-        got = np.asarray(Image.open(mask_path))
         expected = _reference_index(coco, by_name[image.name], class_of)
+        got = np.zeros_like(expected) if mask_path is None else np.asarray(Image.open(mask_path))
+        assert (mask_path is None) == (not expected.any())  # defect-free images get no mask file
         np.testing.assert_array_equal(got, expected, err_msg=image.name)
     free = [item for item in aset.images if item.defect_free]
     assert [item.image.name for item in free] == ["im11.png"]
@@ -273,3 +274,12 @@ def test_a_moved_dataset_reuses_its_masks_with_its_new_paths(tmp_path: Path) -> 
     assert moved.reused and moved.folder == first.folder
     assert all(image.is_file() and str(image).startswith(str(tmp_path / "there")) for image, _ in moved.pairs)
     assert [m for _, m in moved.pairs] == [m for _, m in first.pairs]
+
+
+def test_two_links_to_one_file_are_two_images(tmp_path: Path) -> None:
+    path = write_coco(tmp_path, [("a.png", 16, 16)], [], CATEGORIES)
+    (tmp_path / "images" / "b.png").symlink_to(tmp_path / "images" / "a.png")
+    data = json.loads(path.read_text())
+    data["images"].append({"id": 2, "file_name": "images/b.png", "height": 16, "width": 16})
+    path.write_text(json.dumps(data))
+    assert [item.image.name for item in read_coco(path).images] == ["a.png", "b.png"]

@@ -1,0 +1,160 @@
+"""`dli data DATA`: what training would see of a dataset, and every problem in it.
+
+Reads DATA by the rules of ``dli train --data`` (any supported format: folder per class, CSV,
+index masks, COCO JSON, labelme), validates every image and mask as training does, and prints:
+images per class (an image holding two classes counts for both), instances per class (the
+8-connected components of each class, the donors of injection) with their pixel areas, the
+images holding several classes and their class sets, the defect-free images, the image sizes
+and channels, then every problem found, errors and warnings alike. Exit status 0 when there is
+no problem, 2 when there is any (so a script or CI can gate on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dli.errors import DliError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA",
+        help="a dataset as `dli train --data` takes it: a folder (MT_<Class>/Imgs/, <Class>/Imgs/, "
+        "images/ + masks/ + classes.txt, or labelme images with their .json), a .csv, or a COCO .json",
+    )
+
+
+@dataclass
+class ClassFigures:
+    """One class's numbers: images holding it, its instances and their pixel areas."""
+
+    images: int = 0
+    areas: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DatasetSummary:
+    """What `summarize` measured of a validated dataset."""
+
+    source: Path
+    images: int
+    free: int
+    classes: dict[str, ClassFigures]
+    class_sets: Counter[str]
+    sizes: list[tuple[int, int]]
+    gray: int
+    colour: int
+    unmeasured: int
+    problems: list[str]
+
+
+def summarize(manifest, report) -> DatasetSummary:  # type: ignore[no-untyped-def]
+    """The figures of `manifest` as validated in `report` (`dli.pipeline.validation.validate`)."""
+    classes = {name: ClassFigures() for name in manifest.class_names}
+    sets: Counter[str] = Counter()
+    for sample in manifest.samples:
+        for c in sample.classes:
+            classes[manifest.class_names[c]].images += 1
+        if len(sample.classes) > 1:
+            sets[manifest.class_set_name(sample)] += 1
+    for per_sample in report.instances:
+        for instance in per_sample:
+            classes[manifest.class_names[instance.class_id]].areas.append(instance.area)
+    gray_flags = getattr(report, "image_gray", ()) or ()
+    readable = [size is not None for size in report.image_sizes]
+    gray = sum(1 for ok, g in zip(readable, gray_flags, strict=False) if ok and g)
+    colour = sum(1 for ok, g in zip(readable, gray_flags, strict=False) if ok and not g)
+    problems = [f"error: {p.line().strip()}" for p in report.errors]
+    problems += [f"warning: {p.line().strip()}" for p in report.warnings]
+    return DatasetSummary(
+        source=manifest.root,
+        images=len(manifest),
+        free=sum(1 for s in manifest.samples if not s.classes),
+        classes=classes,
+        class_sets=sets,
+        sizes=[size for size in report.image_sizes if size is not None],
+        gray=gray,
+        colour=colour,
+        unmeasured=sum(readable) - gray - colour,
+        problems=problems,
+    )
+
+
+def _range(values: list[int]) -> str:
+    if not values:
+        return "-"
+    array = np.asarray(values)
+    return f"{array.min()}..{array.max()} (median {int(np.median(array))})"
+
+
+def format_summary(summary: DatasetSummary) -> str:
+    """The report `dli data` prints."""
+    several = sum(summary.class_sets.values())
+    defect = summary.images - summary.free
+    lines = [
+        f"images: {summary.images}: {defect} with defects ({several} with several classes), "
+        f"{summary.free} defect-free",
+    ]
+    if summary.sizes:
+        heights, widths = [h for h, _ in summary.sizes], [w for _, w in summary.sizes]
+        lines.append(
+            f"sizes: height {_range(heights)}, width {_range(widths)}; {len(set(summary.sizes))} distinct"
+        )
+    channels = f"channels: {summary.gray} gray, {summary.colour} colour"
+    if summary.unmeasured:
+        channels += f", {summary.unmeasured} not measured"
+    lines.append(channels)
+    width = max([len(n) for n in summary.classes] + [5])
+    lines += [
+        "",
+        f"{'class':<{width}}  {'images':>6}  {'instances':>9}  {'area px min':>11}  {'median':>7}  "
+        f"{'max':>7}  {'total px':>9}",
+    ]
+    for name, figures in summary.classes.items():
+        areas = np.asarray(figures.areas or [0])
+        stats = (
+            f"{areas.min():>11}  {int(np.median(areas)):>7}  {areas.max():>7}  {areas.sum():>9}"
+            if figures.areas
+            else f"{'-':>11}  {'-':>7}  {'-':>7}  {0:>9}"
+        )
+        lines.append(f"{name:<{width}}  {figures.images:>6}  {len(figures.areas):>9}  {stats}")
+    lines.append(f"{'free':<{width}}  {summary.free:>6}")
+    if summary.class_sets:
+        lines += ["", "images with several classes:"]
+        lines += [f"  {name}: {count}" for name, count in summary.class_sets.most_common()]
+    empty = [name for name, figures in summary.classes.items() if figures.images == 0]
+    if empty:
+        lines += ["", f"classes without an image: {', '.join(empty)}"]
+    lines.append("")
+    if summary.problems:
+        lines.append(f"{len(summary.problems)} problem{'s' if len(summary.problems) > 1 else ''}:")
+        lines += [f"  {p}" for p in summary.problems]
+    else:
+        lines.append("no problem found")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dli.pipeline.manifest import DatasetWarning, read_dataset
+    from dli.pipeline.validation import validate
+
+    print(f"dataset: {args.data.absolute()}")
+    try:
+        manifest = read_dataset(args.data)
+    except DliError as error:  # the reader's list of every bad file: nothing to measure
+        print(f"problems (the dataset cannot be read):\n{error}")
+        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)  # listed below, with the errors
+        report = validate(manifest, raise_errors=False)
+    summary = summarize(manifest, report)
+    print(format_summary(summary))
+    return 2 if summary.problems else 0
