@@ -57,6 +57,19 @@ if TYPE_CHECKING:
 # Command line.
 
 
+DATA_FORMATS = (
+    "Dataset formats (--data): a folder MT_<Class>/Imgs/ or <Class>/Imgs/ (image + same-stem .png mask; "
+    "the defect-free folder named free, ok or good); a CSV image,mask,class; a folder images/ + masks/ + "
+    "classes.txt (index PNG masks: value k = k-th class of classes.txt, 0 = background; several classes "
+    "per image); a COCO JSON file "
+    "(--data annotations.json: polygons or RLE, category names as classes, images listed without "
+    "annotations defect-free); a folder of images with labelme JSON beside them (polygon, rectangle, "
+    "circle, ...; the label is the class; images without JSON in a free/ok/good folder or listed in "
+    "free.txt are defect-free). COCO and labelme shapes become index masks once, cached in "
+    "$DLI_CACHE/annotations (the smaller shape on top where shapes overlap)."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `dli train` flags (one per `TrainConfig` field)."""
     d = TrainConfig()
@@ -72,10 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data",
         default=d.data,
-        help="dataset: a folder of <Class>/Imgs/ folders (Magnetic Tile layout), a folder of images/ + "
-        "masks/ + classes.txt (index PNG masks: value k = k-th class of classes.txt, 0 = background; "
-        "several classes per image), or an image,mask,class CSV; unset: the bundled synthetic data",
+        help="a dataset (formats below; `dli data DATA` shows what training sees of it); unset: the "
+        "bundled synthetic data",
     )
+    parser.epilog = DATA_FORMATS
     data.add_argument(
         "--split",
         default=d.split,
