@@ -176,18 +176,16 @@ def _segmentation_problem(seg: object, height: int, width: int) -> tuple[str, st
     return "bad segmentation", f"expected polygons or an RLE, got {type(seg).__name__}"
 
 
-def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> AnnotationSet:
-    """Read and check a COCO JSON file (rules in the module docstring); nothing is rasterized yet."""
-    path = normal_path(Path(path))
-    data = _load(path)
-    order, class_of = _categories(path, data, class_names)
-    base = path.parent
-    where_file = path.name
-    problems: list[Problem] = []
+_Entries = dict[int, tuple[Path, int, int]]
+"""Image id -> (image path, declared height, declared width)."""
 
-    entries: dict[int, tuple[Path, int, int]] = {}
+
+def _image_entries(path: Path, data: dict[str, Any], problems: list[Problem]) -> tuple[_Entries, set[object]]:
+    """The usable image entries, and the ids of refused ones (their annotations go unreported)."""
+    where_file = path.name
+    entries: _Entries = {}
     seen_files: dict[Path, int] = {}
-    refused: set[object] = set()  # ids of entries already reported: their annotations are not
+    refused: set[object] = set()
     for number, image in enumerate(data["images"]):
         ok = isinstance(image, dict) and _is_int(image.get("id")) and isinstance(image.get("file_name"), str)
         ok = ok and _is_int(image.get("width")) and _is_int(image.get("height"))
@@ -197,7 +195,7 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
             if isinstance(image, dict):
                 refused.add(image.get("id"))
             continue
-        image_path = _locate(base, image["file_name"])
+        image_path = _locate(path.parent, image["file_name"])
         if image["id"] in entries:
             problems.append(Problem(path, "image id listed twice", f"id {image['id']} in {where_file}"))
         elif image_path in seen_files:
@@ -207,7 +205,6 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
         else:
             seen_files[image_path] = image["id"]
             entries[image["id"]] = (image_path, image["height"], image["width"])
-
     ids = list(entries)
     for image_id, actual in zip(ids, image_sizes([entries[i][0] for i in ids]), strict=True):
         image_path, height, width = entries[image_id]
@@ -216,21 +213,30 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
         elif actual != (height, width):
             detail = f"{actual[1]}x{actual[0]}, but {where_file} says {width}x{height}"
             problems.append(Problem(image_path, "image size differs", detail))
+    return entries, refused
 
+
+def _shapes(
+    path: Path,
+    data: dict[str, Any],
+    entries: _Entries,
+    refused: set[object],
+    class_of: dict[int, int],
+    problems: list[Problem],
+) -> dict[int, list[CocoShape]]:
+    """Each image's checked annotations, in file order."""
     shapes: dict[int, list[CocoShape]] = {i: [] for i in entries}
     known_ids = ", ".join(map(str, sorted(class_of)))
     for number, ann in enumerate(data.get("annotations", [])):
         if not isinstance(ann, dict):
-            problems.append(Problem(path, "bad annotation", f"annotation {number} in {where_file}"))
+            problems.append(Problem(path, "bad annotation", f"annotation {number} in {path.name}"))
             continue
-        where = f"annotation id {ann.get('id', f'#{number}')} in {where_file}"
+        where = f"annotation id {ann.get('id', f'#{number}')} in {path.name}"
         image_id, category_id = ann.get("image_id"), ann.get("category_id")
-        if image_id in refused and image_id not in entries:
-            continue
         if image_id not in entries:
-            problems.append(
-                Problem(path, "annotation of an unknown image id", f"{where}: image_id {image_id!r}")
-            )
+            if image_id not in refused:
+                detail = f"{where}: image_id {image_id!r}"
+                problems.append(Problem(path, "annotation of an unknown image id", detail))
             continue
         image_path, height, width = entries[image_id]
         if category_id not in class_of or not _is_int(category_id):
@@ -243,7 +249,17 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
             problems.append(Problem(image_path, problem[0], f"{where}: {problem[1]}"))
             continue
         shapes[image_id].append(CocoShape(class_of[category_id], where, seg))
+    return shapes
 
+
+def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> AnnotationSet:
+    """Read and check a COCO JSON file (rules in the module docstring); nothing is rasterized yet."""
+    path = normal_path(Path(path))
+    data = _load(path)
+    order, class_of = _categories(path, data, class_names)
+    problems: list[Problem] = []
+    entries, refused = _image_entries(path, data, problems)
+    shapes = _shapes(path, data, entries, refused, class_of, problems)
     if problems:
         raise problems_error(problems, path)
     if not entries:
@@ -252,4 +268,4 @@ def read_coco(path: str | Path, *, class_names: Sequence[str] | None = None) -> 
         AnnotatedImage(image_path, height, width, tuple(shapes[image_id]), path)
         for image_id, (image_path, height, width) in sorted(entries.items(), key=lambda kv: kv[1][0])
     )
-    return AnnotationSet(path, "coco", order, images, key_files=(path,), root=base)
+    return AnnotationSet(path, "coco", order, images, key_files=(path,), root=path.parent)
