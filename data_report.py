@@ -50,10 +50,32 @@ class DatasetSummary:
     classes: dict[str, ClassFigures]
     class_sets: Counter[str]
     sizes: list[tuple[int, int]]
-    gray: int
-    colour: int
-    unmeasured: int
+    modes: Counter[str]
     problems: list[str]
+
+
+GRAY_MODES = frozenset({"1", "L", "I", "I;16", "F"})
+"""PIL modes of single-channel images."""
+
+
+def _mode(path: Path) -> str | None:
+    from PIL import Image
+
+    from dli.pipeline.imageio import READ_ERRORS
+
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except READ_ERRORS:  # reported by validation
+        return None
+
+
+def _image_modes(paths: list[Path]) -> list[str | None]:
+    """Each image's PIL mode from its header (threads: header reads wait on the disk)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(_mode, paths))
 
 
 def summarize(manifest, report) -> DatasetSummary:  # type: ignore[no-untyped-def]
@@ -68,10 +90,7 @@ def summarize(manifest, report) -> DatasetSummary:  # type: ignore[no-untyped-de
     for per_sample in report.instances:
         for instance in per_sample:
             classes[manifest.class_names[instance.class_id]].areas.append(instance.area)
-    gray_flags = getattr(report, "image_gray", ()) or ()
-    readable = [size is not None for size in report.image_sizes]
-    gray = sum(1 for ok, g in zip(readable, gray_flags, strict=False) if ok and g)
-    colour = sum(1 for ok, g in zip(readable, gray_flags, strict=False) if ok and not g)
+    modes = Counter(m for m in _image_modes([s.image for s in manifest.samples]) if m is not None)
     problems = [f"error: {p.line().strip()}" for p in report.errors]
     problems += [f"warning: {p.line().strip()}" for p in report.warnings]
     return DatasetSummary(
@@ -81,9 +100,7 @@ def summarize(manifest, report) -> DatasetSummary:  # type: ignore[no-untyped-de
         classes=classes,
         class_sets=sets,
         sizes=[size for size in report.image_sizes if size is not None],
-        gray=gray,
-        colour=colour,
-        unmeasured=sum(readable) - gray - colour,
+        modes=modes,
         problems=problems,
     )
 
@@ -108,10 +125,9 @@ def format_summary(summary: DatasetSummary) -> str:
         lines.append(
             f"sizes: height {_range(heights)}, width {_range(widths)}; {len(set(summary.sizes))} distinct"
         )
-    channels = f"channels: {summary.gray} gray, {summary.colour} colour"
-    if summary.unmeasured:
-        channels += f", {summary.unmeasured} not measured"
-    lines.append(channels)
+    gray = sum(n for mode, n in summary.modes.items() if mode in GRAY_MODES)
+    shown = ", ".join(f"{mode} {n}" for mode, n in summary.modes.most_common())
+    lines.append(f"channels: {gray} gray, {sum(summary.modes.values()) - gray} colour (PIL modes: {shown})")
     width = max([len(n) for n in summary.classes] + [5])
     lines += [
         "",
@@ -143,6 +159,7 @@ def format_summary(summary: DatasetSummary) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dli.pipeline.annotations import cache_root
     from dli.pipeline.manifest import DatasetWarning, read_dataset
     from dli.pipeline.validation import validate
 
@@ -155,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DatasetWarning)  # listed below, with the errors
         report = validate(manifest, raise_errors=False)
+    cache = cache_root()
+    cached = next((s.mask for s in manifest.samples if s.mask and s.mask.is_relative_to(cache)), None)
+    if cached is not None:
+        print(f"index masks rasterized from the annotations: {cache / cached.relative_to(cache).parts[0]}")
     summary = summarize(manifest, report)
     print(format_summary(summary))
     return 2 if summary.problems else 0

@@ -48,7 +48,7 @@ from PIL import Image
 
 from dli.errors import DliError
 from dli.pipeline.imageio import READ_ERRORS
-from dli.pipeline.manifest import CLASSES_FILE, Problem, problems_error
+from dli.pipeline.manifest import CLASSES_FILE, Manifest, Problem, labelled_sample, problems_error
 
 RASTERIZER_VERSION = 1
 """Part of every cache key: bumped whenever the rasterization of a format changes."""
@@ -373,6 +373,18 @@ def json_files(folder: Path) -> Iterable[Path]:
         for name in sorted(filenames):
             if name.lower().endswith(".json") and not name.startswith("."):
                 yield Path(dirpath) / name
+
+
+def read_annotated(path: Path, class_names: Sequence[str] | None = None) -> Manifest:
+    """The `Manifest` of a COCO file or a labelme folder, its shapes rasterized into cached index
+    masks (`materialize`); a defect-free image's sample has no mask."""
+    aset = read_annotations(path, class_names)
+    masks = materialize(aset)
+    samples = tuple(
+        labelled_sample(image, mask, classes, 8 if mask is not None else 0)
+        for (image, mask), classes in zip(masks.pairs, masks.classes, strict=True)
+    )
+    return Manifest(samples, aset.class_names, aset.root)
 
 
 def read_annotations(path: Path, class_names: Sequence[str] | None = None) -> AnnotationSet:

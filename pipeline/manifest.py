@@ -10,6 +10,12 @@ Index masks (`dli.pipeline.index_masks`)
     ``<root>/images/`` + ``<root>/masks/`` (one index PNG per image, same stem) + ``classes.txt``:
     mask value k is the k-th listed class, 0 background; one image may hold several classes.
 
+COCO JSON (`dli.pipeline.coco`) and labelme JSON (`dli.pipeline.labelme`)
+    ``--data annotations.json`` (COCO: polygons or RLE, images relative to the file) or a folder
+    of images with a labelme ``.json`` beside each (and no ``<Class>/Imgs/`` folder). Their shapes
+    are rasterized once into index masks in a cache (`dli.pipeline.annotations`) and read as
+    index-mask samples; defect-free images carry no mask.
+
 Folder per class (the Magnetic Tile layout)
     ``<root>/<Folder>/Imgs/`` holds the images of one class. The class name is the folder
     name, lower-cased, without its prefix: ``MT_`` is always dropped, and any other ``<P>_``
@@ -297,25 +303,34 @@ def _unknown_class(name: str, origin: str | None) -> str:
 
 
 def read_dataset(path: str | os.PathLike[str], *, class_names: Sequence[str] | None = None) -> Manifest:
-    """Read a folder-per-class dataset or a CSV manifest (formats in the module docstring).
+    """Read a dataset in any supported format (formats in the module docstring).
 
     Raises `DliError` listing every unreadable row, unknown class or ambiguous file at once.
     File contents are not opened here: call `dli.pipeline.validation.validate` for that.
     """
     path = Path(path).absolute()
     if path.is_dir():
+        from dli.pipeline.annotations import has_labelme_files, read_annotated
         from dli.pipeline.index_masks import is_index_folder, read_index_folder
 
         if is_index_folder(path):
             return read_index_folder(path, class_names)
+        class_folders = any((d / IMAGES_FOLDER).is_dir() for d in path.iterdir())
+        if not class_folders and has_labelme_files(path):
+            return read_annotated(path, class_names)
         return _read_folders(path, class_names)
     if path.is_file() and path.suffix.lower() == ".csv":
         return _read_csv(path, class_names)
+    if path.is_file() and path.suffix.lower() == ".json":
+        from dli.pipeline.annotations import read_annotated
+
+        return read_annotated(path, class_names)
     if not path.exists():
         raise DliError(f"dataset not found: {path}")
     raise DliError(
         f"not a dataset: {path} (expected a folder of <Class>/{IMAGES_FOLDER}/ folders, a folder of "
-        "images/ + masks/ + classes.txt, or a .csv)"
+        "images/ + masks/ + classes.txt, a folder of images with labelme .json files, a COCO .json, "
+        "or a .csv)"
     )
 
 
