@@ -76,11 +76,17 @@ class ModelInfo:
         encoder: registry name (`dli.models.unet.ENCODERS`).
         class_names: defect classes, index = output channel.
         image_size: square input side the model was trained at.
-        mean, std: per-channel normalization applied to images scaled to [0, 1].
+        mean, std: normalization of each of the model's 3 input channels, applied to images
+            scaled to [0, 1] (equal in all three for a gray model).
         decoder_convs: conv-BN-ReLU layers per decoder block (2, or 4 as in the reference).
         resize: how images were resized in training (``linear`` or ``nearest``).
         tiling: how the model predicts a whole image when it was trained on crops (tile size =
             crop size, overlap, window, scale); None for a model trained on whole resized images.
+        channels: image channels the model was trained on: 1 (gray, repeated into the 3 input
+            channels; colour images converted to luma) or 3 (RGB). Checkpoints written before
+            colour support are gray.
+        normalization: where `mean`/`std` came from (`dli.pipeline.normalization`); checkpoints
+            written before it was a setting used Magnetic Tile's.
     """
 
     encoder: str
@@ -91,21 +97,31 @@ class ModelInfo:
     decoder_convs: int = 2
     resize: str = "linear"
     tiling: Tiling | None = None
+    channels: int = 1
+    normalization: str = "magnetic-tile"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        from dli.pipeline.normalization import model_statistics
+
+        channels = int(data.get("channels", 1))
+        if channels not in (1, 3):
+            raise ValueError(f"channels {channels}: expected 1 or 3")
+        mean, std = model_statistics(data["mean"], data["std"], channels)  # one value: all channels
         return cls(
             encoder=str(data["encoder"]),
             class_names=tuple(data["class_names"]),
             image_size=int(data["image_size"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
+            mean=mean,
+            std=std,
             decoder_convs=int(data.get("decoder_convs", 2)),
             resize=str(data.get("resize", "linear")),
             tiling=Tiling.from_dict(data.get("tiling")),
+            channels=channels,
+            normalization=str(data.get("normalization", "magnetic-tile")),
         )
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from dli.errors import DliError
 from dli.models.losses import METHODS
+from dli.pipeline.normalization import CHANNEL_SETTINGS, NORMALIZATIONS
 from dli.pipeline.planner import CANVASES, FILL_POLICIES
 from dli.pipeline.planner import POISSON_SOLVERS as PLANNER_POISSON_SOLVERS
 
@@ -151,6 +152,8 @@ class TrainConfig:
     split_free: bool = False
     group_by: str | None = None
     data_fraction: float = 1.0
+    channels: str = "auto"
+    normalization: str = "auto"
     method: str = "dli"
     poisson_prob: float = 0.5
     fill: str = "all-free"
@@ -197,6 +200,9 @@ class TrainConfig:
         _choice(self, "fill", FILLS)
         _choice(self, "poisson_solver", POISSON_SOLVERS)
         _choice(self, "canvas", CANVAS_CHOICES)
+        _choice(self, "normalization", NORMALIZATIONS)
+        if str(self.channels) not in CHANNEL_SETTINGS:
+            raise DliError(f"--channels {self.channels}: choose from {', '.join(CHANNEL_SETTINGS)}")
         if self.protocol is not None:
             _choice(self, "protocol", PROTOCOLS)
         for name, choices in PROTOCOL_CHOICES.items():

@@ -45,6 +45,8 @@ class Datasets:
         class_fractions: each validated sample's pixel fraction per class (from `validate`).
         instances: each validated sample's defect instances (from `validate`): DLI's donors.
         groups: the groups on each side of a ``--group-by`` split (None without one).
+        image_gray: whether each validated sample's image looks gray (from `validate`), for
+            `--channels auto`.
     """
 
     train: Manifest
@@ -55,6 +57,7 @@ class Datasets:
     class_fractions: Mapping[Sample, tuple[float, ...]] = field(default_factory=dict)
     instances: Mapping[Sample, tuple[Instance, ...]] = field(default_factory=dict)
     groups: GroupCounts | None = None
+    image_gray: Mapping[Sample, bool] = field(default_factory=dict)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -67,6 +70,10 @@ class Datasets:
             for i, s in enumerate(self.train.samples)
             if s.class_id != FREE and self.mask_fractions.get(s, 1.0) > 0
         ]
+
+    def train_looks_gray(self) -> list[bool]:
+        """Whether each training image looks gray (True where not measured)."""
+        return [self.image_gray.get(s, True) for s in self.train.samples]
 
     def source_boxes(self) -> np.ndarray:
         """(len(train), 4) defect boxes of the training samples (NaN rows where not measured)."""
@@ -146,7 +153,8 @@ def load_datasets(
         raise DliError(
             f"split {split} of {data_path} leaves {len(train)} training and {len(val)} validation images"
         )
-    return Datasets(train, val, data_path, fractions, boxes, per_class, instances, groups)
+    gray = dict(zip(manifest.samples, report.image_gray, strict=True))
+    return Datasets(train, val, data_path, fractions, boxes, per_class, instances, groups, image_gray=gray)
 
 
 def datasets_of(config: TrainConfig) -> Datasets:

@@ -212,6 +212,9 @@ def evaluate_checkpoint(
             device=torch_device,
             num_threads=num_threads,
             resize=info.resize,
+            channels=info.channels,
+            mean=info.mean,
+            std=info.std,
         )
         batches, close = (lambda: loader), loader.close
     else:
@@ -219,7 +222,11 @@ def evaluate_checkpoint(
         from dli.pipeline.native import native_batches
 
         model = TiledModel(model, tiling, batch=batch_size)
-        batches, close = (lambda: native_batches(manifest, info.mean, info.std)), (lambda: None)
+        channels = info.channels
+        batches, close = (
+            (lambda: native_batches(manifest, info.mean, info.std, channels=channels)),
+            (lambda: None),
+        )
     names, amp_dtype = info.class_names, amp_dtype_for(torch_device)
     if calibrate:
         calibrator = ThresholdCalibrator(names, device=torch_device)
@@ -253,6 +260,10 @@ def evaluate_checkpoint(
             amp_dtype=amp_dtype,
             num_threads=num_threads,
             native=(info.mean, info.std) if tiling is not None else None,
+            channels=info.channels,
+            mean=info.mean,
+            std=info.std,
+            resize=info.resize,
         )
         try:
             grid.write(

@@ -8,9 +8,10 @@ Input `images`: the normalized (N, C, H, W) float32 batch the checkpoint's model
 multiples of the encoder's stride; output `logits`: its per-class logits, float32. `--half`
 computes in float16 inside the graph (a cast at each end keeps the input and output float32).
 The metadata a deployment needs is embedded in `metadata_props` (`dli.onnx_model.OnnxMetadata`):
-class names, input channels, normalization, the training image size, the per-class thresholds
-(the checkpoint's calibrated ones unless `--threshold`), the tiling of a model trained on crops
-(`dli.tiling.Tiling`: tile size, overlap, window, scale), and the dli version and commit.
+class names, input and image channels, normalization and its source, the training image size,
+the per-class thresholds (the checkpoint's calibrated ones unless `--threshold`), the tiling of a
+model trained on crops (`dli.tiling.Tiling`: tile size, overlap, window, scale), and the dli
+version and commit.
 
 Before anything is written, onnxruntime runs the export and torch runs the checkpoint's model
 (float32, CPU) on the same random batches of two sizes (batch 2); if a sigmoid probability
@@ -42,7 +43,15 @@ from dli.checkpoint import ModelInfo, add_checkpoint_argument, load_checkpoint, 
 from dli.errors import DliError
 from dli.models.thresholds import thresholds_of
 from dli.models.unet import encoder_spec
-from dli.onnx_model import INPUT_NAME, OUTPUT_NAME, OnnxMetadata, OnnxModel, sigmoid
+from dli.onnx_model import (
+    FORMAT_VERSION,
+    GRAY_FORMAT_VERSION,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    OnnxMetadata,
+    OnnxModel,
+    sigmoid,
+)
 
 TOLERANCE = 1e-4
 """Largest allowed |p_onnx - p_torch| of a float32 export."""
@@ -316,6 +325,9 @@ def _metadata(
         dli_version=dli.__version__,
         dli_commit=source_commit(),
         tiling=info.tiling,
+        image_channels=info.channels,
+        normalization=info.normalization,
+        format_version=GRAY_FORMAT_VERSION if info.channels == 1 else FORMAT_VERSION,
     )
 
 

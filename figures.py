@@ -4,8 +4,8 @@
   per-class validation IoU, and the learning rate, from a run's history (its `metrics.jsonl`
   records).
 - `val_predictions.png` (`PredictionGrid`): for the first few images of each class of a set,
-  the image, its ground truth and the model's prediction (sigmoid above the metrics'
-  threshold), each label drawn in its class colour (the colours of `dli preview`), with the
+  the image (in colour for an RGB model), its ground truth and the model's prediction (sigmoid
+  above the metrics' threshold), each label drawn in its class colour (the colours of `dli preview`), with the
   class names. `dli train` draws it for the validation set, `dli eval --out DIR` for the set it
   scores.
 
@@ -124,7 +124,8 @@ class Predictions:
     """What a prediction grid shows, on the host.
 
     Attributes:
-        images: (N, H, W) intensities in [0, 1].
+        images: (N, H, W, 3) RGB intensities in [0, 1] (a gray model's images repeated; (N, H, W)
+            gray is taken too).
         truth: (N, C, H, W) bool ground-truth labels.
         predicted: (N, C, H, W) bool, sigmoid of the logits above `THRESHOLD`.
         class_ids: the class of each image in the manifest (`FREE` for defect-free).
@@ -145,8 +146,9 @@ class Predictions:
 class PredictionGrid:
     """The prediction grid of a fixed set of images (`example_indices` of `manifest`).
 
-    Builds its own evaluation loader over those images once; `write(model, path)` runs the
-    model on them and writes the PNG. `close()` releases the loader.
+    Builds its own evaluation loader over those images once, with the model's `channels`,
+    normalization (`mean`, `std`) and `resize`; `write(model, path)` runs the model on them and
+    writes the PNG. `close()` releases the loader.
     """
 
     def __init__(
@@ -159,6 +161,10 @@ class PredictionGrid:
         per_class: int = EXAMPLES_PER_CLASS,
         num_threads: int = 1,
         native: tuple[Sequence[float], Sequence[float]] | None = None,
+        channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        resize: str = "linear",
     ) -> None:
         from dli.pipeline.loader import build_loader
 
@@ -166,6 +172,7 @@ class PredictionGrid:
         self.class_names = manifest.class_names
         self.device, self.amp_dtype = device, amp_dtype
         self.native = native
+        self.channels = channels
         self.loader = (
             None
             if native is not None
@@ -177,6 +184,10 @@ class PredictionGrid:
                 device="cuda" if device.type == "cuda" else "cpu",
                 num_threads=num_threads,
                 prefetch=1,
+                channels=channels,
+                mean=mean,
+                std=std,
+                resize=resize,
             )
         )
 
@@ -188,11 +199,12 @@ class PredictionGrid:
         if self.native is not None:
             from dli.pipeline.native import native_batches
 
-            batches: Any = native_batches(self.examples, *self.native)
-            mean, std = self.native[0][0], self.native[1][0]
+            batches: Any = native_batches(self.examples, *self.native, channels=self.channels)
+            statistics = self.native
         else:
             assert self.loader is not None
-            batches, mean, std = self.loader, self.loader.mean[0], self.loader.std[0]
+            batches, statistics = self.loader, (self.loader.mean, self.loader.std)
+        mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in statistics)
         images, truth, predicted = [], [], []
         try:
             for batch in batches:
@@ -201,13 +213,13 @@ class PredictionGrid:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
                     logits = model(x)
                 shown = [
-                    (batch.images[:, 0].float().cpu().numpy() * std + mean).clip(0.0, 1.0),
+                    (batch.images.float().cpu().numpy() * std + mean).clip(0.0, 1.0),
                     batch.masks.cpu().numpy() > 0.5,
                     torch.sigmoid(logits.float()).cpu().numpy() > THRESHOLD,
                 ]
                 if self.native is not None:  # whole images of any size: fitted into one display square
                     shown = [fit_for_display(array) for array in shown]
-                images.append(shown[0])
+                images.append(shown[0].transpose(0, 2, 3, 1))
                 truth.append(shown[1])
                 predicted.append(shown[2])
         finally:
@@ -242,11 +254,16 @@ def fit_for_display(array: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
     return out
 
 
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float RGB of an (H, W) gray or (H, W, 3) RGB image."""
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else np.array(image, dtype=np.float64)
+
+
 def _overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB: the gray image with each labelled pixel tinted in its class colour."""
+    """(H, W, 3) RGB: the image with each labelled pixel tinted in its class colour."""
     from matplotlib.colors import to_rgb
 
-    rgb = np.repeat(image[..., None], 3, axis=2)
+    rgb = _as_rgb(image)
     for class_id in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
         where = labels[class_id]
         colour = np.asarray(to_rgb(class_colour(int(class_id))))
@@ -287,7 +304,7 @@ def render_predictions(predictions: Predictions, class_names: Sequence[str], *, 
         image, truth, predicted = predictions.images[n], predictions.truth[n], predictions.predicted[n]
         class_id = predictions.class_ids[n]
         tiles = (
-            (np.repeat(image[..., None], 3, axis=2), None),
+            (_as_rgb(image), None),
             (_overlay(image, truth), truth),
             (_overlay(image, predicted), predicted),
         )

@@ -4,12 +4,15 @@
 batch the checkpoint's model takes, and whose output `logits` is its (N, classes, H, W)
 per-class logits; batch, height and width are dynamic (H and W multiples of `input_stride`).
 What a deployment needs to feed it and read it is embedded in the model's `metadata_props`
-(keys `dli.<field>` of `OnnxMetadata`, values JSON): class names, input channels,
-normalization mean/std, the training image size, the per-class thresholds, and the dli
-version and commit that exported it.
+(keys `dli.<field>` of `OnnxMetadata`, values JSON): class names, input channels, image
+channels (1: a gray image repeated into the input channels, colour images converted to their
+luma; 3: RGB), normalization mean/std and where they came from, the training image size, the
+per-class thresholds, and the dli version and commit that exported it. Gray models are written
+as format version 1, which dli before colour support reads; RGB models as version 2.
 
 `OnnxModel` runs such a file with onnxruntime and reproduces what `dli predict --checkpoint`
-computes from a grayscale image: resize to the training size (antialiased bilinear, Pillow's
+computes from an image read in its channels (`dli.pipeline.imageio.read_image`): resize each
+channel to the training size (antialiased bilinear, Pillow's
 float filter, which is torch's `antialias=True`), scale to [0, 1], normalize, run, resize the
 logits back to the image's size (bilinear, half-pixel centres, as torch's
 `align_corners=False`), sigmoid, and threshold per class. Only NumPy, Pillow and onnxruntime
@@ -31,7 +34,14 @@ from dli.errors import DliError
 from dli.tiling import Tiling
 
 FORMAT = "dli-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The metadata version this dli reads and writes for RGB models (2 added `image_channels`)."""
+
+GRAY_FORMAT_VERSION = 1
+"""The metadata version of gray models: dli before colour support reads them."""
+
+OPTIONAL_FIELDS: dict[str, object] = {"tiling": None, "image_channels": 1, "normalization": "magnetic-tile"}
+"""Metadata fields absent from version-1 exports, and what they mean there."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 METADATA_PREFIX = "dli."
@@ -43,8 +53,8 @@ class OnnxMetadata:
 
     Attributes:
         class_names: defect classes, index = output channel.
-        input_channels: channels of the input (the gray image repeated).
-        mean, std: per-channel normalization of images scaled to [0, 1].
+        input_channels: channels of the input (3).
+        mean, std: per-input-channel normalization of images scaled to [0, 1].
         image_size: square side the model was trained at (the side `dli predict` resizes to).
         input_stride: height and width must be multiples of it (the encoder's down-sampling).
         thresholds: per-class probability thresholds; threshold_rule says how they were chosen.
@@ -55,6 +65,9 @@ class OnnxMetadata:
         tiling: tile size, overlap, window and scale of a model trained on crops (`dli.tiling`),
             which `dli predict --onnx` tiles by exactly as `--checkpoint` does; None (absent in
             files written before tiling) for a model trained on whole resized images.
+        image_channels: 1 (gray images, repeated into the input channels; colour ones converted
+            to their luma) or 3 (RGB).
+        normalization: where mean/std came from (`dli.pipeline.normalization`).
     """
 
     class_names: tuple[str, ...]
@@ -71,6 +84,8 @@ class OnnxMetadata:
     dli_version: str
     dli_commit: str
     tiling: Tiling | None = None
+    image_channels: int = 1
+    normalization: str = "magnetic-tile"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -84,11 +99,11 @@ class OnnxMetadata:
         if props.get(METADATA_PREFIX + "format") != json.dumps(FORMAT):
             raise DliError(f"{source} has no dli metadata (not written by dli export)")
         try:
-            optional = {"tiling"}
             values = {
                 f.name: json.loads(props[METADATA_PREFIX + f.name])
+                if f.name not in OPTIONAL_FIELDS or METADATA_PREFIX + f.name in props
+                else OPTIONAL_FIELDS[f.name]
                 for f in fields(cls)
-                if f.name not in optional or METADATA_PREFIX + f.name in props
             }
             metadata = cls(
                 class_names=tuple(str(n) for n in values["class_names"]),
@@ -105,6 +120,8 @@ class OnnxMetadata:
                 dli_version=str(values["dli_version"]),
                 dli_commit=str(values["dli_commit"]),
                 tiling=Tiling.from_dict(values.get("tiling")),
+                image_channels=int(values["image_channels"]),
+                normalization=str(values["normalization"]),
                 format=str(values["format"]),
                 format_version=int(values["format_version"]),
             )
@@ -120,6 +137,7 @@ class OnnxMetadata:
         if (
             len(metadata.thresholds) != len(metadata.class_names)
             or len(metadata.mean) != metadata.input_channels
+            or metadata.image_channels not in (1, metadata.input_channels)
         ):
             raise DliError(f"{source} has inconsistent dli metadata (thresholds, classes or channels)")
         return metadata
@@ -181,26 +199,37 @@ class OnnxModel:
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(inputs, np.float32)})
         return logits
 
-    def preprocess(self, gray: np.ndarray) -> np.ndarray:
-        """(C, S, S) float32 input for a (H, W) uint8 image: resized, scaled to [0, 1], normalized."""
-        return preprocess(gray, self.metadata)
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(C, S, S) float32 input for an (H, W, image_channels) or (H, W) image on [0, 255]:
+        resized, scaled to [0, 1], normalized."""
+        return preprocess(image, self.metadata)
 
-    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per image, its (classes, H, W) float32 probabilities at the image's own size."""
-        logits = self.logits(np.stack([self.preprocess(g) for g in grays]))
-        return [sigmoid(resize_bilinear(lg, g.shape)) for lg, g in zip(logits, grays, strict=True)]
+        logits = self.logits(np.stack([self.preprocess(image) for image in images]))
+        return [
+            sigmoid(resize_bilinear(lg, image.shape[:2])) for lg, image in zip(logits, images, strict=True)
+        ]
 
 
-def preprocess(gray: np.ndarray, metadata: OnnxMetadata) -> np.ndarray:
-    """What `dli.predict.preprocess` computes, in NumPy and Pillow."""
+def preprocess(image: np.ndarray, metadata: OnnxMetadata) -> np.ndarray:
+    """What `dli.predict.preprocess` computes, in NumPy and Pillow (one channel at a time)."""
     size = metadata.image_size
-    resized = Image.fromarray(gray.astype(np.float32) / np.float32(255.0)).resize(
-        (size, size), Image.Resampling.BILINEAR
+    pixels = image if image.ndim == 3 else image[..., None]
+    resized = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(
+                    np.ascontiguousarray(pixels[..., c], dtype=np.float32) / np.float32(255.0)
+                ).resize((size, size), Image.Resampling.BILINEAR),
+                dtype=np.float32,
+            )
+            for c in range(pixels.shape[2])
+        ]
     )
-    image = np.asarray(resized, dtype=np.float32)
     mean = np.asarray(metadata.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(metadata.std, np.float32).reshape(-1, 1, 1)
-    return (image[None] - mean) / std
+    return (resized - mean) / std
 
 
 def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 For every image `<stem>.<ext>` in `--images` it writes, at the image's original size,
 `<stem>_<class>.png` (0 or 255 per pixel) for each defect class of the model and
-`<stem>_overlay.png`: the grayscale image with each class's predicted pixels tinted in its colour.
-Images are resized to the training size and normalized as in training; the logits are
+`<stem>_overlay.png`: the image as the model saw it (in colour for an RGB model, else gray) with
+each class's predicted pixels tinted in its colour. Images are read in the model's channels as
+training read them (`dli.pipeline.imageio.read_image`: an RGB model repeats a gray image, a gray
+model takes a colour image's luma), resized to the training size and normalized with the
+statistics the model carries; the logits are
 resized back to the original size before each class's threshold (the calibrated ones the
 checkpoint or export carries, else 0.5, unless `--threshold`), so mask edges follow the
 model's output rather than upscaled blocks.
@@ -37,7 +40,7 @@ from PIL import Image
 from dli.atomic import atomic_save
 from dli.errors import DliError
 from dli.models.thresholds import check_threshold
-from dli.pipeline.imageio import is_image_file, read_gray
+from dli.pipeline.imageio import is_image_file, read_image
 from dli.tiling import DEFAULT_OVERLAP, WINDOWS, TiledInference, Tiling, normalizer
 
 if TYPE_CHECKING:
@@ -82,32 +85,39 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def preprocess(gray: np.ndarray, info: ModelInfo) -> torch.Tensor:
-    """(3, S, S) float32 input of the model: resized, scaled to [0, 1], normalized as in training."""
+def preprocess(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
+    """(3, S, S) float32 input of the model: resized, scaled to [0, 1], normalized as in training.
+
+    `image`: (H, W, channels) intensities on [0, 255] (`read_image`), or (H, W) gray; one
+    channel is repeated into the model's three.
+    """
     import torch
     import torch.nn.functional as F
 
-    image = torch.from_numpy(gray).float().div_(255.0)[None, None]
+    pixels = image if image.ndim == 3 else image[..., None]
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div_(255.0)[None]
     size = (info.image_size, info.image_size)
     if info.resize == "nearest":  # as the model was trained (pixel-centre nearest, as DALI's)
-        image = F.interpolate(image, size=size, mode="nearest-exact")[0]
+        tensor = F.interpolate(tensor, size=size, mode="nearest-exact")[0]
     else:
-        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     mean = torch.tensor(info.mean).view(-1, 1, 1)
     std = torch.tensor(info.std).view(-1, 1, 1)
-    return (image.expand(len(info.mean), -1, -1) - mean) / std
+    return (tensor.expand(len(info.mean), -1, -1) - mean) / std
 
 
 OVERLAY_ROWS = 512
 """Rows of the overlay computed at once (float32 work stays a few MB for any image height)."""
 
 
-def overlay(gray: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8: `gray` with each class mask of `masks` (C, H, W bool) tinted in its colour."""
-    out = np.empty((*gray.shape, 3), np.uint8)
-    for top in range(0, gray.shape[0], OVERLAY_ROWS):
+def overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: `image` ((H, W) or (H, W, 1) gray, (H, W, 3) RGB, on [0, 255]) with each
+    class mask of `masks` (C, H, W bool) tinted in its colour."""
+    pixels = image if image.ndim == 3 else image[..., None]
+    out = np.empty((*pixels.shape[:2], 3), np.uint8)
+    for top in range(0, pixels.shape[0], OVERLAY_ROWS):
         rows = slice(top, top + OVERLAY_ROWS)
-        band = np.repeat(gray[rows, :, None].astype(np.float32), 3, axis=2)
+        band = np.array(np.broadcast_to(pixels[rows], (*pixels[rows].shape[:2], 3)), dtype=np.float32)
         for class_id, mask in enumerate(masks[:, rows]):
             colour = np.array(CLASS_COLOURS[class_id % len(CLASS_COLOURS)], np.float32)
             band[mask] = (1 - OVERLAY_ALPHA) * band[mask] + OVERLAY_ALPHA * colour
@@ -125,7 +135,8 @@ def _batches(paths: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 class Predictor(Protocol):
-    """A model that turns grayscale images into per-class probabilities at their own size.
+    """A model that turns images ((H, W, channels), `read_image`) into per-class probabilities at
+    their own size.
 
     `tiled` is set when the model predicts by tiles (`dli.tiling`), None when it resizes each
     image to its training size.
@@ -134,8 +145,9 @@ class Predictor(Protocol):
     class_names: tuple[str, ...]
     thresholds: tuple[float, ...]
     tiled: TiledInference | None
+    channels: int
 
-    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]: ...
 
 
 def resolve_tiling(
@@ -171,7 +183,8 @@ def tiled_inference(
     std: Sequence[float],
     batch_size: int,
 ) -> TiledInference | None:
-    """The tiled predictor of a model (None without a tiling): uint8 gray tiles normalized as in training."""
+    """The tiled predictor of a model (None without a tiling): tiles of `read_image`'s planes
+    normalized as in training."""
     if tiling is None:
         return None
     return TiledInference(runner, tiling, normalizer(tuple(mean), tuple(std)), batch=batch_size)
@@ -204,6 +217,7 @@ class CheckpointPredictor:
         self.model = model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype_for(self.device)
         self.class_names = self.info.class_names
+        self.channels = self.info.channels
         self.thresholds = thresholds_of(document, self.class_names, threshold).values
         stride = 2 ** encoder_spec(self.info.encoder).depth
         tiling = resolve_tiling(self.info.tiling, stride=stride, tile=tile, overlap=overlap, window=window)
@@ -221,19 +235,19 @@ class CheckpointPredictor:
         with torch.no_grad(), autocast:
             return self.model(batch).float().cpu().numpy()
 
-    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         import torch
         import torch.nn.functional as F
 
-        inputs = torch.stack([preprocess(g, self.info) for g in grays]).to(self.device)
+        inputs = torch.stack([preprocess(image, self.info) for image in images]).to(self.device)
         amp_dtype, device_type = self.amp_dtype, self.device.type
         with torch.no_grad():
             with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = self.model(inputs.contiguous(memory_format=torch.channels_last))
             maps = []
-            for gray, image_logits in zip(grays, logits.float(), strict=True):
+            for image, image_logits in zip(images, logits.float(), strict=True):
                 full = F.interpolate(
-                    image_logits[None], size=gray.shape, mode="bilinear", align_corners=False
+                    image_logits[None], size=image.shape[:2], mode="bilinear", align_corners=False
                 )
                 maps.append(torch.sigmoid(full[0]).cpu().numpy())
         return maps
@@ -257,6 +271,7 @@ class OnnxPredictor:
 
         self.model = OnnxModel(path, device=device)
         self.class_names = self.model.class_names
+        self.channels = self.model.metadata.image_channels
         n = len(self.class_names)
         self.thresholds = (threshold,) * n if threshold is not None else self.model.metadata.thresholds
         metadata = self.model.metadata
@@ -265,8 +280,8 @@ class OnnxPredictor:
         )
         self.tiled = tiled_inference(self.model.logits, tiling, metadata.mean, metadata.std, batch_size)
 
-    def probabilities(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.model.probabilities(grays)
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.model.probabilities(images)
 
 
 def predict_folder(
@@ -307,30 +322,32 @@ def predict_folder(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for group in _batches(paths, 1 if predictor.tiled is not None else batch_size):
-        grays = [read_gray(p) for p in group]
+        images = [read_image(p, predictor.channels) for p in group]
         if predictor.tiled is not None:
-            all_masks = [tiled_masks(predictor.tiled, grays[0], thresholds)]
+            all_masks = [tiled_masks(predictor.tiled, images[0], thresholds)]
         else:
-            all_masks = [p > thresholds for p in predictor.probabilities(grays)]
-        for path, gray, masks in zip(group, grays, all_masks, strict=True):
+            all_masks = [p > thresholds for p in predictor.probabilities(images)]
+        for path, image, masks in zip(group, images, all_masks, strict=True):
             for name, mask in zip(predictor.class_names, masks, strict=True):
                 target = out / f"{path.stem}_{name}.png"
                 _write_png(target, mask.astype(np.uint8) * 255)
                 written.append(target)
             target = out / f"{path.stem}_overlay.png"
-            _write_png(target, overlay(gray, masks))
+            _write_png(target, overlay(image, masks))
             written.append(target)
     return written
 
 
-def tiled_masks(tiled: TiledInference, gray: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """(classes, H, W) bool masks of one image predicted by tiles, thresholded band by band."""
+def tiled_masks(tiled: TiledInference, image: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(classes, H, W) bool masks of one image ((H, W) gray or (H, W, channels), `read_image`)
+    predicted by tiles, thresholded band by band."""
     from dli.onnx_model import sigmoid
 
+    planes = image[None] if image.ndim == 2 else np.ascontiguousarray(np.moveaxis(image, 2, 0))
     masks: np.ndarray | None = None
-    for top, band in tiled.bands(gray[None]):
+    for top, band in tiled.bands(planes):
         if masks is None:
-            masks = np.zeros((band.shape[0], *gray.shape), bool)
+            masks = np.zeros((band.shape[0], *planes.shape[1:]), bool)
         masks[:, top : top + band.shape[1]] = sigmoid(band) > thresholds
     assert masks is not None
     return masks

@@ -46,6 +46,7 @@ from dli.models.metrics import SegmentationScores
 from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
 from dli.models.thresholds import Thresholds
 from dli.models.unet import ENCODERS
+from dli.pipeline.normalization import CHANNEL_SETTINGS, NORMALIZATIONS
 from dli.run_folder import BEST, CALIBRATED_SCORES_KEY, CONFIG_FILE, default_run_name, prepare_run_folder
 from dli.trainer import check_batch_split, check_last_batch, resolve_device, train
 
@@ -147,6 +148,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.crop_defect_prob,
         metavar="P",
         help="with --crop: probability that a defect image's crop contains its defect (else uniform)",
+    )
+    data.add_argument(
+        "--channels",
+        choices=CHANNEL_SETTINGS,
+        default=d.channels,
+        help="image channels the model sees: 1 (gray; colour images converted to their luma "
+        "0.299 R + 0.587 G + 0.114 B), 3 (RGB; gray images repeated), or auto: 1 when every training "
+        "image is gray, else 3",
+    )
+    data.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default=d.normalization,
+        help="per-channel mean/std of the images: measured on the training split (dataset), "
+        "ImageNet's, or Magnetic Tile's fixed ones; auto: magnetic-tile for gray data with the "
+        "Magnetic Tile classes, imagenet when ImageNet weights were loaded, else dataset "
+        "(recorded in config.yaml and the checkpoints)",
     )
     data.add_argument("--num-threads", type=int, default=d.num_threads, help="DALI worker threads")
 

@@ -73,6 +73,14 @@ from dli.models.thresholds import ThresholdCalibrator, choose_thresholds
 from dli.models.tiled import TiledModel
 from dli.models.unet import PretrainedStatus, build_model, count_parameters
 from dli.pipeline.crops import CropConfig
+from dli.pipeline.normalization import (
+    Normalization,
+    any_colour_file,
+    channels_from_setting,
+    fixed_normalization,
+    measure_statistics,
+    resolve_source,
+)
 from dli.run_folder import (
     BEST,
     CALIBRATED_SCORES_KEY,
@@ -279,35 +287,6 @@ class Trainer:
                     f"--method dli --crop: the training set of {self.datasets.data_path} has no "
                     "defect-free image, and with crops DLI injects into defect-free images only"
                 )
-        common = {
-            "batch_size": local_batch,
-            "image_size": config.image_size,
-            "seed": config.seed,
-            "device": self.device,  # cuda:N as resolved: the data path runs beside the model
-            "shard_id": rank,
-            "num_shards": world_size,
-            "num_threads": config.num_threads,
-            "resize": str(config.resize),
-        }
-        crop = None if config.crop is None else CropConfig(config.crop, config.scale, config.crop_defect_prob)
-        self.train_loader = build_loader(
-            self.datasets.train,
-            train=True,
-            crop=crop,
-            dli=injection,
-            donors=self.datasets.donor_table(),
-            source_boxes=self.datasets.source_boxes(),
-            canvas_boxes=self.datasets.canvas_boxes(),
-            drop_last=config.last_batch == "drop",
-            **common,
-        )
-        # A model trained on crops is validated as it will be used: whole images by tiles.
-        self.tiling = None if crop is None else Tiling(crop.size, scale=crop.scale)
-        self.val_loader = None if crop else build_loader(self.datasets.val, train=False, **common)
-        self.steps_per_epoch = len(self.train_loader)
-        self.total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
 
         self.pixel_counts = self._class_pixel_counts()
         options = LossOptions(
@@ -340,6 +319,46 @@ class Trainer:
             pretrained=pretrained,
             decoder_convs=int(config.decoder_convs or 2),
         )
+
+        # Channels and normalization: a resumed run keeps its own; a new one decides them here,
+        # after the model, since ``--normalization auto`` depends on whether ImageNet weights loaded.
+        self.colour_files = any_colour_file(
+            s.image for s in (*self.datasets.train.samples, *self.datasets.val.samples)
+        )
+        self.channels, self.normalization = self._image_settings(checkpoint, local_batch)
+        common = {
+            "batch_size": local_batch,
+            "image_size": config.image_size,
+            "seed": config.seed,
+            "device": self.device,  # cuda:N as resolved: the data path runs beside the model
+            "shard_id": rank,
+            "num_shards": world_size,
+            "num_threads": config.num_threads,
+            "resize": str(config.resize),
+            "channels": self.channels,
+            "mean": self.normalization.mean,
+            "std": self.normalization.std,
+            "colour_files": self.colour_files,
+        }
+        crop = None if config.crop is None else CropConfig(config.crop, config.scale, config.crop_defect_prob)
+        self.train_loader = build_loader(
+            self.datasets.train,
+            train=True,
+            crop=crop,
+            dli=injection,
+            donors=self.datasets.donor_table(),
+            source_boxes=self.datasets.source_boxes(),
+            canvas_boxes=self.datasets.canvas_boxes(),
+            drop_last=config.last_batch == "drop",
+            **common,
+        )
+        # A model trained on crops is validated as it will be used: whole images by tiles.
+        self.tiling = None if crop is None else Tiling(crop.size, scale=crop.scale)
+        self.val_loader = None if crop else build_loader(self.datasets.val, train=False, **common)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay)
         # Cosine annealing to 0 over the run, stepped after every step or after every epoch.
@@ -373,6 +392,8 @@ class Trainer:
             decoder_convs=int(config.decoder_convs or 2),
             resize=str(config.resize),
             tiling=self.tiling,
+            channels=self.channels,
+            normalization=self.normalization.source,
         )
         self.tensorboard: Any = None
         self.lock = FolderLock(self.folder.root, "run folder")
@@ -394,6 +415,39 @@ class Trainer:
                 json.loads(self.folder.class_pixels.read_text(encoding="utf-8"))
             )
         return class_pixel_counts(self.datasets, self.config.image_size or 0)
+
+    def _image_settings(
+        self, checkpoint: Mapping[str, Any] | None, batch_size: int
+    ) -> tuple[int, Normalization]:
+        """The run's image channels and normalization (`dli.pipeline.normalization`)."""
+        if checkpoint is not None:
+            info = ModelInfo.from_dict(checkpoint["model_info"])
+            return info.channels, Normalization(info.normalization, info.mean, info.std)
+        config = self.config
+        channels = channels_from_setting(config.channels, self.datasets.train_looks_gray())
+        source = resolve_source(
+            config.normalization,
+            channels=channels,
+            class_names=self.class_names,
+            imagenet_weights=self.pretrained.loaded,
+        )
+        if source != "dataset":
+            return channels, fixed_normalization(source, channels)
+        assert config.image_size is not None
+        measured = measure_statistics(
+            self.datasets.train,
+            image_size=config.image_size,
+            channels=channels,
+            resize=str(config.resize),
+            device=self.device,
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            colour_files=self.colour_files,
+            batch_size=batch_size,
+            num_threads=config.num_threads,
+            reduce=all_reduce_sum,
+        )
+        return channels, measured
 
     def _load_state(self, checkpoint: Mapping[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -423,7 +477,8 @@ class Trainer:
             "loss": self.loss_spec.to_dict(),
             "class_weights": self._class_weights(),
             "parameters": {"encoder": params.encoder, "decoder": params.decoder, "head": params.head},
-            "normalization": {"mean": list(self.info.mean), "std": list(self.info.std)},
+            "channels": self.channels,
+            "normalization": self.normalization.to_dict(),
             "versions": _versions(),
             "command": " ".join(sys.argv),
         }
@@ -665,7 +720,7 @@ class Trainer:
         tiled = TiledModel(self.eval_net, self.tiling, batch=self.config.batch_size or 8)
         val = self.datasets.val  # each process scores its share; counts are summed across them
         share = val.subset(range(self.rank, len(val), self.world_size))
-        return tiled, native_batches(share, self.info.mean, self.info.std)
+        return tiled, native_batches(share, self.info.mean, self.info.std, channels=self.channels)
 
     def _calibration(self, calibrator: ThresholdCalibrator) -> dict[str, Any]:
         """Checkpoint entries: the calibrated thresholds and the validation scores at them."""
@@ -707,6 +762,10 @@ class Trainer:
                 device=self.device,
                 amp_dtype=self.amp_dtype,
                 native=(self.info.mean, self.info.std) if self.tiling is not None else None,
+                channels=self.channels,
+                mean=self.normalization.mean,
+                std=self.normalization.std,
+                resize=str(self.config.resize),
             )
         model = self.model if self.tiling is None else TiledModel(self.model, self.tiling)
         self.prediction_grid.write(model, self.folder.predictions, title=f"validation, {title}")

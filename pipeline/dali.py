@@ -28,7 +28,7 @@ except ImportError as error:  # an optional dependency: say which package brings
     ) from error
 
 from dli.errors import DliError
-from dli.pipeline.imageio import MASK_THRESHOLD
+from dli.pipeline.imageio import LUMA, MASK_THRESHOLD
 
 IMAGES, MASKS, CODES, MATRICES, TAGS = "images", "masks", "codes", "matrices", "tags"
 """Names of the pipeline's external inputs."""
@@ -66,20 +66,33 @@ RESIZE_MODES: tuple[str, ...] = ("linear", "nearest")
 """Image resizing of `decode_augment`: antialiased linear, or nearest neighbour (the reference's)."""
 
 
+DECODES: tuple[str, ...] = ("gray", "luma", "rgb")
+"""How `decode_augment` turns files into images: ``gray`` (1 channel, for files stored gray:
+the decoder's own gray output), ``luma`` (1 channel through RGB: `LUMA` · RGB in float, the rule
+of `dli.pipeline.imageio` for colour files) or ``rgb`` (3 channels, gray files repeated)."""
+
+
+def decode_channels(decode: str) -> int:
+    """Image channels a `decode` mode gives."""
+    return 3 if decode == "rgb" else 1
+
+
 @pipeline_def(enable_checkpointing=False)
 def decode_augment(
     size: tuple[int, int],
     decoder: str,
     warp: bool,
-    mean: float,
-    std: float,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
     resize: str = "linear",
     crop: bool = False,
+    decode: str = "gray",
 ):
-    """Decode (GRAY), resize to `size`, warp image and mask by the same matrix, normalize.
+    """Decode (`decode`, see `DECODES`), resize to `size`, warp image and mask by the same matrix, normalize.
 
-    Outputs per sample: the image (H, W, 1) float32 normalized as (x - mean) / std on [0, 1]
-    intensities; the class-index map (H, W, 1) uint8 (0 background, k + 1 where class k), read
+    Outputs per sample: the image float32 normalized as (x - mean[c]) / std[c] on [0, 1]
+    intensities, (H, W, 1) for one channel, (3, H, W) for three (channel-first, what the model
+    takes); the class-index map (H, W, 1) uint8 (0 background, k + 1 where class k), read
     from the mask by its code (`mask_code`): a binary mask is defect where its stored value is
     > `MASK_THRESHOLD` in its own bit depth (any channel of a colour or palette mask, as
     `read_mask` reads it), an index mask gives its stored values; the tag (1,) int64. Images are
@@ -97,7 +110,11 @@ def decode_augment(
     masks = fn.external_source(name=MASKS, dtype=types.UINT8, ndim=1)
     codes = fn.external_source(name=CODES, dtype=types.UINT16, ndim=1)
     tags = fn.external_source(name=TAGS, dtype=types.INT64, ndim=1)
-    images = fn.decoders.image(images, device=decoder, output_type=types.GRAY)
+    images = fn.decoders.image(
+        images, device=decoder, output_type=types.GRAY if decode == "gray" else types.RGB
+    )
+    if decode == "luma":  # before resizing: one channel to resize and warp instead of three
+        images = fn.coord_transform(images, M=list(LUMA), dtype=types.FLOAT)
     # Masks keep their own bit depth: a 16-bit 0/1 mask decoded to 8 bits would lose every
     # defect pixel, and a 16-bit index mask its values. RGB output at 16 bits holds every mask
     # kind (grayscale of any depth, palette, RGB(A)); a binary mask's pixel is defect where any
@@ -129,7 +146,16 @@ def decode_augment(
         masks = fn.warp_affine(
             masks, matrix=matrices, size=size, inverse_map=False, interp_type=types.INTERP_NN
         )
-    images = (images - 255.0 * mean) * (1.0 / (255.0 * std))
+    if decode_channels(decode) == 1:
+        images = (images - 255.0 * mean[0]) * (1.0 / (255.0 * std[0]))
+    else:
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255.0 * m for m in mean],
+            std=[255.0 * s for s in std],
+        )
     return images, masks, tags
 
 
@@ -161,7 +187,7 @@ class Decoded:
     """The pipeline's output for one `Work`, still as DALI tensor lists.
 
     Attributes:
-        images: M normalized images (H, W, 1) float32.
+        images: M normalized images, (H, W, 1) or (3, H, W) float32 (`decode_augment`).
         masks: M class-index maps (H, W, 1) uint8 (0 background, k + 1 where class k).
     """
 
@@ -196,8 +222,9 @@ class DecodePipeline:
         max_batch_size: the most samples one `Work` may hold.
         warp: whether works carry matrices (training) or images are only resized (evaluation).
         device_id: None for a CPU pipeline, else the CUDA device to decode and augment on.
-        mean, std: output normalization, on [0, 1] intensities.
+        mean, std: output normalization per image channel, on [0, 1] intensities.
         resize: image resizing, one of `RESIZE_MODES`.
+        decode: how files become images, one of `DECODES` (1 channel: ``gray``, ``luma``; 3: ``rgb``).
         num_threads: DALI's CPU worker threads.
         prefetch: the most works in flight at once.
         crop: samples are cut from native-resolution images by their matrices (no resize; needs `warp`).
@@ -210,15 +237,21 @@ class DecodePipeline:
         max_batch_size: int,
         warp: bool,
         device_id: int | None,
-        mean: float = 0.0,
-        std: float = 1.0,
+        mean: float | tuple[float, ...] = 0.0,
+        std: float | tuple[float, ...] = 1.0,
         resize: str = "linear",
         num_threads: int = 2,
         prefetch: int = 2,
         crop: bool = False,
+        decode: str = "gray",
     ) -> None:
         if resize not in RESIZE_MODES:
             raise DliError(f"resize {resize!r}: choose from {', '.join(RESIZE_MODES)}")
+        if decode not in DECODES:
+            raise DliError(f"decode {decode!r}: choose from {', '.join(DECODES)}")
+        self.channels = decode_channels(decode)
+        mean = tuple(float(v) for v in np.broadcast_to(np.asarray(mean, np.float64), (self.channels,)))
+        std = tuple(float(v) for v in np.broadcast_to(np.asarray(std, np.float64), (self.channels,)))
         self.size, self.warp, self.device_id, self.prefetch = size, warp, device_id, prefetch
         self.gpu = device_id is not None
         self._pipe = decode_augment(
@@ -229,6 +262,7 @@ class DecodePipeline:
             std=std,
             resize=resize,
             crop=crop,
+            decode=decode,
             batch_size=max_batch_size,
             num_threads=num_threads,
             device_id=device_id,

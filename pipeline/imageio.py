@@ -1,7 +1,17 @@
 """Reading images and masks from disk into NumPy arrays, with errors that name the file.
 
-The one place that decides how a grayscale image and a binary mask are read, so that
+The one place that decides how an image (gray or colour) and a binary mask are read, so that
 validation, preview, prediction and benchmarks agree pixel for pixel.
+
+Channels. A file is *stored gray* when its mode is 1-bit or 8-bit gray (`GRAY_MODES`); every other
+mode (RGB, RGBA, palette, gray with alpha, 16-bit) goes through RGB. A 3-channel reader takes
+the RGB (a gray file repeated in R, G and B; alpha dropped). A 1-channel reader takes a stored-gray
+file as it is and converts any other file to the float luma `LUMA` · RGB (ITU-R BT.601 weights,
+no rounding): the training pipeline (`dli.pipeline.dali`) and `dli predict` (torch and ONNX)
+convert the same way, so a colour image gives a 1-channel model the same input everywhere.
+An image *looks gray* (`image_channels`) when it is stored gray or its R, G and B differ by at
+most `GRAY_TOLERANCE` levels anywhere; `dli train --channels auto` trains in gray when every
+training image looks gray.
 """
 
 from __future__ import annotations
@@ -48,6 +58,15 @@ MAX_DECODE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 larger one is refused from its header, before any pixel is decoded. Below it, Pillow's warning
 about images over half this size is silenced: inspection cameras take such pictures."""
 
+GRAY_MODES: frozenset[str] = frozenset({"1", "L"})
+"""PIL modes read (and decoded by DALI) as gray without going through RGB."""
+
+LUMA: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""Weights of R, G and B in the gray value of a colour image read in 1 channel (ITU-R BT.601)."""
+
+GRAY_TOLERANCE = 2
+"""An RGB image whose channels differ by at most this many levels (of 255) looks gray."""
+
 
 def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
     try:
@@ -80,6 +99,54 @@ def defect_pixels(mask: Image.Image) -> np.ndarray:
 def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
     """The image at `path` as a (H, W) uint8 array; colour images are converted to luminance."""
     return _read_l(path, "image")
+
+
+def read_image(path: str | os.PathLike[str], channels: int) -> np.ndarray:
+    """The image at `path` as (H, W, `channels`) intensities on [0, 255].
+
+    ``channels=3``: its RGB (gray repeated), uint8. ``channels=1``: a stored-gray file as it is
+    (uint8), any other converted to `LUMA` · RGB in float32 (see the module docstring).
+    """
+    if channels not in (1, 3):
+        raise DliError(f"channels {channels}: expected 1 or 3")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if channels == 1 and image.mode in GRAY_MODES:
+                    return np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
+                rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DliError(f"image not found: {path}") from None
+    except Image.DecompressionBombError:
+        raise DliError(
+            f"image {path} is too large to decode (more than {MAX_DECODE_PIXELS / 1e6:.0f} megapixels)"
+        ) from None
+    except READ_ERRORS as error:
+        raise DliError(f"cannot read image {path}: {error}") from None
+    return rgb if channels == 3 else luma(rgb)[..., None]
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) float32 gray, `LUMA` weights, no rounding (as the training pipeline)."""
+    return rgb.astype(np.float32, copy=False) @ np.asarray(LUMA, np.float32)
+
+
+def stored_gray(image: Image.Image) -> bool:
+    """Whether an opened image is read as gray without going through RGB (`GRAY_MODES`)."""
+    return image.mode in GRAY_MODES
+
+
+def looks_gray(image: Image.Image) -> bool:
+    """Whether an opened (loaded) image is gray: stored gray, or R, G, B within `GRAY_TOLERANCE`."""
+    if stored_gray(image) or image.mode in ("LA", "I", "F") or image.mode.startswith("I;16"):
+        return True
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    spread = (
+        np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0),
+        np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0),
+    )
+    return bool(max(spread) <= GRAY_TOLERANCE)
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:

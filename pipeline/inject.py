@@ -1,9 +1,10 @@
 """Apply a DLI plan to a decoded batch, on the training device, in place.
 
-Input: the batch images (N, 1, H, W) with their label channels (N, C, H, W), and the K decoded,
-augmented sources (K, 1, H, W) with their masks (K, H, W), in the plan's injection order.
-Intensities may be raw [0, 1] or normalized: cut-paste and Poisson blending commute with an
-affine intensity map, so only the clamp bounds (`value_range`) depend on it.
+Input: the batch images (N, D, H, W) (D = 1 gray or 3 RGB image channels) with their label
+channels (N, C, H, W), and the K decoded, augmented sources (K, D, H, W) with their masks
+(K, H, W), in the plan's injection order. Intensities may be raw [0, 1] or normalized, with one
+affine map per image channel: cut-paste and Poisson blending (each channel its own system)
+commute with it, so only the clamp bounds (`value_range`, per channel) depend on it.
 
 Poisson injections are one `poisson_blend` call over their sub-batch (blending domain = the
 source mask dilated by `DliConfig.dilate_radius`, mixed gradients, solved directly on a window
@@ -24,7 +25,9 @@ read-back that waits for the work queued before it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,6 +140,17 @@ def region_boxes(plan: Plan, source_boxes: np.ndarray, size: Size, dilate_radius
     return np.stack([first[:, 1], first[:, 0], last[:, 1], last[:, 0]], axis=1).astype(np.int64)
 
 
+def _clamp(xp: Any, images: Any, value_range: tuple[Any, Any]) -> Any:
+    """`images` (K, D, H, W) clipped to `value_range`: one (low, high) pair, or one per channel."""
+    low, high = value_range
+    if np.ndim(low) == 0:
+        return xp.clip(images, low, high)
+    for channel, (lo, hi) in enumerate(zip(low, high, strict=True)):
+        # Scalar bounds per channel: no host array to copy to the device.
+        xp.clip(images[:, channel], lo, hi, out=images[:, channel])
+    return images
+
+
 def inject(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -145,20 +159,21 @@ def inject(
     plan: Plan,
     config: DliConfig,
     *,
-    value_range: tuple[float, float] = (0.0, 1.0),
+    value_range: tuple[float, float] | tuple[Sequence[float], Sequence[float]] = (0.0, 1.0),
     boxes: np.ndarray | None = None,
 ) -> PoissonInfo | None:
     """Inject the plan's defects into `images` and set their labels, both in place.
 
     Args:
-        images: (N, 1, H, W) float32 batch (C-contiguous), before injection.
+        images: (N, D, H, W) float32 batch (C-contiguous), before injection.
         labels: (N, C, H, W) float32 label channels (C-contiguous).
-        sources: (K, 1, H, W) float32 decoded and augmented sources, in plan order.
+        sources: (K, D, H, W) float32 decoded and augmented sources, in plan order.
         source_masks: (K, H, W) bool or 0/1 float masks of the sources.
         plan: the plan the sources were decoded for.
         config: blending settings.
-        value_range: the images' intensity range (0 and 1 after any normalization): Poisson
-            results are clamped to it, as an 8-bit result would be.
+        value_range: the images' intensity range (0 and 1 after any normalization), one pair of
+            numbers or a pair of per-channel sequences: Poisson results are clamped to it, as
+            an 8-bit result would be.
         boxes: optional (K, 4) host boxes of the injections' dilated regions (`region_boxes`),
             so the Poisson solve reads nothing back from the device.
 
@@ -212,7 +227,7 @@ def inject(
                 window=config.poisson_window,
             )
             # The blend may overshoot the intensity range; clamp as an 8-bit result would be.
-            batch[slots] = xp.clip(blended, *value_range)
+            batch[slots] = _clamp(xp, blended, value_range)
             flat = label_array.reshape(-1, *label_array.shape[2:])  # a view: labels are contiguous
             label = masks if config.poisson_label == "source" else domain
             flat[channels] = xp.maximum(flat[channels], label.astype(flat.dtype, copy=False))

@@ -9,11 +9,17 @@ One iteration, in order:
    to H x W and warps each by its matrix (`dli.pipeline.dali`), a few batches ahead;
 4. on the training device, label channels are built from the decoded class-index maps (channel
    c = pixels of value c + 1, one comparison), the plan's defects are injected
-   (`dli.pipeline.inject`), and the images are normalized and expanded to 3 channels.
+   (`dli.pipeline.inject`), and gray images are repeated into the model's 3 input channels.
 
 A donor (`dli.pipeline.instances.DonorTable`) is one defect instance: its mask, fed to DALI as
 an in-memory PNG of its own pixels, is decoded and warped with its image, so an injection
 carries one class and that instance's pixels only.
+
+Channels. A loader has 1 (gray) or 3 (RGB) image channels (`channels`; `dli train --channels`).
+Gray loaders decode files stored gray with the decoder's gray output, and convert colour files
+to their luma (`dli.pipeline.imageio.LUMA`, as `dli predict` does) when the manifest holds any;
+RGB loaders repeat gray files into R, G and B. Normalization (`mean`, `std`, per model input
+channel, `dli.pipeline.normalization`) is applied in DALI; the model always takes 3 channels.
 
 Shuffling, flips and plans are functions of (seed, epoch, batch index) alone, so the same
 seed gives the same plans, and on the CPU the same batches bit for bit; a recorded plan
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +57,8 @@ from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
 from dli.pipeline.instances import DonorTable
 from dli.pipeline.manifest import FREE, Manifest, Sample
+from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics
 from dli.pipeline.planner import DliConfig, Plan, Planner
-
-MT_MEAN = 0.4319174835105347
-MT_STD = 0.11959978240241884
-"""Magnetic Tile intensity statistics on [0, 1] (the reference implementation's normalization)."""
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 4096
@@ -126,7 +129,9 @@ class Loader:
         manifest: the samples (for training also the DLI source pool: its defect images).
         num_classes, class_names: the defect classes (label channel c = class c).
         image_size: (H, W) of the output batches.
-        mean, std: per-channel normalization of the 3 output channels (on [0, 1] intensities).
+        channels: image channels, 1 (gray, repeated into the 3 output channels) or 3 (RGB).
+        mean, std: per-channel normalization of the 3 output channels (on [0, 1] intensities);
+            equal in the three for a gray loader.
         resize: image resizing, ``linear`` (antialiased) or ``nearest`` (masks: always nearest).
         planner: the DLI planner, or None when injection is off.
 
@@ -162,6 +167,10 @@ class Loader:
         resize: str = "linear",
         crop: CropConfig | None = None,
         canvas_boxes: list[np.ndarray] | None = None,
+        channels: int = 1,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        colour_files: bool | None = None,
     ) -> None:
         if resize not in ("linear", "nearest"):
             raise DliError(f"resize {resize!r}: choose from linear, nearest")
@@ -187,8 +196,14 @@ class Loader:
         self.device = _resolve_device(device)
         self.num_classes = manifest.num_classes
         self.class_names = manifest.class_names
-        self.mean = (MT_MEAN,) * 3
-        self.std = (MT_STD,) * 3
+        if isinstance(channels, bool) or channels not in (1, 3):
+            raise DliError(f"channels {channels!r}: expected 1 or 3")
+        self.channels = int(channels)
+        self.mean, self.std = model_statistics(
+            (MT_MEAN,) if mean is None else mean, (MT_STD,) if std is None else std, self.channels
+        )
+        # Whether some image file is not stored gray: a gray loader then decodes through RGB.
+        self.colour_files = colour_files
         self.epoch = 0
         self._class_ids = np.array(manifest.class_ids(), dtype=np.int64)
         self._class_sets = manifest.class_sets()
@@ -318,14 +333,21 @@ class Loader:
                 from dli.pipeline.dali import DecodePipeline
             except ImportError as error:
                 raise DliError(str(error)) from None
+            if self.channels == 3:
+                decode = "rgb"
+            else:
+                if self.colour_files is None:
+                    self.colour_files = any_colour_file(s.image for s in self.manifest.samples)
+                decode = "luma" if self.colour_files else "gray"
             self._pipeline = DecodePipeline(
                 self.image_size,
                 max_batch_size=2 * self.batch_size if self.planner is not None else self.batch_size,
                 warp=self.train,
                 device_id=self.device.index if self.device.type == "cuda" else None,
-                mean=self.mean[0],
-                std=self.std[0],
+                mean=self.mean[: self.channels],
+                std=self.std[: self.channels],
                 resize=self.resize,
+                decode=decode,
                 num_threads=self.num_threads,
                 prefetch=self.prefetch,
                 crop=self.crops is not None,
@@ -438,10 +460,15 @@ class Loader:
             yield batch
 
     def iter_with_clean(self) -> Iterator[tuple[Batch, torch.Tensor]]:
-        """Like iterating, but also yields each batch's images before injection: (N, 1, H, W) in [0, 1]."""
+        """Like iterating, but also yields each batch's images before injection: (N, D, H, W) in [0, 1]."""
+        std, mean = (self._channel_view(v) for v in (self.std, self.mean))
         for batch, clean in self._run(self._items(self.epoch), keep_clean=True):
             assert clean is not None
-            yield batch, clean.mul_(self.std[0]).add_(self.mean[0])
+            yield batch, clean.mul_(std).add_(mean)
+
+    def _channel_view(self, values: Sequence[float]) -> torch.Tensor:
+        """(1, channels, 1, 1) tensor of per-channel `values` on the loader's device."""
+        return torch.tensor(values[: self.channels], dtype=torch.float32).view(1, -1, 1, 1).to(self.device)
 
     def replay(self, plan: Plan) -> Batch:
         """The batch a recorded training `plan` produces (identical on the CPU to the original)."""
@@ -457,23 +484,30 @@ class Loader:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _to_torch(self, decoded: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """DALI outputs copied into (M, 1, H, W) normalized images and (M, H, W) uint8 class-index
-        maps on the device."""
+        """DALI outputs copied into (M, channels, H, W) normalized images and (M, H, W) uint8
+        class-index maps on the device."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         height, width = self.image_size
         count = len(decoded.images)
-        images = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
+        if self.channels == 3:  # DALI writes them channel-first
+            images = torch.empty((count, 3, height, width), dtype=torch.float32, device=self.device)
+        else:
+            images = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
         masks = torch.empty((count, height, width, 1), dtype=torch.uint8, device=self.device)
         stream = self._cuda_stream()
         feed_ndarray(decoded.images.as_tensor(), images, cuda_stream=stream)
         feed_ndarray(decoded.masks.as_tensor(), masks, cuda_stream=stream)
         # Channel-last with a single channel has the memory layout of channel-first: views, no copies.
-        return images.view(count, 1, height, width), masks.view(count, height, width)
+        return images.view(count, self.channels, height, width), masks.view(count, height, width)
 
-    def _normalized_range(self) -> tuple[float, float]:
-        """Where [0, 1] intensities land after normalization."""
-        return (0.0 - self.mean[0]) / self.std[0], (1.0 - self.mean[0]) / self.std[0]
+    def _normalized_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Where [0, 1] intensities land after normalization, per image channel: (lows, highs)."""
+        channels = range(self.channels)
+        return (
+            tuple((0.0 - self.mean[c]) / self.std[c] for c in channels),
+            tuple((1.0 - self.mean[c]) / self.std[c] for c in channels),
+        )
 
     def _check_poisson_report(self) -> None:
         """Warn about the previous batch's Poisson solve if it did not converge (its copy is long done)."""
@@ -522,7 +556,9 @@ class Loader:
             after = np.asarray(item.plan.class_ids_after, dtype=np.int64)
         class_ids = to_device(after.copy(), self.device)
         plan = item.plan if self.dli is not None else None
-        return Batch(batch_images.expand(-1, 3, -1, -1).contiguous(), labels, class_ids, plan), clean
+        if self.channels == 1:
+            batch_images = batch_images.expand(-1, 3, -1, -1).contiguous()
+        return Batch(batch_images, labels, class_ids, plan), clean
 
     def close(self) -> None:
         """Release the DALI pipeline (it is rebuilt if the loader is iterated again)."""
@@ -576,12 +612,18 @@ def build_loader(
     resize: str = "linear",
     crop: CropConfig | None = None,
     canvas_boxes: list[np.ndarray] | None = None,
+    channels: int = 1,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    colour_files: bool | None = None,
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
     ``train=True``: a new shuffle every epoch (`Loader.set_epoch`), random flips, injection when
     `dli` is given, incomplete last batch dropped unless ``drop_last=False``. ``train=False``:
     manifest order, no augmentation, no injection, last partial batch kept.
+    `channels` 1 or 3; `mean`/`std` per image channel (or per model input channel), default
+    Magnetic Tile's; `colour_files` whether some image is not stored gray (None: read the headers).
     Raises `DliError` naming any invalid argument.
     """
     return Loader(
@@ -602,4 +644,8 @@ def build_loader(
         resize=resize,
         crop=crop,
         canvas_boxes=canvas_boxes,
+        channels=channels,
+        mean=mean,
+        std=std,
+        colour_files=colour_files,
     )

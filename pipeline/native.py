@@ -1,7 +1,7 @@
 """Batches of whole images at native resolution, for evaluating a model that predicts by tiles.
 
 `native_batches` yields one `dli.pipeline.batch.Batch` per image: the image at its own size,
-scaled to [0, 1] and normalized per channel (grayscale repeated over the model's channels), and
+scaled to [0, 1] and normalized per channel (gray repeated over the model's channels), and
 its label channels read from the original mask with `dli.pipeline.imageio.read_mask` (the rule
 validation and training apply), never resized. Metrics computed on them are at native
 resolution against the original masks: per class, TP + FN equals the mask's defect pixels.
@@ -16,7 +16,7 @@ import torch
 
 from dli.errors import DliError
 from dli.pipeline.batch import Batch
-from dli.pipeline.imageio import read_gray, read_index, read_mask
+from dli.pipeline.imageio import read_image, read_index, read_mask
 from dli.pipeline.manifest import FREE, Manifest, Sample
 
 
@@ -38,14 +38,17 @@ def label_channels(sample: Sample, num_classes: int, shape: tuple[int, int]) -> 
     return labels
 
 
-def native_batches(manifest: Manifest, mean: Sequence[float], std: Sequence[float]) -> Iterator[Batch]:
-    """One batch per image of `manifest`, at the image's own size (see the module docstring)."""
+def native_batches(
+    manifest: Manifest, mean: Sequence[float], std: Sequence[float], *, channels: int = 1
+) -> Iterator[Batch]:
+    """One batch per image of `manifest`, at the image's own size (see the module docstring),
+    read in `channels` as training reads them (`dli.pipeline.imageio.read_image`)."""
     mean_array = np.asarray(mean, np.float32).reshape(-1, 1, 1)
     std_array = np.asarray(std, np.float32).reshape(-1, 1, 1)
     for sample in manifest.samples:
-        gray = read_gray(sample.image)
-        image = (gray[None].astype(np.float32) / np.float32(255.0) - mean_array) / std_array
-        labels = label_channels(sample, manifest.num_classes, gray.shape)
+        pixels = np.moveaxis(read_image(sample.image, channels), 2, 0)
+        image = (pixels.astype(np.float32) / np.float32(255.0) - mean_array) / std_array
+        labels = label_channels(sample, manifest.num_classes, pixels.shape[1:])
         yield Batch(
             images=torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
             masks=torch.from_numpy(labels)[None],

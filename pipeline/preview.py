@@ -5,13 +5,15 @@ after injection (``after``), both from one loader iteration, so the two rows dif
 injection. Label outlines are drawn in one colour per class; an injected tile gets a frame in
 its class colour and a tag with the class name and method (P = Poisson, CP = cut-paste).
 With `--crop S` the tiles are the S x S native-resolution crops training would see
-(`dli.pipeline.crops`), injections made inside them.
+(`dli.pipeline.crops`), injections made inside them. Tiles are gray or in colour as training
+would see them (`--channels`, as `dli train`'s).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from dli.atomic import atomic_write_bytes
 from dli.errors import DliError
 from dli.pipeline.batch import Batch
 from dli.pipeline.instances import DonorTable, canvas_boxes
+from dli.pipeline.normalization import CHANNEL_SETTINGS
 from dli.pipeline.planner import CANVASES, FILL_POLICIES, METHOD_CODES, DliConfig, Plan
 
 CLASS_COLOURS: tuple[str, ...] = (
@@ -49,8 +52,8 @@ class PreviewBatch:
     """What one batch contributes to the figure, on the host.
 
     Attributes:
-        before: (N, H, W) images in [0, 1] before injection.
-        after: (N, H, W) images in [0, 1] after injection (de-normalized).
+        before: (N, H, W) gray or (N, H, W, 3) RGB images in [0, 1] before injection.
+        after: the same after injection (de-normalized).
         labels_before: (N, C, H, W) bool labels before injection.
         labels_after: (N, C, H, W) bool labels after injection.
         plan: the batch's plan.
@@ -63,7 +66,15 @@ class PreviewBatch:
     plan: Plan
 
     @classmethod
-    def from_batch(cls, batch: Batch, clean: torch.Tensor, mean: float, std: float) -> PreviewBatch:
+    def from_batch(
+        cls,
+        batch: Batch,
+        clean: torch.Tensor,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+    ) -> PreviewBatch:
+        """From a loader's batch and its images before injection (`Loader.iter_with_clean`, (N, D,
+        H, W) in [0, 1], D = 1 gray or 3 RGB); `mean`/`std`: the loader's normalization."""
         plan = batch.plan
         if plan is None:
             raise ValueError("preview needs batches with a plan (a loader with injection)")
@@ -71,14 +82,22 @@ class PreviewBatch:
         labels_before = labels_after.copy()
         injected = [i.slot for i in plan.injections]
         labels_before[injected] = False  # injection only adds labels, on slots that had none
-        after = batch.images[:, 0].detach().cpu().numpy() * std + mean
+        channels = clean.shape[1]
+        scale = np.broadcast_to(np.asarray(std, np.float32), (3,))[:channels].reshape(1, -1, 1, 1)
+        shift = np.broadcast_to(np.asarray(mean, np.float32), (3,))[:channels].reshape(1, -1, 1, 1)
+        after = batch.images[:, :channels].detach().cpu().numpy() * scale + shift
         return cls(
-            before=clean[:, 0].detach().cpu().numpy(),
-            after=np.clip(after, 0.0, 1.0),
+            before=_tiles(clean.detach().cpu().numpy()),
+            after=_tiles(np.clip(after, 0.0, 1.0)),
             labels_before=labels_before,
             labels_after=labels_after,
             plan=plan,
         )
+
+
+def _tiles(images: np.ndarray) -> np.ndarray:
+    """(N, 1, H, W) -> (N, H, W) gray; (N, 3, H, W) -> (N, H, W, 3) RGB."""
+    return images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
 
 
 def _title(index: int, plan: Plan, class_names: tuple[str, ...]) -> str:
@@ -92,7 +111,10 @@ def _title(index: int, plan: Plan, class_names: tuple[str, ...]) -> str:
 
 
 def _draw_tile(ax: object, image: np.ndarray, labels: np.ndarray) -> None:
-    ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if image.ndim == 3:  # RGB
+        ax.imshow(image, interpolation="nearest")
+    else:
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     for class_id in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
         ax.contour(
             labels[class_id].astype(np.float32),
@@ -154,7 +176,7 @@ def render(batches: list[PreviewBatch], class_names: tuple[str, ...], *, subtitl
     from matplotlib.lines import Line2D
 
     columns = max(len(b.plan) for b in batches)
-    height, width = batches[0].before.shape[1:]
+    height, width = batches[0].before.shape[1:3]
     # Layout in inches, converted to figure fractions below.
     tile_w, gap = TILE_INCHES, 0.05
     tile_h = TILE_INCHES * height / width
@@ -243,16 +265,19 @@ def preview(
     crop: int | None = None,
     scale: float = 1.0,
     crop_defect_prob: float = 0.5,
+    channels: str | int = "auto",
 ) -> list[Plan]:
     """Write the preview PNG of the first `batches` training batches of `data`; returns their plans.
 
     The whole dataset is the training set here (its defect instances are the donors; `canvas`
     as `dli train --canvas`).
     `data` None means the bundled synthetic dataset. `crop` shows training crops of that side
-    (`scale` and `crop_defect_prob` as `dli train`'s) instead of resized whole images.
+    (`scale` and `crop_defect_prob` as `dli train`'s) instead of resized whole images. `channels`
+    as `dli train --channels`.
     """
     from dli.pipeline.loader import MAX_IMAGE_SIZE, build_loader
     from dli.pipeline.manifest import read_dataset
+    from dli.pipeline.normalization import channels_from_setting
     from dli.pipeline.validation import validate
 
     if batches < 1:
@@ -284,11 +309,12 @@ def preview(
         seed=seed,
         num_threads=2,
         prefetch=1,
+        channels=channels_from_setting(channels, report.image_gray),
     )
     loader.set_epoch(epoch)
     shown: list[PreviewBatch] = []
     for batch, clean in loader.iter_with_clean():
-        shown.append(PreviewBatch.from_batch(batch, clean, loader.mean[0], loader.std[0]))
+        shown.append(PreviewBatch.from_batch(batch, clean, loader.mean, loader.std))
         if len(shown) == batches:
             break
     loader.close()
@@ -334,6 +360,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="with --crop: share of defect images whose crop holds the defect",
     )
+    parser.add_argument(
+        "--channels",
+        choices=CHANNEL_SETTINGS,
+        default="auto",
+        help="show the batches in gray (1) or colour (3) as dli train --channels would; auto: gray when "
+        "every image is",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -351,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
         crop=args.crop,
         scale=args.scale,
         crop_defect_prob=args.crop_defect_prob,
+        channels=args.channels,
     )
     injected = sum(len(p.injections) for p in plans)
     print(f"wrote {args.out}: {len(plans)} batch(es), {injected} injection(s)")

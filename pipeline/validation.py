@@ -9,7 +9,7 @@ mask, or a defect-free one with a non-empty mask, are warnings (one `DatasetWarn
 the masks also measures what downstream code needs without reading them again: each mask's
 defect-pixel fraction, per class too (class pixel counts), its defect bounding box, and its
 defect instances (`dli.pipeline.instances`: the donors of injection, with the boxes that size
-their Poisson windows).
+their Poisson windows); opening the images tells whether each looks gray (`dli train --channels auto`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dli.errors import DliError
 from dli.pipeline.imageio import (
     READ_ERRORS,
     defect_pixels,
+    looks_gray,
+    stored_gray,
 )
 from dli.pipeline.index_masks import IndexMaskError, index_values
 from dli.pipeline.instances import Instance, measure_instances
@@ -58,6 +60,8 @@ class ValidationReport:
             rows where not measured; zeros for a defect-free sample).
         instances: each sample's defect instances (empty where not measured, and for
             defect-free samples: their masks carry no label).
+        image_gray: whether each sample's image looks gray (`dli.pipeline.imageio.looks_gray`;
+            without the pixel check: whether it is stored gray); True where it could not be read.
     """
 
     source: Path
@@ -68,6 +72,7 @@ class ValidationReport:
     mask_boxes: np.ndarray
     class_fractions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     instances: tuple[tuple[Instance, ...], ...] = ()
+    image_gray: tuple[bool, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -82,6 +87,7 @@ class _SampleCheck:
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     size: tuple[int, int] | None = None
+    gray: bool = True
     mask_fraction: float = math.nan
     mask_box: tuple[float, float, float, float] = (math.nan,) * 4
     class_fractions: dict[int, float] | None = None
@@ -97,17 +103,19 @@ def defect_box(defect: np.ndarray) -> tuple[float, float, float, float]:
     return rows[0] / height, cols[0] / width, (rows[-1] + 1) / height, (cols[-1] + 1) / width
 
 
-def _open_image(path: Path, check_pixels: bool) -> tuple[int, int]:
-    """(H, W) of `path` from its header; with `check_pixels` also decode it (JPEGs at 1/8 scale)."""
+def _open_image(path: Path, check_pixels: bool) -> tuple[tuple[int, int], bool]:
+    """((H, W), looks gray) of `path` from its header; with `check_pixels` also decode it (JPEGs at
+    1/8 scale) and look at its colours."""
     with Image.open(path) as image:
         width, height = image.size
-        if check_pixels:
-            if image.format == "JPEG":
-                # DCT-domain downscaling still walks the whole entropy-coded stream, so a
-                # truncated or corrupt file fails here, at a fraction of a full decode's cost.
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    return height, width
+        if not check_pixels:
+            return (height, width), stored_gray(image)
+        if image.format == "JPEG":
+            # DCT-domain downscaling still walks the whole entropy-coded stream, so a
+            # truncated or corrupt file fails here, at a fraction of a full decode's cost.
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+        image.load()
+        return (height, width), looks_gray(image)
 
 
 def _index_like_values(mask: Image.Image) -> np.ndarray | None:
@@ -161,7 +169,7 @@ def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _Samp
         out.errors.append(Problem(sample.image, "missing image"))
     else:
         try:
-            out.size = _open_image(sample.image, check_pixels)
+            out.size, out.gray = _open_image(sample.image, check_pixels)
         except READ_ERRORS as error:
             out.errors.append(Problem(sample.image, "unreadable image", str(error)))
     if sample.mask is None:
@@ -243,6 +251,7 @@ def validate(
         mask_boxes=np.array([c.mask_box for c in checks], dtype=np.float64).reshape(-1, 4),
         class_fractions=class_fractions,
         instances=tuple(c.instances for c in checks),
+        image_gray=tuple(c.gray for c in checks),
     )
     if report.warnings:
         warn_of_problems(report.warnings, manifest.root)
