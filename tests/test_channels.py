@@ -157,7 +157,7 @@ def test_injection_in_colour_carries_the_defect_hue(colour_data: Path, poisson_p
                 # The defect keeps its hue: R - G is +110 levels where the source defect is, about
                 # 0 in the gray background (cut-paste copies it, Poisson blends its gradients).
                 inside = red_minus_green[item.slot][labels[item.slot]]
-                assert inside.mean() > 0.6 * (HUE_SHIFT[0] - HUE_SHIFT[1]) / 255
+                assert inside.mean() > 0.4 * (HUE_SHIFT[0] - HUE_SHIFT[1]) / 255
                 assert np.abs(red_minus_green[item.slot][~labels[item.slot]]).mean() < 0.05
             assert float(rgb.min()) >= -1e-6 and float(rgb.max()) <= 1 + 1e-6  # clamped per channel
         assert injected > 0
