@@ -185,15 +185,27 @@ def test_a_poisson_injection_with_boxes_reads_nothing_back_on_the_gpu(runs_ahead
     plan = plan_of(identities(count))
     boxes = region_boxes(plan, np.array([defect_box(m) for m in masks]), size, RADIUS)
 
-    def case() -> tuple[torch.Tensor, ...]:
-        images = torch.from_numpy(rng.random((count, 1, *size), dtype=np.float32)).cuda()
-        sources = torch.from_numpy(rng.random((count, 1, *size), dtype=np.float32)).cuda()
-        return images, torch.zeros((count, 1, *size), device="cuda"), sources, torch.from_numpy(masks).cuda()
+    def case(device: str) -> tuple[torch.Tensor, ...]:
+        generator = np.random.default_rng(8)  # the same inputs on each device
+        images = torch.from_numpy(generator.random((count, 1, *size), dtype=np.float32))
+        sources = torch.from_numpy(generator.random((count, 1, *size), dtype=np.float32))
+        tensors = images, torch.zeros((count, 1, *size)), sources, torch.from_numpy(masks)
+        return tuple(t.to(device) for t in tensors)
 
-    inject(*case(), plan, DliConfig(poisson_prob=1.0), boxes=boxes)  # warm-up: plans and kernels
-    images, labels, sources, source_masks = case()
+    inject(*case("cuda"), plan, DliConfig(poisson_prob=1.0), boxes=boxes)  # warm-up: plans and kernels
+    images, labels, sources, source_masks = case("cuda")
     info = runs_ahead_of_the_gpu(
         lambda: inject(images, labels, sources, source_masks, plan, DliConfig(poisson_prob=1.0), boxes=boxes)
     )
     assert info is not None and info.all_converged, info.summary()
     assert torch.equal(labels[:, 0].bool(), source_masks)
+
+    # The CPU twin of the same injection: the same labels, and the same blended images to the
+    # float rounding of the solver (the direct solver's DSTs in float32 on either device).
+    twin = case("cpu")
+    original = twin[0].clone()
+    twin_info = inject(*twin, plan, DliConfig(poisson_prob=1.0), boxes=boxes)
+    assert twin_info is not None and twin_info.all_converged, twin_info.summary()
+    assert torch.equal(labels.cpu(), twin[1])
+    assert (twin[0] - original).abs().amax((1, 2, 3)).min() > 0.01  # every image was blended
+    torch.testing.assert_close(images.cpu(), twin[0], rtol=0, atol=1e-3)

@@ -161,6 +161,51 @@ def test_counters_run_without_host_syncs_on_the_gpu():
     assert curves.counts_at((0.3, 0.5, 0.7)) == (scores.tp, scores.fp, scores.fn)
 
 
+def _counter_inputs(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose probabilities lie far (>= 1e-5) from every grid threshold, so the CPU and the
+    GPU sigmoid put each pixel on the same side of each; some (image, class) planes clean, some
+    targets empty, one image defect-free: every image-level column gets counts."""
+    generator = torch.Generator().manual_seed(5)
+    levels = torch.tensor([-4.0, -2.0, -0.5, 0.5, 2.0, 4.0])
+    logits = levels[torch.randint(0, len(levels), (6, 3, 16, 16), generator=generator)]
+    clean = torch.rand(6, 3, 1, 1, generator=generator) < 0.4
+    logits = torch.where(clean, torch.tensor(-4.0), logits)  # nothing predicted on these planes
+    targets = (torch.rand(6, 3, 16, 16, generator=generator) > 0.7).float()
+    targets *= (torch.rand(6, 3, 1, 1, generator=generator) < 0.6).float()
+    targets[0] = 0.0  # a defect-free image
+    return logits.to(device), targets.to(device)
+
+
+@pytest.mark.gpu
+def test_the_gpu_counters_count_what_the_cpu_counters_count():
+    from dli.models.image_metrics import ImageDecisionCounter
+
+    names, thresholds = ["a", "b", "c"], (0.3, 0.5, 0.7)
+    results = {}
+    for device in ("cpu", "cuda"):
+        logits, targets = _counter_inputs(device)
+        calibrator = ThresholdCalibrator(names, device=device)
+        pixels = ConfusionCounter(names, device=device, threshold=thresholds)
+        images = ImageDecisionCounter(names, thresholds, min_area=2, device=device)
+        for start in (0, 3):  # two batches
+            for counter in (calibrator, pixels, images):
+                counter.update(logits[start : start + 3], targets[start : start + 3])
+        curves = calibrator.curves()
+        results[device] = (
+            curves.tp,
+            curves.fp,
+            curves.fn,
+            pixels.compute(),
+            images.compute(),
+            images.counts.cpu(),
+        )
+    cpu, gpu = results["cpu"], results["cuda"]
+    for a, b in zip(cpu[:3], gpu[:3], strict=True):
+        assert (a == b).all()  # every grid threshold, every class
+    assert cpu[3] == gpu[3] and cpu[4] == gpu[4]
+    assert torch.equal(cpu[5], gpu[5]) and (cpu[5] > 0).sum() > 5  # the columns are not all empty
+
+
 def test_a_class_the_model_does_not_find_at_one_half_keeps_one_half():
     # Every defect pixel below 0.5; at 0.005 one true positive among many false ones has F1 > 0.
     probabilities = [0.01, 0.2, 0.3, 0.02, 0.04, 0.05, 0.06]
