@@ -76,8 +76,10 @@ from dli.kernels.xp import (
 BUCKET_OVERHEAD_PIXELS = {"cpu": 4096, "cuda": 1 << 21}
 """The fixed cost of one window bucket per PCG step, in window pixels' worth of work (`bucket_shapes`).
 CPU: ~25 array calls of a few µs each against ~25 ns per pixel (measured, docs/kernels.md). CUDA:
-~40 launches of ~5 µs against ~0.1 ns per pixel at HBM speed, an estimate not yet measured on a GPU:
-it merges a batch into one or two buckets there."""
+one PCG step of a bucket is 37 launches, ~30 µs of host time each as the first GPU run measured,
+against ~225 bytes per window pixel at ~4.8 TB/s (`dli.kernels.device_model`), so merging a batch
+into one or two buckets pays (the device model's per-image windows: 50x the launches for a fifth
+of the bytes; docs/performance.md)."""
 
 SOLVERS: tuple[str, ...] = ("cg", "direct")
 """`poisson_blend` solvers: the preconditioned CG of this module, or `dli.kernels.poisson_direct`."""
@@ -897,9 +899,10 @@ DENSE_TRANSFORM_MAX_SIDE = {"cpu": 80, "cuda": 256}
 
 A DST of n points as a product with its n x n matrix costs n multiply-adds per point against the
 FFT's O(log n), but it is one BLAS call with no planning or dispatch: on the CPU it is faster up to
-sides of about 90 (2-4x at sides 8 to 48, measured in docs/kernels.md). The
-CUDA value is an estimate (cuBLAS batched products against cuFFT's several kernels per
-transform), not yet measured on a GPU."""
+sides of about 90 (2-4x at sides 8 to 48, measured in docs/kernels.md). On CUDA a 2-D transform
+pair as four strided-batched products is 4 launches against 36 for cupyx's DSTs (the device model,
+`dli.kernels.cupy_costs`), at 4 x 2·side flops per pixel: 256 keeps every window of a 256² image
+dense (258 GFLOP of cuBLAS per CG batch of 64); the crossover on a GPU is not yet measured."""
 
 
 @dataclass(frozen=True)
