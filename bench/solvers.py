@@ -14,6 +14,9 @@ Per solver: the median time per batch with the device synchronized (the work's o
 host time of the call alone (what the training loop waits before it can queue the next step; no
 solver reads anything back). Beside them, one ℓ-ResNet18 training step (forward, backward, AdamW;
 AMP as `dli train` runs it) on pre-made tensors of the same batch: the injection's share of a step.
+And per solver the device model of its CUDA path for the same batch (`dli.kernels.device_model`,
+counted on the CPU): `device_model.launches` and `.bytes` beside the measured time, and the host time
+per modelled launch (`--no-device-model` skips it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ import numpy as np
 
 from dli.atomic import atomic_write_text
 from dli.bench import magnetic_tile_root
-from dli.bench.poisson import DILATION_RADIUS, SYNTHETIC, magnetic_tile_batch, synthetic_batch
+from dli.bench.poisson import (
+    DILATION_RADIUS,
+    SYNTHETIC,
+    device_model_figures,
+    device_model_line,
+    magnetic_tile_batch,
+    synthetic_batch,
+)
 from dli.errors import DliError
 from dli.kernels.morphology import dilate
 from dli.kernels.poisson import PoissonConvergenceWarning, measured_boxes, poisson_blend
@@ -52,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=str(found) if found is not None else SYNTHETIC)
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per figure; the median is kept")
     parser.add_argument("--no-training", action="store_true", help="skip the training-step figure")
+    parser.add_argument(
+        "--no-device-model", action="store_true", help="skip the device model of each solver's CUDA path"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser
 
@@ -132,6 +145,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if name == "direct"
             else None,
         }
+        if not args.no_device_model:
+            model = device_model_figures(target, source, mask, mixed_gradients=True, **options)
+            figures[name]["device_model"] = model
+            figures[name]["host_us_per_modelled_launch"] = 1e3 * issued * 1e3 / max(model["launches"], 1)
     if not args.no_training:
         step = _training_step_seconds(args.n, args.size, args.device, max(3, args.repeats // 2))
         figures["training_step_ms"] = 1e3 * step
@@ -152,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         share = f" = {100 * f['share_of_step']:.1f}% of a step" if "share_of_step" in f else ""
         print(f"{name:13s} {f['ms_per_batch']:8.2f} ms/batch (host {f['host_ms_per_batch']:.2f} ms){share}")
         print(f"{'':13s} {f['summary']}")
+        if "device_model" in f:
+            per_launch = f"; host {f['host_us_per_modelled_launch']:.1f} us per modelled launch"
+            print(f"{'':13s} {device_model_line(f['device_model'])}{per_launch}")
     if "training_step_ms" in figures:
         print(
             f"training step (l-resnet18, batch {args.n}, {args.size}²): {figures['training_step_ms']:.2f} ms"

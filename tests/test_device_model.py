@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,24 @@ def test_cg_launches_grow_with_steps_and_buckets(monkeypatch: pytest.MonkeyPatch
         poisson_blend(*arrays, boxes=boxes, tol=0.5, **options)  # converged at once: the GPU runs on
     library = counts.operations["cufft"] + counts.operations["cublas"]
     assert library >= (4 if transforms == "fft" else 7) * 2 * poisson.gpu_max_iter(0.5)
+
+
+def test_the_benches_report_the_device_model(tmp_path) -> None:
+    """`bench.poisson` (both solvers) and `bench.solvers` write `device_model.launches` and `.bytes`."""
+    from dli.bench import poisson as poisson_bench
+    from dli.bench import solvers
+
+    for solver in ("cg", "direct"):
+        out = tmp_path / f"{solver}.json"
+        common = ["--n", "4", "--size", "32", "--data", "synthetic", "--repeats", "1", "--no-opencv"]
+        assert poisson_bench.main([*common, "--solver", solver, "--tol", "1e-4", "--json", str(out)]) == 0
+        model = json.loads(out.read_text())["device_model"]
+        assert model["launches"] > 0 and model["bytes"] > 0 and model["host_syncs"] == 0
+        assert model["launches"] == model["kernels"] + model["library_calls"] + model["copies"]
+    out = tmp_path / "solvers.json"
+    common = ["--n", "4", "--size", "32", "--data", "synthetic", "--repeats", "1", "--no-training"]
+    assert solvers.main([*common, "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for name in solvers.SOLVERS:
+        assert figures[name]["device_model"]["launches"] > 0
+        assert figures[name]["host_us_per_modelled_launch"] > 0
