@@ -221,6 +221,7 @@ def test_hue_only_defects_are_learnt_in_colour_and_not_in_gray(tmp_path: Path) -
 
     from dli.checkpoint import load_checkpoint
     from dli.config import TrainConfig
+    from dli.evaluate import evaluate_checkpoint
     from dli.trainer import train
 
     data = hue_dataset(tmp_path / "hue", defects=32, free=8, size=SIZE, seed=0)
@@ -250,9 +251,14 @@ def test_hue_only_defects_are_learnt_in_colour_and_not_in_gray(tmp_path: Path) -
         assert runtime["channels"] == info["channels"] == expected
         assert runtime["normalization"]["source"] == info["normalization"] == "dataset"
         assert runtime["normalization"]["mean"] == list(info["mean"])
-    # Measured on the training images: gray noise around 128 levels, hue shifted in the defects.
     assert results["auto"].best_iou > 0.5, results["auto"].history
     assert results["1"].best_iou < 0.2, results["1"].history
+    # dli eval reads the channels and the statistics from the checkpoint: the same IoU as training.
+    run = results["auto"].run_dir
+    report = evaluate_checkpoint(run / "best.pt", device="cpu", predictions=tmp_path / "predictions.png")
+    assert report.at_half.iou == pytest.approx(results["auto"].best_iou, abs=1e-3)
+    grid = np.asarray(Image.open(tmp_path / "predictions.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(grid[..., 0] - grid[..., 1]).max() > 40  # the pictures are in colour
 
 
 # -- predict and export in colour -----------------------------------------------------------------------
@@ -305,3 +311,16 @@ def test_colour_model_predicts_the_same_on_torch_and_onnx(colour_data: Path, tmp
     version_1["dli.input_channels"] = "3"
     old = OnnxMetadata.from_props(version_1)
     assert old.image_channels == 1 and old.normalization == "magnetic-tile"
+
+
+def test_a_resumed_run_keeps_its_channels_and_statistics() -> None:
+    from types import SimpleNamespace
+
+    from dli.trainer import Trainer
+
+    info = ModelInfo(
+        "l-resnet18", ("a",), 64, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), channels=3, normalization="dataset"
+    )
+    channels, normalization = Trainer._image_settings(SimpleNamespace(), {"model_info": info.to_dict()}, 8)
+    assert channels == 3 and normalization.source == "dataset"
+    assert normalization.mean == info.mean and normalization.std == info.std

@@ -91,3 +91,35 @@ def test_gpu_loader_is_reproducible(synthetic: Manifest) -> None:
         torch.testing.assert_close(a.masks, b.masks, rtol=0, atol=0)
         # GPU reductions may add in another order: Poisson results agree to the solver's tolerance.
         torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def colour(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    from dli.pipeline.manifest import read_dataset
+    from dli.pipeline.synth_formats import SynthOptions, generate_formatted
+
+    root = tmp_path_factory.mktemp("gpu-rgb") / "synth"
+    generate_formatted(
+        root, images=32, seed=5, size_range=((80, 140), (80, 160)), options=SynthOptions(rgb=True)
+    )
+    return read_dataset(root)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_gpu_colour_batches_agree_with_the_cpu(colour: Manifest, channels: int) -> None:
+    """RGB (nvJPEG colour, per-channel normalization, 3-channel injection) and the luma of colour
+    files agree with the CPU pipeline as gray batches do."""
+    mean, std = ((0.45, 0.5, 0.55), (0.2, 0.22, 0.25)) if channels == 3 else ((0.5,), (0.2,))
+    cpu, gpu = loaders(colour, dli=DliConfig(poisson_prob=0.5), channels=channels, mean=mean, std=std)
+    tolerance = 6 / 255 / min(std)
+    assert cpu and len(cpu) == len(gpu)
+    for c, g in zip(cpu, gpu, strict=True):
+        assert g.images.is_cuda and g.images.shape == c.images.shape == (8, 3, SIZE, SIZE)
+        difference = (g.images.cpu() - c.images).abs()
+        assert difference.mean() < tolerance / 4 and torch.quantile(difference.flatten(), 0.999) < tolerance
+        if channels == 1:
+            assert torch.equal(g.images[:, 0], g.images[:, 1]) and torch.equal(g.images[:, 0], g.images[:, 2])
+        else:
+            red = g.images[:, 0] * std[0] + mean[0]
+            green = g.images[:, 1] * std[1] + mean[1]
+            assert (red - green).abs().mean() > 0.005  # the tint survives
