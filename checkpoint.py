@@ -87,6 +87,8 @@ class ModelInfo:
             colour support are gray.
         normalization: where `mean`/`std` came from (`dli.pipeline.normalization`); checkpoints
             written before it was a setting used Magnetic Tile's.
+        aspect: ``stretch`` (images squeezed to the square) or ``fit`` (aspect ratio kept, longer
+            side = image_size, padded at the bottom and right with the mean intensity).
     """
 
     encoder: str
@@ -99,6 +101,7 @@ class ModelInfo:
     tiling: Tiling | None = None
     channels: int = 1
     normalization: str = "magnetic-tile"
+    aspect: str = "stretch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +125,7 @@ class ModelInfo:
             tiling=Tiling.from_dict(data.get("tiling")),
             channels=channels,
             normalization=str(data.get("normalization", "magnetic-tile")),
+            aspect=str(data.get("aspect", "stretch")),
         )
 
 

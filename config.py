@@ -40,6 +40,9 @@ POISSON_SOLVERS: tuple[str, ...] = PLANNER_POISSON_SOLVERS
 
 CANVAS_CHOICES: tuple[str, ...] = CANVASES
 """Which images of a batch DLI injects into: defect-free ones, any, or free ones when the batch has some."""
+ASPECTS: tuple[str, ...] = ("stretch", "fit")
+"""`--aspect`: resize each image to the square training size (``stretch``, the paper's), or keep its
+aspect ratio with the longer side at that size and pad the rest (``fit``)."""
 
 SPLITS: tuple[str, ...] = ("stratified", "reference")
 """Named train/validation splits; `--split` also takes a folder of split CSVs."""
@@ -174,6 +177,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     image_size: int | None = None
+    aspect: str = "stretch"
     crop: int | None = None
     scale: float = 1.0
     crop_defect_prob: float = 0.5
@@ -198,6 +202,7 @@ class TrainConfig:
         """Check every value; raise `DliError` naming the flag and the value. Returns self."""
         _choice(self, "method", METHODS)
         _choice(self, "fill", FILLS)
+        _choice(self, "aspect", ASPECTS)
         _choice(self, "poisson_solver", POISSON_SOLVERS)
         _choice(self, "canvas", CANVAS_CHOICES)
         _choice(self, "normalization", NORMALIZATIONS)
@@ -265,6 +270,8 @@ class TrainConfig:
         """`--crop`, `--scale`, `--crop-defect-prob` (training on native-resolution crops)."""
         _in_range(self, "crop_defect_prob", low=0.0, high=1.0, low_inclusive=True)
         _in_range(self, "scale", low=0.0, high=1.0)
+        if self.crop is not None and self.aspect != "stretch":
+            raise DliError(f"--aspect {self.aspect}: applies to whole-image training, not to --crop")
         if self.crop is None:
             if self.scale != 1.0:
                 raise DliError(f"--scale {self.scale:g}: applies to training on crops; pass --crop S too")

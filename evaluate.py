@@ -215,6 +215,7 @@ def evaluate_checkpoint(
             channels=info.channels,
             mean=info.mean,
             std=info.std,
+            fit=info.aspect == "fit",
         )
         batches, close = (lambda: loader), loader.close
     else:
@@ -264,6 +265,7 @@ def evaluate_checkpoint(
             mean=info.mean,
             std=info.std,
             resize=info.resize,
+            fit=info.aspect == "fit",
         )
         try:
             grid.write(

@@ -328,6 +328,7 @@ def _metadata(
         image_channels=info.channels,
         normalization=info.normalization,
         format_version=GRAY_FORMAT_VERSION if info.channels == 1 else FORMAT_VERSION,
+        aspect=info.aspect,
     )
 
 

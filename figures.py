@@ -165,6 +165,7 @@ class PredictionGrid:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         resize: str = "linear",
+        fit: bool = False,
     ) -> None:
         from dli.pipeline.loader import build_loader
 
@@ -188,6 +189,7 @@ class PredictionGrid:
                 mean=mean,
                 std=std,
                 resize=resize,
+                fit=fit,
             )
         )
 

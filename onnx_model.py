@@ -40,8 +40,13 @@ FORMAT_VERSION = 2
 GRAY_FORMAT_VERSION = 1
 """The metadata version of gray models: dli before colour support reads them."""
 
-OPTIONAL_FIELDS: dict[str, object] = {"tiling": None, "image_channels": 1, "normalization": "magnetic-tile"}
-"""Metadata fields absent from version-1 exports, and what they mean there."""
+OPTIONAL_FIELDS: dict[str, object] = {
+    "tiling": None,
+    "image_channels": 1,
+    "normalization": "magnetic-tile",
+    "aspect": "stretch",
+}
+"""Metadata fields absent from older exports, and what they mean there."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 METADATA_PREFIX = "dli."
@@ -68,6 +73,7 @@ class OnnxMetadata:
         image_channels: 1 (gray images, repeated into the input channels; colour ones converted
             to their luma) or 3 (RGB).
         normalization: where mean/std came from (`dli.pipeline.normalization`).
+        aspect: ``stretch`` or ``fit`` (`dli.checkpoint.ModelInfo.aspect`), as `preprocess` applies.
     """
 
     class_names: tuple[str, ...]
@@ -86,6 +92,7 @@ class OnnxMetadata:
     tiling: Tiling | None = None
     image_channels: int = 1
     normalization: str = "magnetic-tile"
+    aspect: str = "stretch"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -122,6 +129,7 @@ class OnnxMetadata:
                 tiling=Tiling.from_dict(values.get("tiling")),
                 image_channels=int(values["image_channels"]),
                 normalization=str(values["normalization"]),
+                aspect=str(values["aspect"]),
                 format=str(values["format"]),
                 format_version=int(values["format_version"]),
             )
@@ -207,21 +215,47 @@ class OnnxModel:
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per image, its (classes, H, W) float32 probabilities at the image's own size."""
         logits = self.logits(np.stack([self.preprocess(image) for image in images]))
+        size, aspect = self.metadata.image_size, self.metadata.aspect
         return [
-            sigmoid(resize_bilinear(lg, image.shape[:2])) for lg, image in zip(logits, images, strict=True)
+            sigmoid(resize_bilinear(valid_region(lg, image.shape, size, aspect), image.shape[:2]))
+            for lg, image in zip(logits, images, strict=True)
         ]
+
+
+def resized_size(shape: tuple[int, ...], size: int, aspect: str) -> tuple[int, int]:
+    """(h, w) an image of `shape` (H, W, ...) is resized to: (size, size) to stretch, else the longer
+    side at `size` with the aspect ratio kept (``fit``; the rest of the square is padding)."""
+    if aspect != "fit":
+        return size, size
+    height, width = shape[:2]
+    scale = size / max(height, width)
+    return max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+
+
+def valid_region(logits: np.ndarray, shape: tuple[int, ...], size: int, aspect: str) -> np.ndarray:
+    """The part of (C, size, size) `logits` that covers the image (all of it, unless ``fit`` padded)."""
+    height, width = resized_size(shape, size, aspect)
+    return logits[:, :height, :width]
+
+
+def fit_pad_values(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(C,) float32 normalized value of ``fit``'s padding: the mean intensity averaged over the
+    channels (what the DALI pipeline pads with), normalized per channel (0 for a gray model)."""
+    mean_array, std_array = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    return ((mean_array.mean() - mean_array) / std_array).astype(np.float32)
 
 
 def preprocess(image: np.ndarray, metadata: OnnxMetadata) -> np.ndarray:
     """What `dli.predict.preprocess` computes, in NumPy and Pillow (one channel at a time)."""
     size = metadata.image_size
+    height, width = resized_size(image.shape, size, metadata.aspect)
     pixels = image if image.ndim == 3 else image[..., None]
     resized = np.stack(
         [
             np.asarray(
                 Image.fromarray(
                     np.ascontiguousarray(pixels[..., c], dtype=np.float32) / np.float32(255.0)
-                ).resize((size, size), Image.Resampling.BILINEAR),
+                ).resize((width, height), Image.Resampling.BILINEAR),
                 dtype=np.float32,
             )
             for c in range(pixels.shape[2])
@@ -229,7 +263,14 @@ def preprocess(image: np.ndarray, metadata: OnnxMetadata) -> np.ndarray:
     )
     mean = np.asarray(metadata.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(metadata.std, np.float32).reshape(-1, 1, 1)
-    return (resized - mean) / std
+    normalized = (resized - mean) / std
+    if (height, width) == (size, size):
+        return normalized
+    # `fit`: padded at the bottom and right with the mean intensity, as in training.
+    out = np.empty((normalized.shape[0], size, size), np.float32)
+    out[...] = fit_pad_values(metadata.mean, metadata.std)[:, None, None]
+    out[:, :height, :width] = normalized
+    return out
 
 
 def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:

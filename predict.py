@@ -40,6 +40,7 @@ from PIL import Image
 from dli.atomic import atomic_save
 from dli.errors import DliError
 from dli.models.thresholds import check_threshold
+from dli.onnx_model import fit_pad_values, resized_size
 from dli.pipeline.imageio import is_image_file, read_image
 from dli.tiling import DEFAULT_OVERLAP, WINDOWS, TiledInference, Tiling, normalizer
 
@@ -86,7 +87,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def preprocess(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
-    """(3, S, S) float32 input of the model: resized, scaled to [0, 1], normalized as in training.
+    """(3, S, S) float32 input of the model: resized (stretched, or fitted and padded, as trained),
+    scaled to [0, 1], normalized as in training.
 
     `image`: (H, W, channels) intensities on [0, 255] (`read_image`), or (H, W) gray; one
     channel is repeated into the model's three.
@@ -96,14 +98,21 @@ def preprocess(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
 
     pixels = image if image.ndim == 3 else image[..., None]
     tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div_(255.0)[None]
-    size = (info.image_size, info.image_size)
+    size = resized_size(image.shape, info.image_size, info.aspect)
     if info.resize == "nearest":  # as the model was trained (pixel-centre nearest, as DALI's)
         tensor = F.interpolate(tensor, size=size, mode="nearest-exact")[0]
     else:
         tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     mean = torch.tensor(info.mean).view(-1, 1, 1)
     std = torch.tensor(info.std).view(-1, 1, 1)
-    return (tensor.expand(len(info.mean), -1, -1) - mean) / std
+    normalized = (tensor.expand(len(info.mean), -1, -1) - mean) / std
+    if size == (info.image_size, info.image_size):
+        return normalized
+    # `fit`: padded at the bottom and right with the mean intensity, as in training.
+    pad = torch.from_numpy(fit_pad_values(info.mean, info.std)).view(-1, 1, 1)
+    out = pad.expand(-1, info.image_size, info.image_size).clone()
+    out[:, : size[0], : size[1]] = normalized
+    return out
 
 
 OVERLAY_ROWS = 512
@@ -246,8 +255,12 @@ class CheckpointPredictor:
                 logits = self.model(inputs.contiguous(memory_format=torch.channels_last))
             maps = []
             for image, image_logits in zip(images, logits.float(), strict=True):
+                height, width = resized_size(image.shape, self.info.image_size, self.info.aspect)
                 full = F.interpolate(
-                    image_logits[None], size=image.shape[:2], mode="bilinear", align_corners=False
+                    image_logits[None, :, :height, :width],
+                    size=image.shape[:2],
+                    mode="bilinear",
+                    align_corners=False,
                 )
                 maps.append(torch.sigmoid(full[0]).cpu().numpy())
         return maps

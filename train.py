@@ -127,6 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"square training size; unset: {quick.image_size} without --data, {paper.image_size} with it",
     )
     data.add_argument(
+        "--aspect",
+        choices=("stretch", "fit"),
+        default=d.aspect,
+        help="whole-image training: stretch each image to the square --image-size (the paper's), or fit "
+        "it (aspect ratio kept, longer side = --image-size, padded); recorded, and honoured by eval and "
+        "predict",
+    )
+    data.add_argument(
         "--crop",
         type=int,
         default=d.crop,

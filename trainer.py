@@ -339,6 +339,7 @@ class Trainer:
             "mean": self.normalization.mean,
             "std": self.normalization.std,
             "colour_files": self.colour_files,
+            "fit": config.aspect == "fit",
         }
         crop = None if config.crop is None else CropConfig(config.crop, config.scale, config.crop_defect_prob)
         self.train_loader = build_loader(
@@ -394,6 +395,7 @@ class Trainer:
             tiling=self.tiling,
             channels=self.channels,
             normalization=self.normalization.source,
+            aspect=config.aspect,
         )
         self.tensorboard: Any = None
         self.lock = FolderLock(self.folder.root, "run folder")
@@ -766,6 +768,7 @@ class Trainer:
                 mean=self.normalization.mean,
                 std=self.normalization.std,
                 resize=str(self.config.resize),
+                fit=self.info.aspect == "fit",
             )
         model = self.model if self.tiling is None else TiledModel(self.model, self.tiling)
         self.prediction_grid.write(model, self.folder.predictions, title=f"validation, {title}")

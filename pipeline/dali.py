@@ -87,6 +87,7 @@ def decode_augment(
     resize: str = "linear",
     crop: bool = False,
     decode: str = "gray",
+    fit: bool = False,
 ):
     """Decode (`decode`, see `DECODES`), resize to `size`, warp image and mask by the same matrix, normalize.
 
@@ -103,7 +104,10 @@ def decode_augment(
     from outside the image repeat its border (DALI's default: no fill value). `decoder` is
     "cpu" or "mixed" (nvJPEG on the GPU) for the images; masks always decode on the CPU. With
     `crop` nothing is resized: each sample's matrix maps its native pixels into the `size`
-    output (`dli.pipeline.crops` folds the crop, and any `--scale`, into it). Element-wise
+    output (`dli.pipeline.crops` folds the crop, and any `--scale`, into it). With `fit`
+    (`--aspect fit`) the resize keeps the aspect ratio (longer side = `size`) and the image is
+    padded at the bottom and right to `size` with the mean intensity (averaged over the channels:
+    0 after a gray image's normalization), the mask with 0. Element-wise
     work is done here, on DALI's threads, rather than on the training loop's.
     """
     images = fn.external_source(name=IMAGES, dtype=types.UINT8, ndim=1)
@@ -130,14 +134,24 @@ def decode_augment(
         masks = masks.gpu()
     if crop:
         images = fn.cast(images, dtype=types.FLOAT)
-    elif resize == "nearest":
-        images = fn.resize(images, size=size, interp_type=types.INTERP_NN, dtype=types.FLOAT)
     else:
-        images = fn.resize(
-            images, size=size, interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT
-        )
-    if not crop:
-        masks = fn.resize(masks, size=size, interp_type=types.INTERP_NN)
+        mode = "not_larger" if fit else "stretch"
+        if resize == "nearest":
+            images = fn.resize(images, size=size, mode=mode, interp_type=types.INTERP_NN, dtype=types.FLOAT)
+        else:
+            images = fn.resize(
+                images,
+                size=size,
+                mode=mode,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+                dtype=types.FLOAT,
+            )
+        masks = fn.resize(masks, size=size, mode=mode, interp_type=types.INTERP_NN)
+        if fit:
+            fill = 255.0 * sum(mean) / len(mean)  # one value for every channel (`fit_pad_values`)
+            images = fn.pad(images, axis_names="HW", shape=size, fill_value=fill)
+            masks = fn.pad(masks, axis_names="HW", shape=size, fill_value=0)
     if warp:
         matrices = fn.external_source(name=MATRICES, dtype=types.FLOAT, ndim=2)
         images = fn.warp_affine(
@@ -228,6 +242,7 @@ class DecodePipeline:
         num_threads: DALI's CPU worker threads.
         prefetch: the most works in flight at once.
         crop: samples are cut from native-resolution images by their matrices (no resize; needs `warp`).
+        fit: resize keeping the aspect ratio and pad (`--aspect fit`) instead of stretching.
     """
 
     def __init__(
@@ -244,6 +259,7 @@ class DecodePipeline:
         prefetch: int = 2,
         crop: bool = False,
         decode: str = "gray",
+        fit: bool = False,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise DliError(f"resize {resize!r}: choose from {', '.join(RESIZE_MODES)}")
@@ -263,6 +279,7 @@ class DecodePipeline:
             resize=resize,
             crop=crop,
             decode=decode,
+            fit=fit,
             batch_size=max_batch_size,
             num_threads=num_threads,
             device_id=device_id,

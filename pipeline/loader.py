@@ -171,12 +171,14 @@ class Loader:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         colour_files: bool | None = None,
+        fit: bool = False,
     ) -> None:
         if resize not in ("linear", "nearest"):
             raise DliError(f"resize {resize!r}: choose from linear, nearest")
         self.resize = resize
         self.batch_size = _checked_int("batch size", batch_size)
         self.crop = crop if train else None
+        self.fit = fit
         self.image_size = _image_size(image_size if self.crop is None else self.crop.size)
         self.seed = _checked_int("seed", seed, minimum=0)
         self.num_shards = _checked_int("number of shards", num_shards)
@@ -351,6 +353,7 @@ class Loader:
                 num_threads=self.num_threads,
                 prefetch=self.prefetch,
                 crop=self.crops is not None,
+                fit=self.fit,
             )
         return self._pipeline
 
@@ -616,6 +619,7 @@ def build_loader(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     colour_files: bool | None = None,
+    fit: bool = False,
 ) -> Loader:
     """The loader of `manifest` (see `Loader` and the module docstring).
 
@@ -648,4 +652,5 @@ def build_loader(
         mean=mean,
         std=std,
         colour_files=colour_files,
+        fit=fit,
     )
