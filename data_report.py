@@ -5,8 +5,9 @@ index masks, COCO JSON, labelme), validates every image and mask as training doe
 images per class (an image holding two classes counts for both), instances per class (the
 8-connected components of each class, the donors of injection) with their pixel areas, the
 images holding several classes and their class sets, the defect-free images, the image sizes
-and channels, then every problem found, errors and warnings alike. Exit status 0 when there is
-no problem, 2 when there is any (so a script or CI can gate on it).
+and channels (how many look gray, as ``--channels auto`` decides, and the files' PIL modes),
+then every problem found, errors and warnings alike. Exit status 0 when there is no problem,
+2 when there is any (so a script or CI can gate on it).
 """
 
 from __future__ import annotations
@@ -51,11 +52,8 @@ class DatasetSummary:
     class_sets: Counter[str]
     sizes: list[tuple[int, int]]
     modes: Counter[str]
+    gray: int
     problems: list[str]
-
-
-GRAY_MODES = frozenset({"1", "L", "I", "I;16", "F"})
-"""PIL modes of single-channel images."""
 
 
 def _mode(path: Path) -> str | None:
@@ -101,6 +99,9 @@ def summarize(manifest, report) -> DatasetSummary:  # type: ignore[no-untyped-de
         class_sets=sets,
         sizes=[size for size in report.image_sizes if size is not None],
         modes=modes,
+        gray=sum(
+            1 for size, gray in zip(report.image_sizes, report.image_gray, strict=True) if size and gray
+        ),
         problems=problems,
     )
 
@@ -125,9 +126,12 @@ def format_summary(summary: DatasetSummary) -> str:
         lines.append(
             f"sizes: height {_range(heights)}, width {_range(widths)}; {len(set(summary.sizes))} distinct"
         )
-    gray = sum(n for mode, n in summary.modes.items() if mode in GRAY_MODES)
     shown = ", ".join(f"{mode} {n}" for mode, n in summary.modes.most_common())
-    lines.append(f"channels: {gray} gray, {sum(summary.modes.values()) - gray} colour (PIL modes: {shown})")
+    colour = len(summary.sizes) - summary.gray
+    trained = "1 (gray)" if colour == 0 else "3 (colour)"
+    lines.append(
+        f"channels: {summary.gray} look gray, {colour} colour (stored as {shown}); --channels auto: {trained}"
+    )
     width = max([len(n) for n in summary.classes] + [5])
     lines += [
         "",

@@ -114,7 +114,19 @@ def _read_and_validate(data: Path) -> int:
 def measure(mt: Path, coco: Path, cache: Path, repeats: int) -> dict[str, list[float]]:
     """Seconds of `read_dataset` + `validate` per run for the MT layout, COCO uncached and cached."""
     times: dict[str, list[float]] = {"mt": [], "coco, first run": [], "coco, cached": []}
+    previous = os.environ.get("DLI_CACHE")
     os.environ["DLI_CACHE"] = str(cache)
+    try:
+        _measure(mt, coco, cache, repeats, times)
+    finally:
+        if previous is None:
+            os.environ.pop("DLI_CACHE", None)
+        else:
+            os.environ["DLI_CACHE"] = previous
+    return times
+
+
+def _measure(mt: Path, coco: Path, cache: Path, repeats: int, times: dict[str, list[float]]) -> None:
     for _ in range(repeats):
         start = time.perf_counter()
         _read_and_validate(mt)
@@ -126,7 +138,6 @@ def measure(mt: Path, coco: Path, cache: Path, repeats: int) -> dict[str, list[f
         start = time.perf_counter()
         _read_and_validate(coco)
         times["coco, cached"].append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,7 +351,8 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> Manifest:
     if not folders:
         raise DliError(
             f"no class folders in {root}: expected <Class>/{IMAGES_FOLDER}/ or MT_<Class>/{IMAGES_FOLDER}/ "
-            "sub-folders, or a .csv manifest"
+            "sub-folders, images/ + masks/ + classes.txt, images with labelme .json files, a COCO .json "
+            "file or a .csv manifest"
         )
     names = _folder_class_names([f.name for f in folders])
     clashes = sorted(n for n, k in Counter(names).items() if k > 1)

@@ -4,7 +4,7 @@ masks, COCO and labelme polygons, no defect-free images (`dli synth --format ...
 The tiles and defects are `dli.pipeline.synth`'s (five MT-like classes, MT's imbalance); this
 module varies what real inspection data varies:
 
-- ``rgb``: the tile is tinted by a random near-neutral colour (steel, brass, bronze) and each
+- ``rgb``: the tile is tinted by a surface colour (steel, brass, bronze, green) and each
   defect class by a colour of its own, luminance about unchanged;
 - ``classes_per_image`` K > 1: about a third of the defect images hold 2..K classes, drawn one
   over the other (largest class first, so a pit stays visible on a stain);
@@ -67,6 +67,14 @@ LABELME_LEVEL = 0.95
 
 SEVERAL_SHARE = 1 / 3
 """Share of defect images holding more than one class when `classes_per_image` > 1."""
+
+SURFACE_TINTS: tuple[tuple[float, float, float], ...] = (
+    (0.90, 0.98, 1.12),  # steel
+    (1.12, 1.02, 0.78),  # brass
+    (1.15, 0.95, 0.82),  # bronze
+    (0.94, 1.06, 0.96),  # anodized green
+)
+"""Colour factor of the tile in ``rgb`` datasets (jittered by +-0.02 per channel): never gray."""
 
 CLASS_TINTS: tuple[tuple[float, float, float], ...] = (
     (1.15, 0.95, 0.80),  # blowhole: rusty
@@ -141,7 +149,7 @@ def render_labelled(
         index[mask] = class_id + 1
     if not rgb:
         return _to_uint8(img), index
-    tint = np.array([1.0, 1.0, 1.0]) + rng.uniform(-0.12, 0.12, 3)
+    tint = np.asarray(SURFACE_TINTS[int(rng.integers(len(SURFACE_TINTS)))]) + rng.uniform(-0.02, 0.02, 3)
     tint /= tint @ (0.299, 0.587, 0.114)  # keep the luminance
     colour = img[..., None] * tint.astype(np.float32)
     for class_id in sorted(set(classes)):

@@ -66,7 +66,7 @@ def test_counts_match_the_masks(tmp_path: Path, fmt: str, capsys: pytest.Capture
     )
     assert int(table["free"][0]) == free
     assert f"{several} with several classes" in out
-    assert "channels: 0 gray, 24 colour (PIL modes: RGB 24)" in out
+    assert "channels: 0 look gray, 24 colour (stored as RGB 24); --channels auto: 3 (colour)" in out
     assert "index masks rasterized from the annotations: " in out or fmt == "index"
     assert "no problem found" in out
     for name in NAMES:
@@ -113,4 +113,4 @@ def test_warnings_count_as_problems(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "1 problem:" in out and "warning:" in out and "empty mask" in out
     assert "images: 2: 1 with defects (0 with several classes), 1 defect-free" in out
-    assert "channels: 2 gray, 0 colour (PIL modes: L 2)" in out
+    assert "channels: 2 look gray, 0 colour (stored as L 2); --channels auto: 1 (gray)" in out
