@@ -337,7 +337,8 @@ def materialize(aset: AnnotationSet, *, workers: int | None = None) -> IndexMask
             mask = f"{MASKS_FOLDER}/{name}" if found else ""
             writer.writerow((image.as_posix(), mask, " ".join(str(c + 1) for c in found)))
         (tmp / PAIRS_FILE).write_text(buffer.getvalue(), encoding="utf-8")
-        if folder.exists():  # an incomplete folder left by hand: replace it
+        if folder.exists() and not (folder / PAIRS_FILE).is_file():
+            # Not another process's copy (renamed into place complete): a leftover made by hand.
             shutil.rmtree(folder, ignore_errors=True)
         try:
             tmp.rename(folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -67,3 +68,29 @@ def test_dli_trains_on_coco_without_free_images(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         assert main(argv) == 0
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_dli_train_names_every_bad_annotation_and_exits_2(tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path / "c", "coco")
+    data = json.loads(path.read_text())
+    data["annotations"][0]["segmentation"] = []
+    data["annotations"][1]["category_id"] = 77
+    path.write_text(json.dumps(data))
+    argv = ["train", "--data", str(path), "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "dli train: error: 2 problems in dataset" in err
+    assert "empty segmentation" in err and "unknown category id" in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_an_incomplete_cache_folder_is_replaced(tmp_path: Path) -> None:
+    from dli.pipeline.annotations import materialize, read_annotations
+
+    aset = read_annotations(_write(tmp_path / "c", "coco"))
+    first = materialize(aset)
+    (first.folder / "images.csv").unlink()  # a folder without its list: not complete, not reused
+    second = materialize(aset)
+    assert not second.reused and (second.folder / "images.csv").is_file()
+    third = materialize(aset)
+    assert third.reused and third.pairs == first.pairs
