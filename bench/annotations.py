@@ -49,7 +49,7 @@ def _mt_files(root: Path) -> list[tuple[Path, Path | None, str]]:
 
 def build(source: Path, images: int, work: Path) -> tuple[Path, Path]:
     """The MT-layout folder and the COCO file over `images` links to `source`'s files."""
-    from dli.pipeline.synth_formats import _coco_segmentation, instance_outlines
+    from dli.pipeline.synth_formats import coco_segmentation, instance_outlines
 
     files = _mt_files(source)
     mt, coco = work / "mt", work / "coco"
@@ -80,7 +80,7 @@ def build(source: Path, images: int, work: Path) -> tuple[Path, Path]:
             with Image.open(mask) as opened:
                 labels = (np.asarray(opened.convert("L")) > 0).astype(np.uint8)
             outlines[mask] = [
-                (_coco_segmentation(pixels, ring), int(pixels.sum()))
+                (coco_segmentation(pixels, ring), int(pixels.sum()))
                 for _, pixels, ring in instance_outlines(labels)
             ]
         for segmentation, area in outlines[mask]:

@@ -148,6 +148,8 @@ def _parse(json_path: Path) -> _Labelled | Problem:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return Problem(json_path, "not valid JSON", str(error))
     if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            return Problem(json_path, "not a labelme file", f"a COCO file: train with --data {json_path}")
         return Problem(json_path, "not a labelme file", "no 'shapes' list")
     declared = tuple(
         v if isinstance(v, int) and not isinstance(v, bool) else None

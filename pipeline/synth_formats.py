@@ -187,7 +187,7 @@ def instance_outlines(index: np.ndarray, level: float = 0.5) -> list[tuple[int, 
     return out
 
 
-def _coco_segmentation(pixels: np.ndarray, ring: np.ndarray) -> list[list[float]] | dict[str, object]:
+def coco_segmentation(pixels: np.ndarray, ring: np.ndarray) -> list[list[float]] | dict[str, object]:
     """The polygon of `ring` in COCO's coordinates, or the pixels' RLE when the polygon keeps none."""
     from pycocotools import mask as mask_api
 
@@ -263,7 +263,7 @@ def _write(folder: Path, images: int, seed: int, size_range: tuple, options: Syn
                 {"id": image_id, "file_name": f"images/{stem}.jpg", "height": h, "width": w}
             )
             for class_id, pixels, ring in instance_outlines(index):
-                segmentation = _coco_segmentation(pixels, ring)
+                segmentation = coco_segmentation(pixels, ring)
                 ys, xs = np.nonzero(pixels)
                 bbox = [
                     int(xs.min()),

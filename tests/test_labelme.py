@@ -182,3 +182,26 @@ def test_shape_with_no_pixel_is_an_empty_segmentation(tmp_path: Path) -> None:
         DliError, match=r"a.jpg: empty segmentation \(shape 0 \(pit\) in a.json: no pixel inside\)"
     ):
         materialize(read_labelme(root))
+
+
+def test_a_coco_file_in_the_folder_is_named_as_such(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data")
+    (root / "_annotations.coco.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(
+        DliError, match=r"_annotations.coco.json: not a labelme file \(a COCO file: train with --data"
+    ):
+        read_labelme(root)
+
+
+def test_matches_labelme_itself_when_installed() -> None:
+    """labelme's own `shape_to_mask` on random shapes of every type, where labelme is installed (the
+    project does not depend on it: a one-off run against labelme 6.3.1 found 3,000 shapes identical)."""
+    shape_module = pytest.importorskip("labelme.utils.shape", reason="labelme is not installed")
+    rng = np.random.default_rng(0)
+    kinds = {"polygon": 6, "rectangle": 2, "circle": 2, "line": 2, "linestrip": 4, "point": 1}
+    for number in range(120):
+        kind = list(kinds)[number % len(kinds)]
+        h, w = int(rng.integers(8, 60)), int(rng.integers(8, 60))
+        points = rng.uniform(-1, [w + 1, h + 1], size=(kinds[kind], 2)).round(1).tolist()
+        expected = shape_module.shape_to_mask((h, w), points, kind)
+        np.testing.assert_array_equal(_pixels(kind, points, h, w), expected, err_msg=f"{kind} {points}")
