@@ -231,18 +231,8 @@ def _all_images(root: Path) -> list[Path]:
     return [normal_path(p) for p in found]
 
 
-def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None) -> AnnotationSet:
-    """Read and check a folder of labelme files and images (rules in the module docstring)."""
-    root = normal_path(Path(folder))
-    if not root.is_dir():
-        raise DliError(f"dataset not found: {root}")
-    problems: list[Problem] = []
-    parsed: list[_Labelled] = []
-    key_files = list(json_files(root))
-    for json_path in key_files:
-        result = _parse(json_path)
-        (problems if isinstance(result, Problem) else parsed).append(result)  # type: ignore[arg-type]
-
+def _claim(parsed: list[_Labelled], problems: list[Problem]) -> list[_Labelled]:
+    """The parsed files, each image claimed by its first file (a second claim is a problem)."""
     claimed: dict[Path, Path] = {}
     kept: list[_Labelled] = []
     for item in parsed:
@@ -252,50 +242,90 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
         else:
             claimed[item.image] = item.json_path
             kept.append(item)
+    return kept
 
-    free_listed, free_problems = _free_list(root)
-    problems += free_problems
-    free_images: list[Path] = []
+
+def _unlabelled(
+    root: Path, claimed: set[Path], free_listed: set[Path], problems: list[Problem]
+) -> list[Path]:
+    """The images no file claims: defect-free when marked so, else each a problem."""
+    free: list[Path] = []
     for image in _all_images(root):
         if image in claimed:
             continue
         if image in free_listed or _in_free_folder(root, image):
-            free_images.append(image)
+            free.append(image)
         else:
             where = f"not in a {'/'.join(FREE_NAMES)} folder nor in {FREE_LIST}"
             problems.append(Problem(image, "image without a labelme file", where))
+    return free
+
+
+def _checked(
+    item: _Labelled, size: tuple[int, int] | str, marked_free: bool, problems: list[Problem]
+) -> bool:
+    """Whether one labelme file and its image pass every check (else its problems are added)."""
+    if isinstance(size, str):
+        problems.append(Problem(item.image, size, f"named by {item.json_path.name}"))
+        return False
+    height, width = size
+    declared = (("imageHeight", item.declared[0], height), ("imageWidth", item.declared[1], width))
+    mismatch = [
+        f"{key} {value} in {item.json_path.name}, the image has {actual}"
+        for key, value, actual in declared
+        if value is not None and value != actual
+    ]
+    if mismatch:
+        problems.append(Problem(item.json_path, "image size differs", "; ".join(mismatch)))
+        return False
+    if item.shapes and marked_free:
+        problems.append(Problem(item.json_path, "annotated image marked defect-free", item.image.name))
+        return False
+    found = [(n, _shape_problem(shape, height, width)) for n, shape in enumerate(item.shapes)]
+    for number, problem in found:
+        if problem:
+            problems.append(Problem(item.json_path, problem[0], f"shape {number}: {problem[1]}"))
+    return not any(problem for _, problem in found)
+
+
+def _annotated(item: _Labelled, height: int, width: int, order: Sequence[str]) -> AnnotatedImage:
+    shapes = tuple(
+        LabelmeShape(
+            order.index(shape["label"].strip().lower()),
+            f"shape {number} ({shape['label']}) in {item.json_path.name}",
+            shape.get("shape_type") or "polygon",
+            tuple((float(x), float(y)) for x, y in shape["points"]),
+        )
+        for number, shape in enumerate(item.shapes)
+    )
+    return AnnotatedImage(item.image, height, width, shapes, item.json_path)
+
+
+def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None) -> AnnotationSet:
+    """Read and check a folder of labelme files and images (rules in the module docstring)."""
+    root = normal_path(Path(folder))
+    if not root.is_dir():
+        raise DliError(f"dataset not found: {root}")
+    problems: list[Problem] = []
+    key_files = list(json_files(root))
+    parsed = []
+    for json_path in key_files:
+        result = _parse(json_path)
+        if isinstance(result, Problem):
+            problems.append(result)
+        else:
+            parsed.append(result)
+    kept = _claim(parsed, problems)
+    free_listed, free_problems = _free_list(root)
+    problems += free_problems
+    free_images = _unlabelled(root, {item.image for item in kept}, free_listed, problems)
 
     sizes = image_sizes([item.image for item in kept] + free_images)
-    labels: set[str] = set()
     checked: list[tuple[_Labelled, int, int]] = []
     for item, size in zip(kept, sizes[: len(kept)], strict=True):
-        if isinstance(size, str):
-            problems.append(Problem(item.image, size, f"named by {item.json_path.name}"))
-            continue
-        height, width = size
-        mismatch = [
-            f"{key} {value} in {item.json_path.name}, the image has {actual}"
-            for key, value, actual in (
-                ("imageHeight", item.declared[0], height),
-                ("imageWidth", item.declared[1], width),
-            )
-            if value is not None and value != actual
-        ]
-        if mismatch:
-            problems.append(Problem(item.json_path, "image size differs", "; ".join(mismatch)))
-            continue
-        if item.shapes and (item.image in free_listed or _in_free_folder(root, item.image)):
-            problems.append(Problem(item.json_path, "annotated image marked defect-free", item.image.name))
-            continue
-        bad = False
-        for number, shape in enumerate(item.shapes):
-            problem = _shape_problem(shape, height, width)
-            if problem:
-                problems.append(Problem(item.json_path, problem[0], f"shape {number}: {problem[1]}"))
-                bad = True
-        if not bad:
-            labels |= {shape["label"].strip().lower() for shape in item.shapes}
-            checked.append((item, height, width))
+        marked_free = item.image in free_listed or _in_free_folder(root, item.image)
+        if _checked(item, size, marked_free, problems):
+            checked.append((item, *size))  # type: ignore[misc]
     free_sized: list[tuple[Path, int, int]] = []
     for image, size in zip(free_images, sizes[len(kept) :], strict=True):
         if isinstance(size, str):
@@ -303,41 +333,23 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
         else:
             free_sized.append((image, *size))
 
+    labels = {shape["label"].strip().lower() for item, _, _ in checked for shape in item.shapes}
     order, origin = _class_order(root, labels, class_names)
     unknown = sorted(labels - set(order))
     if unknown:
-        problems.append(
-            Problem(root, "unknown class", f"labels {', '.join(unknown)} are not listed in {origin}")
-        )
+        detail = f"labels {', '.join(unknown)} are not listed in {origin}"
+        problems.append(Problem(root, "unknown class", detail))
     if problems:
         raise problems_error(problems, root)
 
-    images: list[AnnotatedImage] = []
-    for item, height, width in checked:
-        shapes = tuple(
-            LabelmeShape(
-                order.index(shape["label"].strip().lower()),
-                f"shape {number} ({shape['label']}) in {item.json_path.name}",
-                shape.get("shape_type") or "polygon",
-                tuple((float(x), float(y)) for x, y in shape["points"]),
-            )
-            for number, shape in enumerate(item.shapes)
-        )
-        images.append(AnnotatedImage(item.image, height, width, shapes, item.json_path))
+    images = [_annotated(item, height, width, order) for item, height, width in checked]
     for image, height, width in free_sized:
         origin_path = root / FREE_LIST if image in free_listed else image.parent
         images.append(AnnotatedImage(image, height, width, (), origin_path))
     if not images:
         raise DliError(f"no images in {root}")
     images.sort(key=lambda a: a.image)
-    return AnnotationSet(
-        root,
-        "labelme",
-        order,
-        tuple(images),
-        key_files=tuple(key_files),
-        root=root,
-    )
+    return AnnotationSet(root, "labelme", order, tuple(images), key_files=tuple(key_files), root=root)
 
 
 def _class_order(
