@@ -254,7 +254,9 @@ def check_record(record: dict, dataset: Manifest, device: str) -> dict:
     assert model["batches"] >= 1 and model["launches"] > model["kernels"] > 0 and model["bytes"] > 0
     parts = model["kernels"] + model["library_calls"] + model["copies"]
     assert model["launches"] == pytest.approx(parts)
-    assert model["host_syncs"] == 0  # boxes from the host: the CUDA path reads nothing back
+    # At most the one read-back of regions measured on the device (a source's box unknown to the
+    # host); the kernels themselves never wait for the GPU.
+    assert model["host_syncs"] <= 1
 
     training = record["training"]["l-resnet18"]
     assert training["parameters"] > 0
