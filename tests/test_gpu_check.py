@@ -65,6 +65,7 @@ def test_bad_data_fails_before_any_step(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # the child probe imports torch, CuPy and DALI: ~15 s alone, a minute on a busy machine
 def test_dry_run_reports_missing_packages_and_plans_without_writing(tmp_path: Path) -> None:
     """DALI and smp hidden from the child processes: the plan names them as why steps are skipped."""
     hidden = tmp_path / "hidden"
