@@ -460,7 +460,13 @@ def bench_figures(path: Path) -> dict[str, Any]:
         "inject_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "inject", "median")),
         "poisson_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "poisson", "median")),
         "training_images_per_s": {},
+        # The device model of the same batches' `inject` (counted on the CPU) beside its time.
+        "inject_device_model": {key: median("device_model", key) for key in ("launches", "bytes")},
     }
+    launches, inject_ms = figures["inject_device_model"]["launches"], figures["inject_ms_per_batch"]
+    figures["inject_us_per_modelled_launch"] = (
+        1e3 * inject_ms / launches if launches and inject_ms is not None else None
+    )
     for encoder, training in (record.get("training") or {}).items():
         figures["training_images_per_s"][encoder] = {
             name: (training.get(name) or {}).get("images_per_s", {}).get("median")
@@ -676,6 +682,14 @@ def markdown(report: Mapping[str, Any]) -> str:
                 + f"; inject {_value(figures.get('inject_ms_per_batch'), 2)} ms/batch, Poisson "
                 f"{_value(figures.get('poisson_ms_per_batch'), 2)} ms/batch",
             ]  # fmt: skip
+            model = figures.get("inject_device_model") or {}
+            if model.get("launches"):
+                lines.append(
+                    f"- inject's device model: {_value(model['launches'])} launches, "
+                    f"{_value((model.get('bytes') or 0) / 1e9, 2)} GB per batch; "
+                    f"{_value(figures.get('inject_us_per_modelled_launch'), 1)} µs measured per "
+                    "modelled launch"
+                )
             for encoder, rates in figures.get("training_images_per_s", {}).items():
                 lines.append(
                     f"- training {encoder} (images/s): "

@@ -207,3 +207,17 @@ def test_the_benches_report_the_device_model(tmp_path) -> None:
     for name in solvers.SOLVERS:
         assert figures[name]["device_model"]["launches"] > 0
         assert figures[name]["host_us_per_modelled_launch"] > 0
+
+
+def test_the_gpu_check_puts_the_measured_inject_time_beside_the_model(tmp_path) -> None:
+    from dli.bench.gpu_check import bench_figures
+
+    record = {
+        "kernels": {"seconds_per_batch": {"inject": {"median": 0.003}}},
+        "device_model": {"launches": 100.0, "bytes": 2e9},
+    }
+    path = tmp_path / "bench-cuda.json"
+    path.write_text(json.dumps(record))
+    figures = bench_figures(path)
+    assert figures["inject_device_model"] == {"launches": 100.0, "bytes": 2e9}
+    assert figures["inject_us_per_modelled_launch"] == pytest.approx(30.0)
