@@ -135,19 +135,19 @@ def decode_augment(
     if crop:
         images = fn.cast(images, dtype=types.FLOAT)
     else:
-        mode = "not_larger" if fit else "stretch"
+        aspect = {"mode": "not_larger"} if fit else {}  # without `fit`: exactly the stretch of before
         if resize == "nearest":
-            images = fn.resize(images, size=size, mode=mode, interp_type=types.INTERP_NN, dtype=types.FLOAT)
+            images = fn.resize(images, size=size, **aspect, interp_type=types.INTERP_NN, dtype=types.FLOAT)
         else:
             images = fn.resize(
                 images,
                 size=size,
-                mode=mode,
+                **aspect,
                 interp_type=types.INTERP_LINEAR,
                 antialias=True,
                 dtype=types.FLOAT,
             )
-        masks = fn.resize(masks, size=size, mode=mode, interp_type=types.INTERP_NN)
+        masks = fn.resize(masks, size=size, **aspect, interp_type=types.INTERP_NN)
         if fit:
             fill = 255.0 * sum(mean) / len(mean)  # one value for every channel (`fit_pad_values`)
             images = fn.pad(images, axis_names="HW", shape=size, fill_value=fill)
