@@ -85,6 +85,7 @@ def _write_run(run, *, total_steps: int, steps: list[int], files: tuple[str, ...
         (run.folder / name).write_bytes(b"checkpoint")
 
 
+@pytest.mark.slow  # several CPU trainings in one test (a run, an interrupted one, its resume)
 def test_finished_runs_are_skipped_killed_ones_resumed_and_partial_ones_restarted(tmp_path, monkeypatch):
     grid = resolve_grid(flags={"methods": "bce", "seeds": "0-3", "train": {"epochs": "2", "device": "cpu"}})
     runs = grid.runs(tmp_path)

@@ -267,6 +267,7 @@ def test_dli_protocol_is_the_default_and_keeps_its_choices(data, tmp_path, small
     assert [r["lr"] for r in result.history] != [5e-4]  # per-step cosine: lowered within the epoch
 
 
+@pytest.mark.slow  # several CPU trainings in one test (a run, an interrupted one, its resume)
 def test_protocol_is_resumed_exactly_and_another_is_refused(data, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(out), "--no-pretrained", "--no-progress"]
@@ -284,6 +285,7 @@ def test_protocol_is_resumed_exactly_and_another_is_refused(data, tmp_path, caps
     assert saved["protocol"] == "reference" and saved["decoder_convs"] == 4
 
 
+@pytest.mark.slow  # several CPU trainings in one test (a run, an interrupted one, its resume)
 def test_resume_under_the_reference_protocol_continues_the_run(data, tmp_path, small):
     common = {"protocol": "reference", "method": "dli", "epochs": 2, "data_fraction": 0.5}
     straight = train(small(data, tmp_path / "straight", **common))

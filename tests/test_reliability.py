@@ -216,6 +216,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_loses_nothing(data, tmp_pat
 # Killed runs, changed data.
 
 
+@pytest.mark.slow  # several CPU trainings in one test (a run, an interrupted one, its resume)
 def test_a_run_killed_before_its_first_last_pt_starts_over(data, tmp_path, capsys, small):
     out = tmp_path / "run"
     train(small(data, out, max_steps=1))

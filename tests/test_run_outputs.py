@@ -225,6 +225,7 @@ def test_patience_counts_evaluations_not_epochs(data, tmp_path, monkeypatch, no_
     assert [r["epoch"] for r in result.history if "iou" in r] == [2, 4]
 
 
+@pytest.mark.slow  # several CPU trainings in one test (a run, an interrupted one, its resume)
 def test_the_count_survives_resume(data, tmp_path, monkeypatch, no_figures):
     out = tmp_path / "run"
 

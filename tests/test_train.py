@@ -76,6 +76,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # several CPU trainings in one test (a run, an interrupted one, its resume)
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(data, tmp_path, small):
     common = {"epochs": 2, "method": "dli", "data_fraction": 0.5}
     reference = train(small(data, tmp_path / "straight", **common))
