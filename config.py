@@ -27,6 +27,7 @@ import yaml
 
 from dli.errors import DliError
 from dli.models.losses import METHODS
+from dli.pipeline.instances import DONOR_UNITS
 from dli.pipeline.normalization import CHANNEL_SETTINGS, NORMALIZATIONS
 from dli.pipeline.planner import CANVASES, FILL_POLICIES
 from dli.pipeline.planner import POISSON_SOLVERS as PLANNER_POISSON_SOLVERS
@@ -161,6 +162,7 @@ class TrainConfig:
     poisson_prob: float = 0.5
     fill: str = "all-free"
     canvas: str = "auto"
+    donors: str = "auto"
     wce_weights: str | None = None
     balanced_counts: str | None = None
     focal: str | None = None
@@ -208,6 +210,7 @@ class TrainConfig:
         _choice(self, "normalization", NORMALIZATIONS)
         if str(self.channels) not in CHANNEL_SETTINGS:
             raise DliError(f"--channels {self.channels}: choose from {', '.join(CHANNEL_SETTINGS)}")
+        _choice(self, "donors", DONOR_UNITS)
         if self.protocol is not None:
             _choice(self, "protocol", PROTOCOLS)
         for name, choices in PROTOCOL_CHOICES.items():

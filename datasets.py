@@ -80,9 +80,9 @@ class Datasets:
         unknown = (float("nan"),) * 4
         return np.array([self.mask_boxes.get(s, unknown) for s in self.train.samples], dtype=np.float64)
 
-    def donor_table(self) -> DonorTable:
-        """DLI's donors: every defect instance of the training images (`DonorTable.from_instances`)."""
-        return DonorTable.from_instances(self.train, self.instances)
+    def donor_table(self, unit: str = "auto") -> DonorTable:
+        """DLI's donors among the training images, by `unit` (`DonorTable.from_instances`)."""
+        return DonorTable.from_instances(self.train, self.instances, unit=unit)
 
     def canvas_boxes(self) -> list[np.ndarray]:
         """Each training sample's defect boxes (m, 4) as fractions (`instances.canvas_boxes`), so

@@ -26,6 +26,7 @@ from dli.checkpoint import load_checkpoint
 from dli.config import (
     CANVAS_CHOICES,
     DEFAULT_PROTOCOL,
+    DONOR_UNITS,
     FILLS,
     PAPER_SCHEDULE,
     POISSON_SOLVERS,
@@ -191,6 +192,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     method.add_argument(
         "--fill", choices=FILLS, default=d.fill, help="DLI: which canvas images receive a defect"
+    )
+    method.add_argument(
+        "--donors",
+        choices=DONOR_UNITS,
+        default=d.donors,
+        help="DLI: what one injected defect is: auto (the whole mask of a single-class image, as the paper; "
+        "each instance, one class's connected defect, of an image holding several classes) or instance "
+        "(instances everywhere)",
     )
     method.add_argument(
         "--canvas",

@@ -347,7 +347,7 @@ class Trainer:
             train=True,
             crop=crop,
             dli=injection,
-            donors=self.datasets.donor_table(),
+            donors=self.datasets.donor_table(config.donors),
             source_boxes=self.datasets.source_boxes(),
             canvas_boxes=self.datasets.canvas_boxes(),
             drop_last=config.last_batch == "drop",

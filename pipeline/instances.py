@@ -1,8 +1,14 @@
 """Defect instances: the connected components of each class of a mask, and the donor table of DLI.
 
 Dynamic Label Injection takes its defects one instance at a time: a connected component
-(8-connected) of one class in one training mask. An injected defect thus carries one class and
-its own pixels only, even when its image holds several classes or several defects.
+(8-connected) of one class in one training mask, where components that `INSTANCE_GAP` dilations
+bring together count as one (their Poisson blending domains would overlap; on Magnetic Tile this folds
+the anti-aliasing specks and the fragments of one break into their defect: 716 components, 479
+instances). An injected defect thus carries one class and its own pixels only, even when its
+image holds several classes or several defects. Instances under `MIN_DONOR_AREA` pixels are
+not donors (isolated specks; 18 on Magnetic Tile). By default (`DONOR_UNITS` ``auto``) an image
+holding one class gives its whole mask as one donor, as the paper's method does; ``instance``
+makes every donor an instance.
 `measure_instances` finds them (scipy.ndimage) when the dataset is validated, once, with the
 boxes that size the Poisson windows (`dli.pipeline.inject.region_boxes`) and the pixels the
 data path later decodes as the donor's mask (`DonorTable.mask_png`).
@@ -28,6 +34,20 @@ from dli.pipeline.manifest import Manifest, Sample
 
 CONNECTIVITY = np.ones((3, 3), dtype=bool)
 """Pixels touching by an edge or a corner belong to one instance."""
+
+INSTANCE_GAP = 2
+"""Components of one class whose dilations by this radius touch or overlap (pixels at most
+2 * gap + 1 apart, Chebyshev) form one instance: injection's default dilation radius, so the
+blending domains of two instances of one mask never overlap."""
+
+MIN_DONOR_AREA = 4
+"""The fewest pixels an instance needs to be injected (`DonorTable.from_instances`)."""
+
+DONOR_UNITS: tuple[str, ...] = ("auto", "instance")
+"""What one donor is (`DonorTable.from_instances`): ``auto`` keeps the whole mask of a
+single-class image (the paper's unit, so single-class datasets such as Magnetic Tile train as
+before) and takes the instances of images holding several classes; ``instance`` takes
+instances everywhere."""
 
 NO_BOX = (math.nan,) * 4
 
@@ -69,14 +89,21 @@ class Instance:
         return mask
 
 
-def measure_instances(labels: np.ndarray) -> tuple[Instance, ...]:
+def measure_instances(labels: np.ndarray, gap: int = INSTANCE_GAP) -> tuple[Instance, ...]:
     """The instances of a (H, W) class-index map (0 background, k + 1 where class k), class by
-    class in ascending order, each class's components in scipy's raster order."""
+    class in ascending order, each class's in scipy's raster order: connected components, those
+    that dilations by `gap` bring together merged (0: plain components)."""
     height, width = labels.shape
     out: list[Instance] = []
     values = np.unique(labels)
     for value in values[values > 0]:
-        components, _ = ndimage.label(labels == value, structure=CONNECTIVITY)
+        pixels = labels == value
+        if gap > 0:
+            near = ndimage.binary_dilation(pixels, np.ones((2 * gap + 1, 2 * gap + 1), dtype=bool))
+            components, _ = ndimage.label(near, structure=CONNECTIVITY)
+            components[~pixels] = 0
+        else:
+            components, _ = ndimage.label(pixels, structure=CONNECTIVITY)
         for number, where in enumerate(ndimage.find_objects(components), start=1):
             if where is None:
                 continue
@@ -163,24 +190,41 @@ class DonorTable:
 
     @classmethod
     def from_instances(
-        cls, manifest: Manifest, instances: Mapping[Sample, Sequence[Instance]], min_area: int = 1
+        cls,
+        manifest: Manifest,
+        instances: Mapping[Sample, Sequence[Instance]],
+        min_area: int = MIN_DONOR_AREA,
+        *,
+        unit: str = "auto",
     ) -> DonorTable:
-        """Every instance of `manifest`'s samples with at least `min_area` pixels.
+        """The donors of `manifest`'s samples, by `unit` (`DONOR_UNITS`).
 
-        Table order: class by class; within a class, by manifest index, then instance order.
+        ``instance``: every instance with at least `min_area` pixels. ``auto``: the whole mask of
+        each single-class image (its instances' union, as the paper injects; any non-empty one),
+        and the instances of each image holding several classes. Table order: class by class;
+        within a class, by manifest index, then instance order.
         """
-        rows: list[tuple[int, int, Instance]] = []
+        if unit not in DONOR_UNITS:
+            raise ValueError(f"donor unit {unit!r}: choose one of {', '.join(DONOR_UNITS)}")
+        rows: list[tuple[int, int, Instance | None, tuple[float, ...]]] = []
         for index, sample in enumerate(manifest.samples):
-            if sample.is_free:
+            found = instances.get(sample, ())
+            if sample.is_free or not found:
                 continue
-            for instance in instances.get(sample, ()):
+            if unit == "auto" and len(sample.classes) == 1:
+                tops, lefts, bottoms, rights = zip(*(i.box for i in found), strict=True)
+                rows.append(
+                    (sample.class_id, index, None, (min(tops), min(lefts), max(bottoms), max(rights)))
+                )
+                continue
+            for instance in found:
                 if instance.area >= min_area:
-                    rows.append((instance.class_id, index, instance))
+                    rows.append((instance.class_id, index, instance, instance.box))
         rows.sort(key=lambda row: (row[0], row[1]))  # stable: instance order kept within an image
         return cls(
             np.array([r[1] for r in rows], dtype=np.int64),
             np.array([r[0] for r in rows], dtype=np.int64),
-            np.array([r[2].box for r in rows], dtype=np.float64).reshape(-1, 4),
+            np.array([r[3] for r in rows], dtype=np.float64).reshape(-1, 4),
             tuple(r[2] for r in rows),
         )
 

@@ -129,7 +129,7 @@ def test_instances_are_the_connected_components_of_each_class() -> None:
     labels[6:9, 8:11] = 1  # class 0, instance 2
     labels[3:5, 4:6] = 2  # class 1, touches class 0 at a corner: still its own instance
     labels[3, 3] = 2
-    instances = measure_instances(labels)
+    instances = measure_instances(labels, gap=0)  # plain connected components
     assert [(i.class_id, i.top, i.left, i.bottom, i.right, i.area) for i in instances] == [
         (0, 1, 1, 3, 4, 6),
         (0, 6, 8, 9, 11, 9),
@@ -139,6 +139,17 @@ def test_instances_are_the_connected_components_of_each_class() -> None:
         full = instance.full_mask()
         assert full.sum() == instance.area and (labels[full > 0] == instance.class_id + 1).all()
     assert instances[1].box == (0.6, 8 / 12, 0.9, 11 / 12)
+    # By default components whose 2-pixel dilations touch are one instance: the two class-0
+    # pieces, 5 pixels apart (Chebyshev), merge; their pixels stay their own.
+    merged = measure_instances(labels)
+    assert [(i.class_id, i.top, i.left, i.bottom, i.right, i.area) for i in merged] == [
+        (0, 1, 1, 9, 11, 15),
+        (1, 3, 3, 5, 6, 5),
+    ]
+    assert (merged[0].full_mask() == (labels == 1)).all()
+    labels[6:9, 8:11] = 0
+    labels[7:9, 9:12] = 1  # now 6 pixels apart: two instances again
+    assert len(measure_instances(labels)) == 3
 
 
 def test_validation_measures_per_class_fractions_and_instances(index_data: Path) -> None:
@@ -292,3 +303,25 @@ def test_preview_shows_injections_into_data_without_free_images(tmp_path: Path, 
     printed = capsys.readouterr().out
     injected = int(printed.split(",")[-1].split()[0])
     assert injected > 0 and out.is_file()
+
+
+def test_donors_are_whole_single_class_masks_and_instances_of_several_class_images(index_data: Path) -> None:
+    manifest = read_dataset(index_data)
+    report = validate(manifest)
+    instances = dict(zip(manifest.samples, report.instances, strict=True))
+    auto = DonorTable.from_instances(manifest, instances)
+    for k, instance in enumerate(auto.instances):
+        sample = manifest.samples[auto.sample[k]]
+        assert (instance is None) == (len(sample.classes) == 1)
+        if instance is None:  # the whole mask, boxed as validation boxed it
+            np.testing.assert_array_equal(auto.boxes[k], report.mask_boxes[auto.sample[k]])
+            assert auto.mask_png(k) is None
+    every = DonorTable.from_instances(manifest, instances, unit="instance")
+    assert all(i is not None for i in every.instances) and len(every) >= len(auto)
+    for k, instance in enumerate(every.instances):
+        mask = np.asarray(Image.open(manifest.samples[every.sample[k]].mask))
+        own = instance.full_mask() > 0
+        assert (mask[own] == instance.class_id + 1).all()  # one class, its own pixels
+        decoded = np.asarray(Image.open(__import__("io").BytesIO(every.mask_png(k).tobytes())))
+        np.testing.assert_array_equal(decoded > 0, own)
+    assert list(every.class_id) == sorted(every.class_id)
