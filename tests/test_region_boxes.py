@@ -116,9 +116,13 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     )
 
 
+@pytest.mark.parametrize("solver", ["cg", "direct"])
 def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
-    synthetic: Manifest, monkeypatch
+    synthetic: Manifest, monkeypatch, solver: str
 ) -> None:
+    """The host boxes hold every region. For the CG they change nothing (its unknowns are the
+    region's own pixels); the direct solver's window follows its box, so there the loader's blend
+    equals a blend with the same boxes, not one on the measured ones."""
     report = validate(synthetic)
     options = {
         "batch_size": 8,
@@ -126,7 +130,7 @@ def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
         "train": True,
         # A tight tolerance, so the two window choices below agree to 1e-4 (at training's 1e-4
         # they agree to the 0.05 gray levels that tolerance leaves; docs/kernels.md).
-        "dli": DliConfig(poisson_prob=1.0, poisson_tol=1e-5),
+        "dli": DliConfig(poisson_prob=1.0, poisson_tol=1e-5, poisson_solver=solver),
         "seed": 1,
     }
     seen: list[np.ndarray | None] = []
@@ -152,6 +156,11 @@ def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
             checked += 1
     assert checked >= 5
     seen.clear()
+    if solver == "direct":  # the same boxes again, given by the test: the same blend, bit for bit
+        again = list(build_loader(synthetic, source_boxes=report.mask_boxes, **options))
+        for a, b in zip(with_boxes, again, strict=True):
+            torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        return
     measured = list(build_loader(synthetic, **options))
     assert seen and all(b is None for b in seen)
     for a, b in zip(with_boxes, measured, strict=True):
@@ -164,7 +173,8 @@ def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
 def test_a_non_converged_batch_is_warned_about_by_the_loader(synthetic: Manifest, monkeypatch) -> None:
     report = validate(synthetic)
     monkeypatch.setattr("dli.kernels.poisson.default_max_iter", lambda tol: 1)  # too few to converge
-    options = {"batch_size": 8, "image_size": 64, "train": True, "dli": DliConfig(poisson_prob=1.0)}
+    dli = DliConfig(poisson_prob=1.0, poisson_solver="cg")  # the direct solver has nothing to converge
+    options = {"batch_size": 8, "image_size": 64, "train": True, "dli": dli}
     loader = build_loader(synthetic, source_boxes=report.mask_boxes, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
