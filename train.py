@@ -95,11 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         default=d.split,
         metavar="|".join(SPLITS) + "|DIR",
-        help="train/val split: seeded per-class split, the published reference split, or a folder of "
-        "train_data.csv + val_data.csv",
+        help="train/val split: seeded and stratified by class set, the published reference split, or a "
+        "folder of train_data.csv + val_data.csv",
     )
     data.add_argument(
-        "--val-fraction", type=float, default=d.val_fraction, help="share of each class for validation"
+        "--val-fraction", type=float, default=d.val_fraction, help="share of each class set for validation"
     )
     data.add_argument(
         "--split-free",

@@ -169,8 +169,10 @@ def test_validation_measures_per_class_fractions_and_instances(index_data: Path)
 # Label channels through DALI, exactly.
 
 
-def test_label_channels_hold_the_index_masks_exactly(index_data: Path) -> None:
-    manifest = read_dataset(index_data)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_label_channels_hold_the_index_masks_exactly(tmp_path: Path, bits: int) -> None:
+    # DALI's decoder scales 16-bit PNGs to 8 bits by default: 16-bit index values must survive.
+    manifest = read_dataset(write_index_dataset(tmp_path / "data", images=12, free=2, bits=bits))
     loader = build_loader(manifest, batch_size=8, image_size=SIDE, train=False, resize="nearest")
     seen = 0
     for batch in loader:
