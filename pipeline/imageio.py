@@ -9,7 +9,7 @@ the RGB (a gray file repeated in R, G and B; alpha dropped). A 1-channel reader 
 file as it is and converts any other file to the float luma `LUMA` · RGB (ITU-R BT.601 weights,
 no rounding): the training pipeline (`dli.pipeline.dali`) and `dli predict` (torch and ONNX)
 convert the same way, so a colour image gives a 1-channel model the same input everywhere.
-An image *looks gray* (`image_channels`) when it is stored gray or its R, G and B differ by at
+An image *looks gray* (`looks_gray`) when it is stored gray or its R, G and B differ by at
 most `GRAY_TOLERANCE` levels anywhere; `dli train --channels auto` trains in gray when every
 training image looks gray.
 """
