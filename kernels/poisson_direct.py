@@ -198,6 +198,29 @@ def _eigenvalues(m: int) -> np.ndarray:
     return 2.0 - 2.0 * np.cos(np.pi * np.arange(1, m + 1) / (m + 1))
 
 
+def _dst1_2d(xp: ModuleType, x: Any) -> Any:
+    """The orthonormal type-I DST over the last two axes (its own inverse).
+
+    NumPy: `scipy.fft.dstn`. CuPy 14's `cupyx.scipy.fft.dstn` has no type 1 (types 2 and 3
+    only), so the device computes it from a real FFT of the odd extension (`_dst1_by_fft`).
+    """
+    if xp is np:
+        return _fft_module(xp).dstn(x, type=1, axes=(-2, -1), norm="ortho", overwrite_x=True)
+    return _dst1_by_fft(xp, _dst1_by_fft(xp, x, -1), -2)
+
+
+def _dst1_by_fft(xp: ModuleType, x: Any, axis: int) -> Any:
+    """Orthonormal DST-I of `x` along `axis`: for m points, the real FFT of the 2(m + 1)-point odd
+    extension (0, x, 0, -reversed x) holds -2i Σ x_n sin(π (n + 1) k / (m + 1)) at k = 1..m."""
+    moved = xp.moveaxis(x, axis, -1)
+    m = moved.shape[-1]
+    zero = xp.zeros((*moved.shape[:-1], 1), dtype=moved.dtype)
+    extended = xp.concatenate([zero, moved, zero, -moved[..., ::-1]], axis=-1)
+    spectrum = xp.fft.rfft(extended, axis=-1)[..., 1 : m + 1]
+    out = (spectrum.imag * (-1.0 / np.sqrt(2.0 * (m + 1)))).astype(moved.dtype)
+    return xp.moveaxis(out, -1, axis)
+
+
 def _dst1_matrix(m: int) -> np.ndarray:
     """The orthonormal type-I DST of m points as an m x m float64 matrix (symmetric, its own inverse)."""
     import scipy.fft
@@ -219,16 +242,15 @@ def _solve_bucket(
 
     Returns the (B,) region pixels inside each window's interior.
     """
-    fft = _fft_module(xp)
     target_w, source_w = bucket.crop(xp, target), bucket.crop(xp, source)
     omega_w = bucket.crop(xp, omega)
     dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, mixed)
     rhs = _interior_rhs(dx, dy)
     m, k = rhs.shape[-2:]
     inverse = transfers.to_device((1.0 / np.add.outer(_eigenvalues(m), _eigenvalues(k))).astype(target.dtype))
-    coefficients = fft.dstn(rhs, type=1, axes=(-2, -1), norm="ortho", overwrite_x=True)
+    coefficients = _dst1_2d(xp, rhs)
     coefficients *= inverse
-    correction = fft.dstn(coefficients, type=1, axes=(-2, -1), norm="ortho", overwrite_x=True)
+    correction = _dst1_2d(xp, coefficients)
     target_w[..., 1:-1, 1:-1] += correction.astype(target.dtype, copy=False)
     bucket.paste(xp, blended, target_w)
     return count_true(omega_w[:, 1:-1, 1:-1], axis=(1, 2))

@@ -247,3 +247,17 @@ def test_bad_solver_window_and_layout_are_rejected() -> None:
         poisson_blend(target, target, mask, solver="direct", window="tile")
     with pytest.raises(ValueError, match="layout"):
         direct_blend(np, target, target, mask, mixed_gradients=False, boxes=None, layout="dense")
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 47])
+def test_the_devices_dst1_by_fft_matches_scipy(m: int) -> None:
+    """CuPy's cupyx.scipy.fft.dstn has no type 1: the device's own construction, run on NumPy."""
+    import scipy.fft
+
+    from dli.kernels.poisson_direct import _dst1_by_fft
+
+    x = np.random.default_rng(m).random((3, 2, m, m + 3))
+    for axis in (-1, -2):
+        np.testing.assert_allclose(
+            _dst1_by_fft(np, x, axis), scipy.fft.dst(x, type=1, axis=axis, norm="ortho"), rtol=0, atol=1e-12
+        )
