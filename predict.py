@@ -169,7 +169,7 @@ def resolve_tiling(
 ) -> Tiling | None:
     """The tiling a prediction uses: the model's (`carried`), with `--tile/--overlap/--window` over it.
 
-    `--tile` switches tiling on for a model that carries none (overlap 0.25, Hann window unless
+    `--tile` switches tiling on for a model that carries none (overlap 0.25, Gaussian window unless
     given); `--overlap` or `--window` alone need a model that carries a tiling.
     """
     if tile is None and carried is None:
@@ -388,7 +388,7 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
         choices=WINDOWS,
         default=None,
         help="how tile logits are blended: down-weighting tile borders (hann, gaussian) or a plain "
-        "average (uniform); unset: the model's, else hann",
+        "average (uniform); unset: the model's, else gaussian",
     )
 
 

@@ -46,7 +46,9 @@ WINDOWS: tuple[str, ...] = ("hann", "gaussian", "uniform")
 """Tile weightings: down-weight borders by a Hann or a Gaussian window, or average uniformly."""
 
 DEFAULT_OVERLAP = 0.25
-DEFAULT_WINDOW = "hann"
+DEFAULT_WINDOW = "gaussian"
+"""The window with the fewest seam errors measured (docs/performance.md: 0.016% of mask pixels
+differ from one whole-image pass at overlap 0.25, Hann 0.017%, uniform 0.033%)."""
 MAX_OVERLAP = 0.9
 
 TileRunner = Callable[[np.ndarray], np.ndarray]

@@ -2,7 +2,7 @@
 
 One image of `--tiling-image` W x H pixels (default 2448 x 2048, a 5-megapixel line camera)
 is predicted by `dli.onnx_model.OnnxModel` through `dli.tiling` exactly as `dli predict --onnx`
-does (tiles of `--tile` S, `--overlap`, Hann window, logits thresholded band by band), and
+does (tiles of `--tile` S, `--overlap`, Gaussian window, logits thresholded band by band), and
 timed against two references over the same pixels: tiles without overlap, and one pass over the
 whole image (its sides rounded up to the encoder's stride). Figures are megapixels of the image
 per second (median, min, max over `--repeats`) and the overheads: tiled time over the no-overlap

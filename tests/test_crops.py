@@ -108,6 +108,7 @@ def test_bad_crop_flags_are_one_line_errors(native_data, tmp_path, capsys, flags
         "1",
         "--batch-size",
         "4",
+        "--no-pretrained",
         *flags,
     ]
     assert main(argv) == 2

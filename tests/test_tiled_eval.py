@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import dli.trainer  # noqa: F401 - binds the real build_model before tests patch the module
 from dli.checkpoint import ModelInfo, save_checkpoint
 from dli.cli import main
 from dli.config import TrainConfig

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import dli.trainer  # noqa: F401 - binds the real build_model before tests patch the module
 from dli.checkpoint import ModelInfo, save_checkpoint
 from dli.cli import main
 from dli.config import TrainConfig
@@ -187,7 +188,7 @@ def test_export_carries_the_tiling(tiny_models):
     from dli.onnx_model import OnnxModel
 
     _, onnx_path = tiny_models
-    assert OnnxModel(onnx_path).metadata.tiling == Tiling(128, overlap=0.25, window="hann", scale=1.0)
+    assert OnnxModel(onnx_path).metadata.tiling == Tiling(128, overlap=0.25, window="gaussian", scale=1.0)
 
 
 @pytest.mark.slow
