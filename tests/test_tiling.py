@@ -266,3 +266,19 @@ def test_an_image_too_large_to_decode_is_one_line(tmp_path, capsys):
         assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "huge.png is too large to decode" in err and "\n" not in err
+
+
+def test_predict_onnx_by_tiles_imports_no_torch(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    _, onnx_path = tiny_models
+    _images(tmp_path / "images", [(300, 200)])
+    script = (
+        "import sys; from dli.cli import main; "
+        f"rc = main(['predict', '--onnx', {str(onnx_path)!r}, '--images', {str(tmp_path / 'images')!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}]); "
+        "sys.exit(rc or any(m == 'torch' or m.startswith('torch.') for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0
+    assert (tmp_path / "out" / "img_300x200_scratch.png").is_file()
