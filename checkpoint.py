@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dli.atomic import atomic_save
+from dli.class_names import check_class_names
 from dli.errors import DliError
 from dli.tiling import Tiling
 
@@ -116,7 +117,7 @@ class ModelInfo:
         mean, std = model_statistics(data["mean"], data["std"], channels)  # one value: all channels
         return cls(
             encoder=str(data["encoder"]),
-            class_names=tuple(data["class_names"]),
+            class_names=check_class_names(data["class_names"], "the checkpoint's model_info"),
             image_size=int(data["image_size"]),
             mean=mean,
             std=std,

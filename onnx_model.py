@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dli.class_names import check_class_names
 from dli.errors import DliError
 from dli.tiling import Tiling
 
@@ -113,7 +114,7 @@ class OnnxMetadata:
                 for f in fields(cls)
             }
             metadata = cls(
-                class_names=tuple(str(n) for n in values["class_names"]),
+                class_names=check_class_names(values["class_names"], f"the dli metadata of {source}"),
                 input_channels=int(values["input_channels"]),
                 mean=tuple(float(v) for v in values["mean"]),
                 std=tuple(float(v) for v in values["std"]),

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from dli.atomic import atomic_save
+from dli.class_names import output_name
 from dli.errors import DliError
 from dli.models.thresholds import check_threshold
 from dli.onnx_model import fit_pad_values, resized_size
@@ -342,7 +343,7 @@ def predict_folder(
             all_masks = [p > thresholds for p in predictor.probabilities(images)]
         for path, image, masks in zip(group, images, all_masks, strict=True):
             for name, mask in zip(predictor.class_names, masks, strict=True):
-                target = out / f"{path.stem}_{name}.png"
+                target = output_name(out, path.stem, name)
                 _write_png(target, mask.astype(np.uint8) * 255)
                 written.append(target)
             target = out / f"{path.stem}_overlay.png"

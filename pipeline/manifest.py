@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dli.atomic import atomic_write_text
+from dli.class_names import check_class_names
 from dli.errors import DliError
 from dli.pipeline.imageio import (
     IMAGE_EXTENSIONS,
@@ -267,11 +268,8 @@ def read_class_names(path: Path) -> tuple[str, ...]:
 
 
 def _checked_class_names(names: Sequence[str], origin: str) -> tuple[str, ...]:
-    names = tuple(str(n).strip().lower() for n in names)
-    duplicates = sorted(n for n, k in Counter(names).items() if k > 1)
-    if duplicates:
-        raise DliError(f"class names listed twice in {origin}: {', '.join(duplicates)}")
-    bad = [n for n in names if not n or n in FREE_NAMES or "," in n]
+    names = check_class_names((str(n).strip().lower() for n in names), origin)
+    bad = [n for n in names if n in FREE_NAMES or "," in n]
     if bad:
         raise DliError(
             f"invalid defect class name(s) {bad} in {origin}: names must be non-empty, without commas, "
@@ -281,7 +279,7 @@ def _checked_class_names(names: Sequence[str], origin: str) -> tuple[str, ...]:
 
 
 def _class_order(
-    found: Iterable[str], explicit: Sequence[str] | None, classes_file: Path
+    found: Iterable[str], explicit: Sequence[str] | None, classes_file: Path, where: Path
 ) -> tuple[tuple[str, ...], str | None]:
     """The class names in id order, and where an explicit list came from (None when derived)."""
     if explicit is not None:
@@ -291,7 +289,7 @@ def _class_order(
     found = set(found)
     if found <= set(MT_CLASSES):
         return MT_CLASSES, None
-    return tuple(sorted(found)), None
+    return check_class_names(sorted(found), f"the classes of {where}"), None
 
 
 def _unknown_class(name: str, origin: str | None) -> str:
@@ -361,7 +359,9 @@ def _read_folders(root: Path, class_names: Sequence[str] | None) -> Manifest:
     free_folders = [f.name for f, n in zip(folders, names, strict=True) if n in FREE_NAMES]
     if len(free_folders) > 1:
         raise DliError(f"more than one defect-free folder in {root}: {', '.join(free_folders)}")
-    order, origin = _class_order([n for n in names if n not in FREE_NAMES], class_names, root / CLASSES_FILE)
+    order, origin = _class_order(
+        [n for n in names if n not in FREE_NAMES], class_names, root / CLASSES_FILE, root
+    )
 
     samples: list[Sample] = []
     problems: list[Problem] = []
@@ -473,7 +473,7 @@ class _CsvRows:
 def _read_simple_csv(path: Path, rows: list[dict[str, str]], class_names: Sequence[str] | None) -> Manifest:
     base = path.parent
     found = {r["class"].lower() for r in rows if r["class"] and r["class"].lower() not in FREE_NAMES}
-    order, origin = _class_order(found, class_names, base / CLASSES_FILE)
+    order, origin = _class_order(found, class_names, base / CLASSES_FILE, path)
     collected = _CsvRows(path)
     problems = collected.problems
     for number, row in enumerate(rows, start=2):  # row 1 is the header
