@@ -4,6 +4,10 @@ A run killed mid-write leaves the previous checkpoint or result file intact, nev
 The file gets the mode a plain `open(path, "w")` would give it (0o666 less the umask), or keeps
 the mode of the file it replaces; `tempfile.mkstemp` alone would leave it private (0o600).
 
+A file that is read-only (no write permission bit set, or none for this process) is never
+replaced: renaming over it would bypass its permissions, so the write is refused with one
+`DliError` naming it and the file stays as it is.
+
 An operating-system error while writing (a full disk, a read-only or missing folder, a path
 that names a file) becomes one `DliError` naming the file; the temp file is removed and the
 previous file, if any, stays as it was. Temp files are named `.<name>.<random>.tmp`: a write
@@ -58,10 +62,30 @@ def _final_mode(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
+def is_read_only(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is an existing file that its permissions forbid writing.
+
+    True when no write bit is set at all (mode 444: read-only by its owner's choice, even for
+    root) or when this process may not write it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) and (not mode & 0o222 or not os.access(path, os.W_OK))
+
+
+def check_replaceable(path: str | os.PathLike[str]) -> None:
+    """`DliError` naming `path` when it exists and is read-only (see `is_read_only`)."""
+    if is_read_only(path):
+        raise DliError(f"cannot write {path}: the file is read-only")
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
+    check_replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)

@@ -5,18 +5,21 @@ A checkpoint is a plain dict of tensors and primitive containers, so it loads wi
 written to a temp file and renamed into place, so a run killed mid-save keeps the previous one.
 RNG states (torch CPU and CUDA, NumPy, Python) are stored as tensors and primitives.
 
-The model weights carry a SHA-256 (`weights_checksum`, under `CHECKSUM_KEY`) that every load
-verifies, so corrupted tensor bytes are refused rather than evaluated. A model whose weights
-are not finite is never saved, and `model_from_checkpoint` refuses one.
+Everything a checkpoint holds (weights, model info, thresholds, config, optimizer, scaler and
+RNG states, metrics) is covered by one SHA-256 (`content_checksum`, under `CONTENT_CHECKSUM_KEY`)
+that every load verifies, so a corrupted byte anywhere is refused rather than used. Checkpoints
+of format version 1 carry only the weights' checksum (`CHECKSUM_KEY`), still verified. A model
+whose weights are not finite is never saved, and `model_from_checkpoint` refuses one. Values
+that drive allocations or decisions (image size, normalization, class names, thresholds) are
+range-checked when read (`dli.model_checks`, `dli.class_names`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import pickle
 import random
-import zipfile
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,15 +32,20 @@ from torch import nn
 from dli.atomic import atomic_save
 from dli.class_names import check_class_names
 from dli.errors import DliError
+from dli.model_checks import RESIZE_MODES, check_image_size, check_normalization
 from dli.tiling import Tiling
 
 FORMAT = "dli-checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: a checksum over the whole document (`CONTENT_CHECKSUM_KEY`); 1: over the weights only."""
 REQUIRED_KEYS: tuple[str, ...] = ("model", "model_info", "config")
 """Keys every dli checkpoint holds (training checkpoints hold more: optimizer, RNG, ...)."""
 
 CHECKSUM_KEY = "model_sha256"
 """Key of the weights' checksum (`weights_checksum` of the "model" state dict)."""
+
+CONTENT_CHECKSUM_KEY = "content_sha256"
+"""Key of the checksum of everything else in the document (`content_checksum`)."""
 
 
 def weights_checksum(state: Mapping[str, Any]) -> str:
@@ -50,6 +58,39 @@ def weights_checksum(state: Mapping[str, Any]) -> str:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digest_value(digest: Any, value: Any) -> None:
+    """Feed `value` (nested dicts, lists, tuples, tensors, primitives) into `digest`, unambiguously."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            _digest_value(digest, key)
+            _digest_value(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _digest_value(digest, item)
+    elif isinstance(value, float):
+        digest.update(b"F" + struct.pack("<d", value))
+    elif isinstance(value, str):
+        encoded = value.encode("utf-8", "surrogatepass")
+        digest.update(f"S{len(encoded)}:".encode() + encoded)
+    else:  # None, bool, int, and anything else torch.load(weights_only=True) returns
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def content_checksum(document: Mapping[str, Any]) -> str:
+    """SHA-256 over every entry of a checkpoint document but the checksums themselves."""
+    digest = hashlib.sha256()
+    _digest_value(
+        digest, {k: v for k, v in document.items() if k not in (CONTENT_CHECKSUM_KEY, CHECKSUM_KEY)}
+    )
     return digest.hexdigest()
 
 
@@ -109,16 +150,18 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        """The info of a checkpoint's `model_info`; `DliError` for names or values out of range."""
         from dli.pipeline.normalization import model_statistics
 
+        origin = "the checkpoint's model_info"
         channels = int(data.get("channels", 1))
         if channels not in (1, 3):
             raise ValueError(f"channels {channels}: expected 1 or 3")
         mean, std = model_statistics(data["mean"], data["std"], channels)  # one value: all channels
-        return cls(
+        info = cls(
             encoder=str(data["encoder"]),
-            class_names=check_class_names(data["class_names"], "the checkpoint's model_info"),
-            image_size=int(data["image_size"]),
+            class_names=check_class_names(data["class_names"], origin),
+            image_size=check_image_size(data["image_size"], origin),
             mean=mean,
             std=std,
             decoder_convs=int(data.get("decoder_convs", 2)),
@@ -128,6 +171,10 @@ class ModelInfo:
             normalization=str(data.get("normalization", "magnetic-tile")),
             aspect=str(data.get("aspect", "stretch")),
         )
+        check_normalization(info.mean, info.std, origin)
+        if info.resize not in RESIZE_MODES:
+            raise DliError(f"{origin}: resize {info.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        return info
 
 
 def model_from_checkpoint(
@@ -169,12 +216,14 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 
     `DliError` (nothing written) when the model's weights are not finite.
     """
-    document = {"format": FORMAT, "version": VERSION, **payload}
+    stale = (CHECKSUM_KEY, CONTENT_CHECKSUM_KEY)  # a payload read from a checkpoint carries its old ones
+    document = {**{k: v for k, v in payload.items() if k not in stale}, "format": FORMAT, "version": VERSION}
     if "model" in payload:
         bad = non_finite_tensors(payload["model"])
         if bad:
             raise DliError(f"not writing {path}: {_non_finite_summary(payload['model'], bad)}")
         document[CHECKSUM_KEY] = weights_checksum(payload["model"])
+    document[CONTENT_CHECKSUM_KEY] = content_checksum(document)
     atomic_save(path, lambda handle: torch.save(document, handle))
 
 
@@ -185,17 +234,16 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         raise DliError(f"checkpoint not found: {path}")
     try:
         document = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # UnpicklingError, BadZipFile, ... and, from the legacy reader, anything
         kind = type(error).__name__
         raise DliError(
             f"cannot read checkpoint {path}: corrupt, truncated or not a PyTorch file ({kind})"
         ) from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise DliError(f"not a dli checkpoint: {path}")
-    if document.get("version", 0) > VERSION:
-        raise DliError(
-            f"checkpoint {path} has format version {document['version']}; this dli reads <= {VERSION}"
-        )
+    version = document.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise DliError(f"checkpoint {path} has format version {version!r}; this dli reads <= {VERSION}")
     missing = [key for key in REQUIRED_KEYS if key not in document]
     if missing:
         raise DliError(f"checkpoint {path} lacks {', '.join(missing)}")
@@ -204,6 +252,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         not isinstance(document["model"], Mapping) or weights_checksum(document["model"]) != stored
     ):
         raise DliError(f"checkpoint {path} is corrupt: its weights do not match their checksum")
+    if version >= 2 and document.get(CONTENT_CHECKSUM_KEY) != content_checksum(document):
+        raise DliError(f"checkpoint {path} is corrupt: its contents do not match their checksum")
     return document
 
 

@@ -142,7 +142,7 @@ README.md ("What you should see")."""
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest float32: bound of values the optimizer applies to float32 weights (--lr 1e300 overflows)."""
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class TrainConfig:
                     f"for encoder {self.encoder}"
                 )
         self._validate_crop(stride=2 ** ENCODERS[self.encoder].depth)
-        if not _DEVICE.match(self.device):
+        if not DEVICE_PATTERN.match(self.device):
             raise DliError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
         if self.resume and self.out is None:
             raise DliError("--resume needs --out RUN (the run folder to continue)")

@@ -27,16 +27,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
-from dli.atomic import atomic_write_text
+from dli.atomic import atomic_write_text, check_replaceable
 from dli.checkpoint import add_checkpoint_argument, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dli.config import SPLITS, TrainConfig, resolved_paths
 from dli.errors import DliError
+from dli.lock import FolderLock
 from dli.models.image_metrics import ImageDecisionCounter, ImageScores
 from dli.models.metrics import THRESHOLD, ConfusionCounter, SegmentationScores, evaluate_model
 from dli.models.thresholds import (
@@ -45,6 +49,7 @@ from dli.models.thresholds import (
     Thresholds,
     check_min_recall,
     choose_thresholds,
+    keep_uncalibrated,
     thresholds_of,
 )
 from dli.pipeline.manifest import Manifest
@@ -64,6 +69,7 @@ class EvalReport:
         at_thresholds: pixel-level scores at `thresholds`.
         images: image-level accept/reject scores at `thresholds`.
         calibrated_now: whether `--calibrate` chose `thresholds` (and stored them).
+        kept: classes `--calibrate` had nothing to calibrate on, which kept their stored threshold.
     """
 
     at_half: SegmentationScores
@@ -71,6 +77,7 @@ class EvalReport:
     at_thresholds: SegmentationScores
     images: ImageScores
     calibrated_now: bool = False
+    kept: tuple[str, ...] = ()
 
     def text(self) -> str:
         """The tables `dli eval` prints."""
@@ -87,6 +94,11 @@ class EvalReport:
                 f"pixel level, {at} ({thresholds.rule}{source}): {thresholds.describe()}",
                 self.at_thresholds.table(),
             ]
+        if self.kept:
+            blocks.append(
+                f"note: nothing to calibrate {', '.join(self.kept)} on in these images "
+                "(no defect pixel found): kept the stored threshold"
+            )
         missed = [n for n, met in zip(thresholds.class_names, thresholds.recall_met, strict=True) if not met]
         if missed:
             blocks.append(f"note: no threshold reaches the asked recall for {', '.join(missed)}")
@@ -125,6 +137,28 @@ class EvalReport:
         return buffer.getvalue()
 
 
+EvaluateFunction = TypeVar("EvaluateFunction", bound=Callable[..., "EvalReport"])
+
+
+def _locked_to_calibrate(function: EvaluateFunction) -> EvaluateFunction:
+    """Run `function(checkpoint, ..., calibrate=True)` holding the checkpoint's run folder lock.
+
+    Calibration rewrites the checkpoint: it must not read it while a training writes that folder
+    (it would write a stale model back), nor replace it when it is read-only.
+    """
+
+    @functools.wraps(function)
+    def locked(checkpoint: str | Path, **options: Any) -> EvalReport:
+        if not options.get("calibrate"):
+            return function(checkpoint, **options)
+        check_replaceable(checkpoint)
+        with FolderLock(Path(checkpoint).absolute().parent, "run folder"):
+            return function(checkpoint, **options)
+
+    return locked  # type: ignore[return-value]
+
+
+@_locked_to_calibrate
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -149,7 +183,9 @@ def evaluate_checkpoint(
 
     Unset arguments take the checkpoint's training settings. `threshold` overrides the
     checkpoint's thresholds; `calibrate` chooses new ones on these images first (maximum F1, or
-    the best F1 at recall >= `min_recall`) and writes them into the checkpoint. With
+    the best F1 at recall >= `min_recall`) and writes them into the checkpoint, holding its run
+    folder's lock from reading it to writing it back (a class with nothing to calibrate on keeps
+    its stored threshold). With
     `predictions`, the prediction grid of the scored images is written there (PNG). `tile`,
     `overlap` and `window` set or override the checkpoint's tiling (`dli.predict.resolve_tiling`);
     with a tiling, `batch_size` counts tiles.
@@ -235,9 +271,11 @@ def evaluate_checkpoint(
             model, batches(), names, device=torch_device, amp_dtype=amp_dtype, observers=[calibrator]
         )
         source = f"{'all images' if split == ALL else 'validation set'}, {len(manifest)} images"
-        thresholds = choose_thresholds(calibrator.curves(), min_recall=min_recall, source=source)
+        chosen = choose_thresholds(calibrator.curves(), min_recall=min_recall, source=source)
+        stored = thresholds_of(document, names) if document.get(CHECKPOINT_KEY) else None
+        thresholds, kept = keep_uncalibrated(chosen, stored)
     else:
-        thresholds = thresholds_of(document, names, threshold)
+        thresholds, kept = thresholds_of(document, names, threshold), ()
     pixels = ConfusionCounter(names, device=torch_device, threshold=thresholds.values)
     images = ImageDecisionCounter(names, thresholds.values, min_area=min_area, device=torch_device)
     evaluation = evaluate_model(
@@ -273,7 +311,7 @@ def evaluate_checkpoint(
             )
         finally:
             grid.close()
-    return EvalReport(evaluation.scores, thresholds, pixels.compute(), images.compute(), calibrate)
+    return EvalReport(evaluation.scores, thresholds, pixels.compute(), images.compute(), calibrate, kept)
 
 
 def _whole_dataset(data: str | None) -> Manifest:

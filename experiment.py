@@ -146,9 +146,10 @@ def run(args: argparse.Namespace) -> int:
             )
         grid = resolve_grid(preset=args.preset, config_file=args.config, flags=flags, stored=stored)
         runs = grid.runs(expdir)
+        states = [run_state(run_) for run_ in runs]  # every folder checked before anything is written
         if args.dry_run:
-            for run_ in runs:
-                print(f"{run_.name}: {run_state(run_).value}")
+            for run_, state in zip(runs, states, strict=True):
+                print(f"{run_.name}: {state.value}")
             print(f"{len(runs)} runs in {expdir}")
             return 0
         write_grid(grid, expdir)

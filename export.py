@@ -14,9 +14,12 @@ model trained on crops (`dli.tiling.Tiling`: tile size, overlap, window, scale),
 version and commit.
 
 Before anything is written, onnxruntime runs the export and torch runs the checkpoint's model
-(float32, CPU) on the same random batches of two sizes (batch 2); if a sigmoid probability
-differs by more than `TOLERANCE` (1e-4; `HALF_TOLERANCE` with `--half`), the command fails and
-writes nothing. The file is written atomically.
+(float32, CPU) on the same random batches of two sizes (batch 2), and both prediction paths
+(`dli predict --checkpoint` and `--onnx`, each with its own preprocessing: resize as in
+training, normalization, resize back) run on two MT-like uint8 images of sizes other than the
+training size; if a sigmoid probability differs by more than `TOLERANCE` (1e-4;
+`HALF_TOLERANCE` with `--half`), the command fails and writes nothing. The file is written
+atomically, never over the checkpoint it reads.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ import os
 import re
 import subprocess
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dli.atomic import atomic_write_bytes
+from dli import progress
+from dli.atomic import atomic_write_bytes, is_read_only
 from dli.checkpoint import ModelInfo, add_checkpoint_argument, load_checkpoint, model_from_checkpoint
 from dli.errors import DliError
 from dli.models.thresholds import thresholds_of
@@ -65,6 +70,9 @@ MIN_OPSET = 7
 CHECK_BATCH = 2
 """Images per random batch of the parity check."""
 
+MAX_CHECK_SIDE = 4096
+"""Largest height or width `--check-sizes` accepts (the CPU memory of a forward pass grows with it)."""
+
 _SIZE = re.compile(r"^(\d+)(?:x(\d+))?$")
 
 
@@ -72,8 +80,9 @@ _SIZE = re.compile(r"^(\d+)(?:x(\d+))?$")
 class ParityCheck:
     """The largest probability difference between onnxruntime and torch at one input shape."""
 
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]
     max_difference: float
+    what: str = "input"
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,9 @@ class ExportResult:
     tolerance: float
 
     def summary(self) -> str:
-        checks = ", ".join(f"{c.max_difference:.1e} at {'x'.join(map(str, c.shape))}" for c in self.checks)
+        checks = ", ".join(
+            f"{c.max_difference:.1e} at {c.what} {'x'.join(map(str, c.shape))}" for c in self.checks
+        )
         return (
             f"exported {self.path} (opset {self.metadata.opset}, {self.metadata.precision}, dynamic batch, "
             f"height and width in multiples of {self.metadata.input_stride}; thresholds "
@@ -105,8 +116,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def default_check_sizes(image_size: int, stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The training size, and a non-square one (taller by one stride, wider by two)."""
-    return (image_size, image_size), (image_size + stride, image_size + 2 * stride)
+    """The training size (rounded up to a multiple of `stride`), and a non-square one (taller by
+    one stride, wider by two)."""
+    side = max(stride, -(-image_size // stride) * stride)
+    return (side, side), (side + stride, side + 2 * stride)
 
 
 def default_output(checkpoint: str | Path) -> Path:
@@ -148,16 +161,25 @@ class _HalfPrecision(nn.Module):
         return self.model(images.half()).float()
 
 
-def check_writable(path: Path) -> None:
-    """`DliError` unless `path` can be created or replaced (checked before the slow export)."""
+def check_writable(path: Path, inputs: Sequence[Path] = (), *, what: str = "--out") -> None:
+    """`DliError` unless `path` can be created or replaced (checked before the slow export).
+
+    `path` must not be, nor link to, any of `inputs` (writing it would replace the input).
+    `what` names `path` in the messages (`--out`, or how it was chosen when `--out` was not given).
+    """
     if path.is_dir():
-        raise DliError(f"--out {path}: is a folder; give a file name such as model.onnx")
+        raise DliError(f"{what} {path}: is a folder; give a file name such as model.onnx")
+    for source in inputs:
+        if path.absolute() == source.absolute() or (
+            path.exists() and source.exists() and os.path.samefile(path, source)
+        ):
+            raise DliError(f"{what} {path}: is the input {source}; give another file name")
     parent = path.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
-        raise DliError(f"--out {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise DliError(f"--out {path}: not writable")
+        raise DliError(f"{what} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or is_read_only(path):
+        raise DliError(f"{what} {path}: not writable")
 
 
 @contextlib.contextmanager
@@ -240,6 +262,34 @@ def check_parity(
     return tuple(checks)
 
 
+def parity_images(image_size: int, seed: int = 0) -> list[np.ndarray]:
+    """Two MT-like uint8 tiles with a defect, one taller and one wider than `image_size` (neither a
+    multiple of it), so that resizing them down and up is part of what the check compares."""
+    from dli.pipeline.synth import render
+
+    rng = np.random.default_rng(seed)
+    sizes = (
+        (image_size * 3 // 2 + 7, image_size * 2 // 3 + 5),
+        (image_size * 2 // 3 + 3, image_size * 5 // 4 + 9),
+    )
+    return [render(rng, class_id, size)[0] for class_id, size in enumerate(sizes)]
+
+
+def check_image_parity(document: Mapping[str, Any], exported: OnnxModel) -> tuple[ParityCheck, ...]:
+    """`dli predict --checkpoint` against `dli predict --onnx` on `parity_images`: each path's own
+    preprocessing (resize mode included), model and resize back, compared as probabilities."""
+    from dli.predict import CheckpointPredictor
+
+    reference = CheckpointPredictor(document, device="cpu")
+    checks = []
+    for gray in parity_images(exported.metadata.image_size):
+        (expected,) = reference.probabilities([gray])
+        (actual,) = exported.probabilities([gray])
+        difference = float(np.abs(actual - expected).max()) if np.isfinite(actual).all() else float("inf")
+        checks.append(ParityCheck(gray.shape, difference, "image"))
+    return tuple(checks)
+
+
 def export_onnx(
     checkpoint: str | Path,
     out: str | Path | None = None,
@@ -260,6 +310,7 @@ def export_onnx(
             "pip install 'dli[export]'"
         ) from None
 
+    what = "--out" if out is not None else "the output (beside the checkpoint)"
     out = Path(out) if out is not None else default_output(checkpoint)
     max_opset = onnx.defs.onnx_opset_version()
     if opset is not None and not MIN_OPSET <= opset <= max_opset:
@@ -274,10 +325,16 @@ def export_onnx(
                 f"--check-sizes {height}x{width}: height and width must be multiples of {stride} "
                 f"(the stride of encoder {info.encoder})"
             )
+        if max(height, width) > MAX_CHECK_SIDE:
+            raise DliError(
+                f"--check-sizes {height}x{width}: at most {MAX_CHECK_SIDE} per side (the check runs the "
+                "model at that size on the CPU, twice)"
+            )
     thresholds = thresholds_of(document, info.class_names, threshold)
-    check_writable(out)
+    check_writable(out, [Path(checkpoint)], what=what)
 
     exported_model: nn.Module = _HalfPrecision(copy.deepcopy(model)).eval() if half else model
+    progress.status(f"exporting {info.encoder} to ONNX")
     graph = export_graph(exported_model, info.image_size, channels=len(info.mean), opset=opset)
     actual_opset = _opset_of(graph)
     if opset is not None and actual_opset != opset:
@@ -290,12 +347,13 @@ def export_onnx(
     if exported.metadata != metadata:
         raise DliError("the export's metadata does not read back as written")
     tolerance = HALF_TOLERANCE if half else TOLERANCE
-    checks = check_parity(model, exported, sizes)
+    progress.status(f"checking the export against torch at {len(sizes)} input sizes and on images")
+    checks = check_parity(model, exported, sizes) + check_image_parity(document, exported)
     worst = max(checks, key=lambda c: c.max_difference)
     if not worst.max_difference <= tolerance:
         raise DliError(
             "the export differs from the checkpoint: probabilities differ by up to "
-            f"{worst.max_difference:.3g} at input {'x'.join(map(str, worst.shape))} "
+            f"{worst.max_difference:.3g} at {worst.what} {'x'.join(map(str, worst.shape))} "
             f"(tolerance {tolerance:g}); nothing written"
         )
     try:
@@ -329,6 +387,7 @@ def _metadata(
         normalization=info.normalization,
         format_version=GRAY_FORMAT_VERSION if info.channels == 1 else FORMAT_VERSION,
         aspect=info.aspect,
+        resize=info.resize,
     )
 
 

@@ -6,17 +6,21 @@ per-class logits; batch, height and width are dynamic (H and W multiples of `inp
 What a deployment needs to feed it and read it is embedded in the model's `metadata_props`
 (keys `dli.<field>` of `OnnxMetadata`, values JSON): class names, input channels, image
 channels (1: a gray image repeated into the input channels, colour images converted to their
-luma; 3: RGB), normalization mean/std and where they came from, the training image size, the
-per-class thresholds, and the dli version and commit that exported it. Gray models are written
-as format version 1, which dli before colour support reads; RGB models as version 2.
+luma; 3: RGB), normalization mean/std and where they came from, the training image size and
+resize mode, the per-class thresholds, and the dli version and commit that exported it. Gray
+models are written as format version 1, which dli before colour support reads; RGB models as
+version 2. Values
+are range-checked when read (`dli.model_checks`, `dli.class_names`) and the graph's input
+channels and output classes must match the metadata, so a bad file is one `DliError`, never a
+traceback or a huge allocation.
 
 `OnnxModel` runs such a file with onnxruntime and reproduces what `dli predict --checkpoint`
 computes from an image read in its channels (`dli.pipeline.imageio.read_image`): resize each
-channel to the training size (antialiased bilinear, Pillow's
-float filter, which is torch's `antialias=True`), scale to [0, 1], normalize, run, resize the
-logits back to the image's size (bilinear, half-pixel centres, as torch's
-`align_corners=False`), sigmoid, and threshold per class. Only NumPy, Pillow and onnxruntime
-are imported, so a production line can run it without torch.
+channel to the training size as the model was trained (`resize` in the metadata: antialiased
+bilinear, Pillow's float filter, which is torch's `antialias=True`; or pixel-centre nearest),
+scale to [0, 1], normalize, run, resize the logits back to the image's size (bilinear,
+half-pixel centres, as torch's `align_corners=False`), sigmoid, and threshold per class. Only
+NumPy, Pillow and onnxruntime are imported, so a production line can run it without torch.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from PIL import Image
 
 from dli.class_names import check_class_names
 from dli.errors import DliError
+from dli.model_checks import RESIZE_MODES, check_image_size, check_normalization, check_thresholds
 from dli.tiling import Tiling
 
 FORMAT = "dli-onnx"
@@ -46,6 +51,7 @@ OPTIONAL_FIELDS: dict[str, object] = {
     "image_channels": 1,
     "normalization": "magnetic-tile",
     "aspect": "stretch",
+    "resize": "linear",
 }
 """Metadata fields absent from older exports, and what they mean there."""
 INPUT_NAME = "images"
@@ -75,6 +81,8 @@ class OnnxMetadata:
             to their luma) or 3 (RGB).
         normalization: where mean/std came from (`dli.pipeline.normalization`).
         aspect: ``stretch`` or ``fit`` (`dli.checkpoint.ModelInfo.aspect`), as `preprocess` applies.
+        resize: how images are resized to `image_size`, as in training: "linear" (antialiased
+            bilinear) or "nearest" (pixel-centre nearest); "linear" in exports that predate it.
     """
 
     class_names: tuple[str, ...]
@@ -94,6 +102,7 @@ class OnnxMetadata:
     image_channels: int = 1
     normalization: str = "magnetic-tile"
     aspect: str = "stretch"
+    resize: str = "linear"
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -131,6 +140,7 @@ class OnnxMetadata:
                 image_channels=int(values["image_channels"]),
                 normalization=str(values["normalization"]),
                 aspect=str(values["aspect"]),
+                resize=str(values["resize"]),
                 format=str(values["format"]),
                 format_version=int(values["format_version"]),
             )
@@ -149,6 +159,14 @@ class OnnxMetadata:
             or metadata.image_channels not in (1, metadata.input_channels)
         ):
             raise DliError(f"{source} has inconsistent dli metadata (thresholds, classes or channels)")
+        origin = f"the dli metadata of {source}"
+        check_image_size(metadata.image_size, origin)
+        check_normalization(metadata.mean, metadata.std, origin)
+        check_thresholds(metadata.thresholds, origin)
+        if metadata.resize not in RESIZE_MODES:
+            raise DliError(f"{origin}: resize {metadata.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        if not 1 <= metadata.input_stride <= metadata.image_size:
+            raise DliError(f"{origin}: input_stride {metadata.input_stride} is not in [1, image_size]")
         return metadata
 
 
@@ -192,12 +210,34 @@ class OnnxModel:
             model = str(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
+        providers = providers_for(device)  # its DliError is the message, not a load failure
         try:
-            self.session = ort.InferenceSession(model, sess_options=options, providers=providers_for(device))
+            self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile, ... share no base
             first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
             raise DliError(f"cannot load {self.name}: {type(error).__name__}: {first_line}") from None
         self.metadata = OnnxMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, self.name)
+        self._check_graph_agrees()
+
+    def _check_graph_agrees(self) -> None:
+        """`DliError` unless the graph's input channels and output classes are those of the metadata."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+            raise DliError(
+                f"{self.name} has no {INPUT_NAME!r} input or {OUTPUT_NAME!r} output (not a dli export)"
+            )
+        expected = {
+            "input channels": (inputs[INPUT_NAME], self.metadata.input_channels),
+            "output classes": (outputs[OUTPUT_NAME], len(self.metadata.class_names)),
+        }
+        for what, (shape, wanted) in expected.items():
+            actual = shape[1] if len(shape) == 4 else None
+            if len(shape) != 4 or (isinstance(actual, int) and actual != wanted):
+                raise DliError(
+                    f"{self.name}: its graph has {what} {actual} (shape {shape}) "
+                    f"where its dli metadata says {wanted}"
+                )
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -246,22 +286,34 @@ def fit_pad_values(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     return ((mean_array.mean() - mean_array) / std_array).astype(np.float32)
 
 
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output pixel of a pixel-centre nearest resize (torch's `nearest-exact`)."""
+    scale = size_in / size_out
+    return np.minimum(np.floor((np.arange(size_out) + 0.5) * scale).astype(np.int64), size_in - 1)
+
+
 def preprocess(image: np.ndarray, metadata: OnnxMetadata) -> np.ndarray:
-    """What `dli.predict.preprocess` computes, in NumPy and Pillow (one channel at a time)."""
+    """What `dli.predict.preprocess` computes, in NumPy and Pillow (one channel at a time), with
+    the metadata's resize mode."""
     size = metadata.image_size
     height, width = resized_size(image.shape, size, metadata.aspect)
     pixels = image if image.ndim == 3 else image[..., None]
-    resized = np.stack(
-        [
-            np.asarray(
-                Image.fromarray(
-                    np.ascontiguousarray(pixels[..., c], dtype=np.float32) / np.float32(255.0)
-                ).resize((width, height), Image.Resampling.BILINEAR),
-                dtype=np.float32,
-            )
-            for c in range(pixels.shape[2])
-        ]
-    )
+    if metadata.resize == "nearest":
+        rows, columns = nearest_indices(pixels.shape[0], height), nearest_indices(pixels.shape[1], width)
+        picked = pixels[np.ix_(rows, columns)].astype(np.float32) / np.float32(255.0)
+        resized = np.ascontiguousarray(picked.transpose(2, 0, 1))
+    else:
+        resized = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(
+                        np.ascontiguousarray(pixels[..., c], dtype=np.float32) / np.float32(255.0)
+                    ).resize((width, height), Image.Resampling.BILINEAR),
+                    dtype=np.float32,
+                )
+                for c in range(pixels.shape[2])
+            ]
+        )
     mean = np.asarray(metadata.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(metadata.std, np.float32).reshape(-1, 1, 1)
     normalized = (resized - mean) / std

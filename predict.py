@@ -22,6 +22,10 @@ whose logits are blended by a window (`dli.tiling`, the same NumPy code for both
 are thresholded band by band, so memory is bounded by the tile batch and the image itself.
 `--overlap` and `--window` override what the model carries.
 
+An image that cannot be read (truncated, corrupt) does not stop the others: each is named in
+one error line after the rest are written, and the command then exits with status 2. A bar
+shows progress on a terminal (nothing on a redirected stream).
+
 A folder in the Magnetic Tile layout also holds the ground-truth masks: a `.png` is taken as
 a mask, not an image, when another image has its stem or its stem ends in `_mask`.
 """
@@ -29,14 +33,16 @@ a mask, not an image, when another image has its stem or its stem ends in `_mask
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
 
+from dli import progress
 from dli.atomic import atomic_save
 from dli.class_names import output_name
 from dli.errors import DliError
@@ -139,6 +145,22 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     atomic_save(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
 
 
+def _readable(
+    paths: Sequence[Path], channels: int, unreadable: list[str]
+) -> tuple[list[Path], list[np.ndarray]]:
+    """The images of `paths` that read (`read_image` in `channels`), with their pixels; one
+    message per other one, in `unreadable`."""
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(read_image(path, channels))
+        except DliError as error:
+            unreadable.append(str(error))
+            continue
+        kept.append(path)
+    return kept, images
+
+
 def _batches(paths: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for start in range(0, len(paths), size):
         yield paths[start : start + size]
@@ -205,7 +227,7 @@ class CheckpointPredictor:
 
     def __init__(
         self,
-        checkpoint: str | Path,
+        checkpoint: str | Path | Mapping[str, Any],
         *,
         device: str = "auto",
         threshold: float | None = None,
@@ -222,7 +244,7 @@ class CheckpointPredictor:
         from dli.trainer import amp_dtype_for, resolve_device
 
         self.device = resolve_device(device)
-        document = load_checkpoint(checkpoint)
+        document = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
         model, self.info = model_from_checkpoint(document, device=self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.amp_dtype = amp_dtype_for(self.device)
@@ -310,13 +332,17 @@ def predict_folder(
     tile: int | None = None,
     overlap: float | None = None,
     window: str | None = None,
+    unreadable: list[str] | None = None,
 ) -> list[Path]:
     """Write masks and overlays for every image in `images` to `out`; returns the files written.
 
     The model is `checkpoint` or, instead, the ONNX export `onnx`. `threshold` (one for every
     class) overrides the thresholds the model carries; `tile`, `overlap` and `window` the tiling
-    it carries (`resolve_tiling`). `batch_size` counts images, or tiles when tiling.
+    it carries (`resolve_tiling`). `batch_size` counts images, or tiles when tiling. An image that cannot
+    be read is skipped and its one-line message appended to `unreadable` (the others are still
+    predicted).
     """
+    unreadable = [] if unreadable is None else unreadable
     if (checkpoint is None) == (onnx is None):
         raise DliError("give one model: --checkpoint FILE or --onnx FILE")
     if batch_size < 1:
@@ -335,8 +361,11 @@ def predict_folder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for group in _batches(paths, 1 if predictor.tiled is not None else batch_size):
-        images = [read_image(p, predictor.channels) for p in group]
+    batches = list(_batches(paths, 1 if predictor.tiled is not None else batch_size))
+    for group in progress.items(batches, total=len(batches), desc="predict", unit="batch"):
+        group, images = _readable(group, predictor.channels, unreadable)
+        if not group:
+            continue
         if predictor.tiled is not None:
             all_masks = [tiled_masks(predictor.tiled, images[0], thresholds)]
         else:
@@ -417,6 +446,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    unreadable: list[str] = []
     written = predict_folder(
         args.checkpoint,
         args.images,
@@ -428,6 +458,12 @@ def run(args: argparse.Namespace) -> int:
         tile=args.tile,
         overlap=args.overlap,
         window=args.window,
+        unreadable=unreadable,
     )
     print(f"wrote {len(written)} files to {args.out}")
+    for message in unreadable:
+        print(f"dli predict: error: {message}", file=sys.stderr)
+    if unreadable:
+        print(f"dli predict: {len(unreadable)} image(s) could not be read and have no masks", file=sys.stderr)
+        return 2
     return 0

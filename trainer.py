@@ -51,6 +51,7 @@ from dli.checkpoint import (
     unwrap,
 )
 from dli.config import (
+    DEVICE_PATTERN,
     TrainConfig,
     portable_paths,
     resolved_paths,
@@ -81,6 +82,8 @@ from dli.pipeline.normalization import (
     measure_statistics,
     resolve_source,
 )
+from dli.progress import bar as progress_bar
+from dli.progress import on_terminal
 from dli.run_folder import (
     BEST,
     CALIBRATED_SCORES_KEY,
@@ -99,6 +102,8 @@ from dli.tiling import Tiling
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
     """`auto` -> `cuda:<rank>` when a GPU is present, else `cpu`; `DliError` for an absent GPU."""
+    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
+        raise DliError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -774,19 +779,15 @@ class Trainer:
         self.prediction_grid.write(model, self.folder.predictions, title=f"validation, {title}")
 
     def _progress_bar(self, epoch: int) -> Any:
-        """A tqdm bar over the training loader, or None when quiet or not rank 0."""
-        if not (self.writer_rank and self.config.progress):
+        """A tqdm bar over the training loader, or None when quiet, not rank 0 or not on a terminal."""
+        if not (self.writer_rank and self.config.progress and on_terminal()):
             return None
-        from tqdm import tqdm
-
-        return tqdm(
+        return progress_bar(
             self.train_loader,
             total=len(self.train_loader),
             desc=f"epoch {epoch + 1}/{self.config.epochs}",
             unit="batch",
             leave=False,
-            dynamic_ncols=True,
-            file=sys.stderr,
         )
 
 

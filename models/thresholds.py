@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dli.errors import DliError
+from dli.model_checks import check_thresholds
 
 if TYPE_CHECKING:
     import torch
@@ -87,10 +88,11 @@ class Thresholds:
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> Thresholds:
+    def from_state(cls, state: Mapping[str, Any], origin: str = "the checkpoint's thresholds") -> Thresholds:
+        """Inverse of `to_state`; `DliError` naming `origin` for a value outside (0, 1)."""
         return cls(
             class_names=tuple(str(n) for n in state["class_names"]),
-            values=tuple(float(v) for v in state["values"]),
+            values=check_thresholds([float(v) for v in state["values"]], origin),
             rule=str(state["rule"]),
             calibrated=tuple(bool(v) for v in state["calibrated"]),
             recall_met=tuple(bool(v) for v in state["recall_met"]),
@@ -123,14 +125,48 @@ def thresholds_of(
         return Thresholds.uniform(class_names, check_threshold(override), f"--threshold {override:g}")
     state = document.get(CHECKPOINT_KEY)
     if state:
-        thresholds = Thresholds.from_state(state)
-        if thresholds.class_names != tuple(class_names):
+        try:
+            thresholds = Thresholds.from_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DliError(f"the checkpoint's thresholds are unreadable ({type(error).__name__})") from None
+        if len(thresholds.values) != len(thresholds.class_names) or thresholds.class_names != tuple(
+            class_names
+        ):
             raise DliError(
                 f"the checkpoint's thresholds are for classes {', '.join(thresholds.class_names)}, "
                 f"its model for {', '.join(class_names)}"
             )
         return thresholds
     return Thresholds.uniform(class_names, DEFAULT_THRESHOLD, "0.5 (not calibrated)")
+
+
+def keep_uncalibrated(chosen: Thresholds, stored: Thresholds | None) -> tuple[Thresholds, tuple[str, ...]]:
+    """`chosen`, except that a class calibration could not choose for keeps its `stored` threshold.
+
+    A class is not calibrated when the images hold none of its defect pixels (or the model finds
+    none at 0.5): `choose_thresholds` then offers 0.5, which would silently replace a threshold
+    calibrated earlier. Returns the thresholds and the names of the classes that kept theirs.
+    """
+    if stored is None or stored.class_names != chosen.class_names:
+        return chosen, ()
+    values, calibrated, recall_met, kept = [], [], [], []
+    for index, name in enumerate(chosen.class_names):
+        if not chosen.calibrated[index] and stored.calibrated[index]:
+            values.append(stored.values[index])
+            calibrated.append(True)
+            recall_met.append(stored.recall_met[index])
+            kept.append(name)
+        else:
+            values.append(chosen.values[index])
+            calibrated.append(chosen.calibrated[index])
+            recall_met.append(chosen.recall_met[index])
+    if not kept:
+        return chosen, ()
+    source = f"{chosen.source}; {', '.join(kept)} kept from {stored.source or 'the earlier calibration'}"
+    merged = Thresholds(
+        chosen.class_names, tuple(values), chosen.rule, tuple(calibrated), tuple(recall_met), source
+    )
+    return merged, tuple(kept)
 
 
 def check_batch_shapes(logits: Any, targets: Any, num_classes: int) -> None:

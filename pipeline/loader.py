@@ -52,6 +52,7 @@ import torch
 
 from dli.errors import DliError
 from dli.kernels.poisson import PoissonInfo
+from dli.model_checks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from dli.pipeline.augment import Size, compose, defect_augments, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
@@ -59,10 +60,6 @@ from dli.pipeline.instances import DonorTable
 from dli.pipeline.manifest import FREE, Manifest, Sample
 from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics
 from dli.pipeline.planner import DliConfig, Plan, Planner
-
-MIN_IMAGE_SIZE = 16
-MAX_IMAGE_SIZE = 4096
-"""Bounds of an output side; one 64-image float32 batch of 4096 px is already 4 GB per channel."""
 
 CROP_STREAM = 0x63726F70
 """Part of the seed of a batch's crop generator, apart from the plan's ("crop")."""

@@ -11,6 +11,7 @@ import pytest
 
 from dli import atomic
 from dli.atomic import atomic_open, atomic_save, atomic_write_bytes, atomic_write_text
+from dli.errors import DliError
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def test_umask_fallback_when_proc_is_unavailable(
     assert mode_of(tmp_path / "a.txt") == 0o640
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o444])
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644])
 def test_existing_file_keeps_its_mode(tmp_path: Path, mode: int, umask_022: None) -> None:
     path = tmp_path / "result.json"
     path.write_text("old")
@@ -66,6 +67,17 @@ def test_existing_file_keeps_its_mode(tmp_path: Path, mode: int, umask_022: None
     assert path.read_text() == "new"
     assert mode_of(path) == mode
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o400])
+def test_a_read_only_file_is_never_replaced(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "best.pt"
+    path.write_text("old")
+    path.chmod(mode)
+    with pytest.raises(DliError, match=r"cannot write .*best\.pt: the file is read-only"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and mode_of(path) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:

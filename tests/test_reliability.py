@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from dli import atomic, trainer
-from dli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, weights_checksum
+from dli.checkpoint import (
+    content_checksum,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    weights_checksum,
+)
 from dli.cli import main
 from dli.config import TrainConfig
 from dli.errors import DliError
@@ -130,6 +136,7 @@ def test_non_finite_checkpoints_are_neither_written_nor_used(data, tmp_path, cap
     assert not (tmp_path / "nan.pt").exists()
     # Crafted by hand (a checkpoint of another writer): eval and predict refuse it.
     document |= {"model": poisoned, "model_sha256": weights_checksum(poisoned)}
+    document["content_sha256"] = content_checksum(document)
     torch.save(document, tmp_path / "nan.pt")
     with pytest.raises(DliError, match="not finite"):
         model_from_checkpoint(tmp_path / "nan.pt")
