@@ -654,6 +654,7 @@ class Trainer:
         self._skipped_in_a_row = totals.skipped_in_a_row
         self._check_divergence(totals)
         skipped = steps - totals.finite_steps
+        self._check_mostly_skipped(epoch, steps, skipped)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (per-epoch schedule)
         if self.per_epoch_schedule:
             self.scheduler.step()
@@ -683,6 +684,29 @@ class Trainer:
         raise DliError(
             f"training diverged: {totals.skipped_in_a_row} steps in a row had a non-finite loss or "
             f"gradient and were skipped (epoch {self.progress.epoch + 1}, step {self.progress.step}){kept}. "
+            f"Lower --lr ({self.config.lr:g}) or check the data"
+        )
+
+    def _check_mostly_skipped(self, epoch: int, steps: int, skipped: int) -> None:
+        """Stop a run none of whose steps was finite, or whose last epoch skipped most of its steps.
+
+        A short run never reaches `MAX_SKIPPED_IN_A_ROW`, yet what it would save is no model. Read
+        from the epoch's totals, which the epoch end reads anyway (no sync in the step loop).
+        """
+        never_finite = self.progress.step > 0 and self.progress.skipped_steps + skipped >= self.progress.step
+        last_epoch = epoch + 1 >= self.config.epochs or self.progress.step >= self.total_steps
+        if never_finite:
+            what = f"none of its {self.progress.step} steps had a finite loss and gradient (all skipped)"
+        elif last_epoch and 2 * skipped > steps:
+            what = (
+                f"{skipped} of the {steps} steps of its last epoch had a non-finite loss or gradient "
+                "and were skipped"
+            )
+        else:
+            return
+        kept = "; that epoch was not saved" if self.writer_rank else ""
+        raise DliError(
+            f"training diverged: {what} (epoch {epoch + 1}){kept}. "
             f"Lower --lr ({self.config.lr:g}) or check the data"
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import dli.trainer
@@ -32,3 +34,34 @@ def test_a_refused_experiment_rerun_writes_nothing(tmp_path, capsys, monkeypatch
     assert "--epochs 2 (folder has 3)" in line
     assert stored.read_bytes() == before  # the stored grid still says 3 epochs
     assert main(["experiment", "--out", str(tmp_path), "--dry-run"]) == 0  # and can be continued
+
+
+# ---------------------------------------------------------------------------------------------
+# A short diverged run (27.10) and progress on a redirected stream (27.15).
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dli.pipeline.synth import generate
+
+    root = tmp_path_factory.mktemp("tiny") / "synth"
+    generate(root, images=40, seed=3, size_range=((40, 60), (40, 60)))
+    return root
+
+
+def train_flags(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+        "--image-size", "32", "--no-pretrained", "--num-threads", "1", "--method", "bce", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_short_run_whose_last_epoch_was_mostly_skipped_ends_as_diverged(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_flags(tiny_data, out, "--lr", "1e30")) == 2  # 8 steps: the streak rule cannot fire
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("dli train: error:")]
+    assert "training diverged" in line and "steps" in line and "--lr (1e+30)" in line
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+    assert "epoch 1/1" not in err and "\r" not in err  # the progress bar stays off a redirected stream
