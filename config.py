@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from dli.errors import DliError
+from dli.errors import DliError, one_line
 from dli.models.losses import METHODS
 from dli.pipeline.instances import DONOR_UNITS
 from dli.pipeline.normalization import CHANNEL_SETTINGS, NORMALIZATIONS
@@ -448,7 +448,7 @@ def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     except FileNotFoundError:
         raise DliError(f"run config not found: {path}") from None
     except (OSError, yaml.YAMLError) as error:
-        raise DliError(f"cannot read run config {path}: {error}") from None
+        raise DliError(f"cannot read run config {path}: {one_line(error)}") from None
     if not isinstance(document, dict):
         raise DliError(f"run config {path} is not a mapping")
     runtime = document.pop("runtime", {}) or {}

@@ -18,6 +18,11 @@ def fail(message: str) -> DliError:
     return DliError(message)
 
 
+def one_line(text: object) -> str:
+    """`text` on one line: runs of white space (newlines of a library's message) become one space."""
+    return " ".join(str(text).split())
+
+
 def os_error_message(error: OSError) -> str:
     """One line for an operating-system error: the path(s) it names and what the system said."""
     reason = error.strerror or str(error) or type(error).__name__

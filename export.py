@@ -73,6 +73,9 @@ CHECK_BATCH = 2
 MAX_CHECK_SIDE = 4096
 """Largest height or width `--check-sizes` accepts (the CPU memory of a forward pass grows with it)."""
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""Terminal colour and cursor codes (kept out of the one-line error)."""
+
 _SIZE = re.compile(r"^(\d+)(?:x(\d+))?$")
 
 
@@ -216,7 +219,8 @@ def export_graph(model: nn.Module, image_size: int, *, channels: int, opset: int
                 verbose=False,
             )
         except Exception as error:  # the exporter's errors are of many types
-            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            text = _ANSI_ESCAPE.sub("", str(error)).strip()  # the exporter colours its messages
+            first_line = text.splitlines()[0][:300] if text else ""
             raise DliError(f"the ONNX exporter failed: {type(error).__name__}: {first_line}") from None
     return program.model_proto.SerializeToString()
 

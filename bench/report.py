@@ -117,6 +117,11 @@ def table(figures: dict[str, Any]) -> str:
         + f"), {s['data']} ({s['images']} images)",
         f"batch {s['batch_size']}, {s['image_size']}x{s['image_size']}, Poisson share {s['poisson_prob']:g}; "
         f"median [min - max] of {s['repeats']} windows x {s['batches']} batches after {s['warmup']} warm-up",
+        *(
+            ["one timed batch per figure: the ratios are indicative only (more: --repeats, --batches)"]
+            if s["repeats"] * s["batches"] == 1
+            else []
+        ),
         "",
         f"{'data path':44}{'images/s':>10}",
         f"  {'DALI, no injection':42}{_rate(data['dali'])}",

@@ -36,7 +36,7 @@ from dli.config import (
     TrainConfig,
     flag,
 )
-from dli.errors import DliError
+from dli.errors import DliError, one_line
 from dli.experiments.presets import PRESETS
 from dli.models.losses import METHODS
 
@@ -154,6 +154,10 @@ def _number(item: Any, where: str, kind: type) -> float | int:
     raise DliError(f"{where} {item!r}: not {'an integer' if kind is int else 'a number'}")
 
 
+MAX_SEEDS = 1000
+"""Most seeds a grid takes (each is a full training per cell): more is a typo, not a plan."""
+
+
 def _seeds(items: list[Any], where: str) -> list[int]:
     """Seeds: integers >= 0; a string `a-b` is the inclusive range a..b."""
     seeds: list[int] = []
@@ -162,9 +166,13 @@ def _seeds(items: list[Any], where: str) -> list[int]:
             low, high = (_number(part, where, int) for part in item.split("-", 1))
             if high < low:
                 raise DliError(f"{where} {item}: empty range")
+            if high - low + 1 > MAX_SEEDS:
+                raise DliError(f"{where} {item}: {high - low + 1} seeds; at most {MAX_SEEDS} in a grid")
             seeds += range(int(low), int(high) + 1)
         else:
             seeds.append(int(_number(item, where, int)))
+    if len(seeds) > MAX_SEEDS:
+        raise DliError(f"{where}: {len(seeds)} seeds; at most {MAX_SEEDS} in a grid")
     for seed in seeds:
         if seed < 0:
             raise DliError(f"{where} {seed}: seeds must be integers >= 0")
@@ -302,7 +310,7 @@ def read_grid_file(path: str | Path) -> dict[str, Any]:
         else:
             document = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError) as error:
-        reason = str(error).replace("\n", " ")
+        reason = one_line(error)
         raise DliError(f"grid file {path} is malformed: {reason}") from None
     return parse_grid_document(document or {}, Source(str(path), path.absolute().parent))
 

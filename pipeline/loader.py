@@ -245,7 +245,8 @@ class Loader:
             raise DliError("sharded training drops the last incomplete batch: pass drop_last=None or True")
         if len(self) == 0:
             raise DliError(
-                f"dataset {manifest.root} has {len(manifest)} images: not one full batch of "
+                f"{len(manifest)} image(s) of {manifest.root} to load (after splitting and any "
+                f"--data-fraction): not one full batch of "
                 f"{self.batch_size} per shard over {self.num_shards} shard(s); lower the batch size "
                 "or keep the last batch"
             )

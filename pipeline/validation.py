@@ -165,7 +165,11 @@ def _class_labels(
 def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _SampleCheck:
     out = _SampleCheck()
     defect = sample.class_id != FREE
-    if not sample.image.is_file():
+    if sample.image.exists() and not sample.image.is_file():
+        out.errors.append(
+            Problem(sample.image, "not a regular file", "a device, folder or other special file")
+        )
+    elif not sample.image.is_file():
         out.errors.append(Problem(sample.image, "missing image"))
     else:
         try:
@@ -180,7 +184,8 @@ def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _Samp
             out.class_fractions = {}
         return out
     if not sample.mask.is_file():
-        out.errors.append(Problem(sample.mask, "missing mask", f"for {sample.image.name}"))
+        kind = "not a regular file" if sample.mask.exists() else "missing mask"
+        out.errors.append(Problem(sample.mask, kind, f"for {sample.image.name}"))
         return out
     try:
         with Image.open(sample.mask) as mask:

@@ -25,7 +25,7 @@ def cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine (GPU tests run on the lent device)")
+    skip_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine")
     skip_mt = pytest.mark.skip(reason=f"Magnetic Tile data not found at {MT_ROOT} (set DLI_MT_ROOT)")
     has_gpu = cuda_available()
     has_mt = (MT_ROOT / "MT_Free").is_dir()

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-import dli.trainer
 from dli.cli import main
 from dli.config import write_run_config
 from dli.experiments.grid import resolve_grid
 from dli.experiments.run import write_grid
+from dli.pipeline.manifest import read_dataset
 
 
 def error_lines(capsys: pytest.CaptureFixture[str], command: str) -> list[str]:
@@ -19,7 +19,7 @@ def error_lines(capsys: pytest.CaptureFixture[str], command: str) -> list[str]:
     ]
 
 
-def test_a_refused_experiment_rerun_writes_nothing(tmp_path, capsys, monkeypatch):
+def test_a_refused_experiment_rerun_writes_nothing(tmp_path, capsys):
     grid = resolve_grid(flags={"methods": "bce", "train": {"epochs": "3"}})
     (run,) = grid.runs(tmp_path)
     stored = write_grid(grid, tmp_path)
@@ -27,7 +27,6 @@ def test_a_refused_experiment_rerun_writes_nothing(tmp_path, capsys, monkeypatch
     write_run_config(run.folder / "config.yaml", run.config, {"total_steps": 30})
     (run.folder / "metrics.jsonl").write_text('{"epoch": 1, "step": 10, "iou": 0.5}\n')
     before = stored.read_bytes()
-    monkeypatch.setattr(dli.trainer, "train", lambda config: pytest.fail("trained"))
 
     assert main(["experiment", "--out", str(tmp_path), "--epochs", "2"]) == 2
     (line,) = error_lines(capsys, "experiment")
@@ -65,3 +64,53 @@ def test_a_short_run_whose_last_epoch_was_mostly_skipped_ends_as_diverged(tiny_d
     assert "training diverged" in line and "steps" in line and "--lr (1e+30)" in line
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
     assert "epoch 1/1" not in err and "\r" not in err  # the progress bar stays off a redirected stream
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages (27.16).
+
+
+def test_a_broken_run_config_is_one_line(tmp_path):
+    from dli.config import read_run_config
+    from dli.errors import DliError
+
+    path = tmp_path / "config.yaml"
+    path.write_text("epochs: 3\n  lr: [1,\nseed: {\n")
+    with pytest.raises(DliError) as caught:
+        read_run_config(path)
+    assert (
+        "\n" not in str(caught.value) and "  " not in str(caught.value) and "config.yaml" in str(caught.value)
+    )
+
+
+def test_a_million_seeds_are_refused_not_planned(tmp_path, capsys):
+    assert (
+        main(["experiment", "--out", str(tmp_path), "--methods", "bce", "--seeds", "0-1000000", "--dry-run"])
+        == 2
+    )
+    (line,) = error_lines(capsys, "experiment")
+    assert "1000001 seeds; at most 1000" in line
+
+
+def test_a_device_file_as_an_image_is_not_called_missing(tmp_path):
+    from dli.pipeline.validation import validate
+
+    csv = tmp_path / "data.csv"
+    csv.write_text("image,mask,class\n/dev/zero,,free\n")
+    report = validate(read_dataset(csv), raise_errors=False)
+    assert [(p.path, p.kind) for p in report.errors] == [(Path("/dev/zero"), "not a regular file")]
+
+
+def test_the_exporters_terminal_colours_stay_out_of_the_error_line(monkeypatch):
+    import torch
+
+    from dli.errors import DliError
+    from dli.export import export_graph
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("\x1b[1m\x1b[31mUnsupported operator\x1b[0m aten::foo\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(DliError) as caught:
+        export_graph(torch.nn.Identity(), 32, channels=3, opset=None)
+    assert str(caught.value) == "the ONNX exporter failed: RuntimeError: Unsupported operator aten::foo"
