@@ -9,6 +9,14 @@ the RGB (a gray file repeated in R, G and B; alpha dropped). A 1-channel reader 
 file as it is and converts any other file to the float luma `LUMA` · RGB (ITU-R BT.601 weights,
 no rounding): the training pipeline (`dli.pipeline.dali`) and `dli predict` (torch and ONNX)
 convert the same way, so a colour image gives a 1-channel model the same input everywhere.
+Depth. A 16-bit gray file is scaled to 8 bits as DALI's decoder scales it (v / 257, rounded),
+not clipped: a 16-bit image reads the same for training and for `dli predict`.
+
+Orientation. An image's EXIF orientation (JPEG, or a PNG's eXIf chunk) is applied to its pixels,
+as DALI's decoder applies it in training, and a mask's own EXIF orientation to the mask: pixels
+are read as a viewer shows them (`upright`). Validation names a mask that fits only the stored,
+unrotated image (`upright_size`).
+
 An image *looks gray* (`looks_gray`) when it is stored gray or its R, G and B differ by at
 most `GRAY_TOLERANCE` levels anywhere; `dli train --channels auto` trains in gray when every
 training image looks gray.
@@ -22,7 +30,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dli.errors import DliError
 
@@ -68,11 +76,44 @@ GRAY_TOLERANCE = 2
 """An RGB image whose channels differ by at most this many levels (of 255) looks gray."""
 
 
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag of an image's orientation (1: as stored; 5 to 8: rows and columns swapped)."""
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 when absent or unreadable)."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: read as stored, as a viewer would
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The opened image with its EXIF orientation applied (itself when there is none)."""
+    return image if orientation(image) == 1 else ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(H, W) of the opened image once its EXIF orientation is applied, from its header."""
+    width, height = image.size
+    return (width, height) if orientation(image) >= 5 else (height, width)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) gray image scaled to 8 bits as DALI scales it; others as they are."""
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    return Image.fromarray(np.clip((values + 128) // 257, 0, 255).astype(np.uint8), "L")
+
+
 def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path) as opened:
+                image = _eight_bit(upright(opened))
                 return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
     except FileNotFoundError:
         raise DliError(f"{what} not found: {path}") from None
@@ -112,10 +153,10 @@ def read_image(path: str | os.PathLike[str], channels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if channels == 1 and image.mode in GRAY_MODES:
-                    return np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
-                rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            with Image.open(path) as opened:
+                if channels == 1 and opened.mode in GRAY_MODES:
+                    return np.asarray(upright(opened).convert("L"), dtype=np.uint8)[..., None]
+                rgb = np.asarray(_eight_bit(upright(opened)).convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DliError(f"image not found: {path}") from None
     except Image.DecompressionBombError:
@@ -153,7 +194,7 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """The mask at `path` as a (H, W) bool array (see `MASK_THRESHOLD` and `defect_pixels`)."""
     try:
         with Image.open(path) as mask:
-            return defect_pixels(mask)
+            return defect_pixels(upright(mask))
     except FileNotFoundError:
         raise DliError(f"mask not found: {path}") from None
     except READ_ERRORS as error:
@@ -164,7 +205,7 @@ def read_index(path: str | os.PathLike[str]) -> np.ndarray:
     """The index mask at `path` as a (H, W) int32 array of its stored values (8 or 16 bits)."""
     try:
         with Image.open(path) as mask:
-            return np.asarray(mask).astype(np.int32)
+            return np.asarray(upright(mask)).astype(np.int32)
     except FileNotFoundError:
         raise DliError(f"mask not found: {path}") from None
     except READ_ERRORS as error:

@@ -28,7 +28,10 @@ from dli.pipeline.imageio import (
     READ_ERRORS,
     defect_pixels,
     looks_gray,
+    orientation,
     stored_gray,
+    upright,
+    upright_size,
 )
 from dli.pipeline.index_masks import IndexMaskError, index_values
 from dli.pipeline.instances import Instance, measure_instances
@@ -88,6 +91,7 @@ class _SampleCheck:
     warnings: list[Problem] = field(default_factory=list)
     size: tuple[int, int] | None = None
     gray: bool = True
+    orientation: int = 1
     mask_fraction: float = math.nan
     mask_box: tuple[float, float, float, float] = (math.nan,) * 4
     class_fractions: dict[int, float] | None = None
@@ -103,19 +107,20 @@ def defect_box(defect: np.ndarray) -> tuple[float, float, float, float]:
     return rows[0] / height, cols[0] / width, (rows[-1] + 1) / height, (cols[-1] + 1) / width
 
 
-def _open_image(path: Path, check_pixels: bool) -> tuple[tuple[int, int], bool]:
-    """((H, W), looks gray) of `path` from its header; with `check_pixels` also decode it (JPEGs at
-    1/8 scale) and look at its colours."""
+def _open_image(path: Path, check_pixels: bool) -> tuple[tuple[int, int], bool, int]:
+    """((H, W) as read, EXIF orientation applied; looks gray; EXIF orientation) of `path` from its
+    header; with `check_pixels` also decode it (JPEGs at 1/8 scale) and look at its colours."""
     with Image.open(path) as image:
         width, height = image.size
+        size, turned = upright_size(image), orientation(image)
         if not check_pixels:
-            return (height, width), stored_gray(image)
+            return size, stored_gray(image), turned
         if image.format == "JPEG":
             # DCT-domain downscaling still walks the whole entropy-coded stream, so a
             # truncated or corrupt file fails here, at a fraction of a full decode's cost.
             image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
         image.load()
-        return (height, width), looks_gray(image)
+        return size, looks_gray(image), turned
 
 
 def _index_like_values(mask: Image.Image) -> np.ndarray | None:
@@ -173,7 +178,7 @@ def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _Samp
         out.errors.append(Problem(sample.image, "missing image"))
     else:
         try:
-            out.size, out.gray = _open_image(sample.image, check_pixels)
+            out.size, out.gray, out.orientation = _open_image(sample.image, check_pixels)
         except READ_ERRORS as error:
             out.errors.append(Problem(sample.image, "unreadable image", str(error)))
     if sample.mask is None:
@@ -188,10 +193,10 @@ def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _Samp
         out.errors.append(Problem(sample.mask, kind, f"for {sample.image.name}"))
         return out
     try:
-        with Image.open(sample.mask) as mask:
-            mask_size = (mask.height, mask.width)
+        with Image.open(sample.mask) as stored_mask:
+            mask_size = upright_size(stored_mask)
             if check_pixels:
-                labels = _class_labels(sample, mask, num_classes, out)
+                labels = _class_labels(sample, upright(stored_mask), num_classes, out)
                 if labels is None:
                     return out
                 pixels = labels > 0
@@ -210,7 +215,14 @@ def _check_sample(sample: Sample, check_pixels: bool, num_classes: int) -> _Samp
         return out
     if out.size is not None and mask_size != out.size:
         (h, w), (mh, mw) = out.size, mask_size
-        out.errors.append(Problem(sample.mask, "mask size mismatch", f"mask {mw}x{mh}, image {w}x{h}"))
+        if out.orientation >= 5 and mask_size == (w, h):
+            detail = (
+                f"mask {mw}x{mh} fits the image only without its EXIF orientation {out.orientation}, "
+                f"which is applied to it ({w}x{h}) as in training: rotate the mask or strip the tag"
+            )
+            out.errors.append(Problem(sample.mask, "mask fits the unrotated image", detail))
+        else:
+            out.errors.append(Problem(sample.mask, "mask size mismatch", f"mask {mw}x{mh}, image {w}x{h}"))
     if defect and out.mask_fraction == 0.0:
         out.warnings.append(Problem(sample.mask, "empty mask", "defect sample with no positive pixel"))
     if not defect and out.mask_fraction > 0.0:
