@@ -114,3 +114,12 @@ def test_the_exporters_terminal_colours_stay_out_of_the_error_line(monkeypatch):
     with pytest.raises(DliError) as caught:
         export_graph(torch.nn.Identity(), 32, channels=3, opset=None)
     assert str(caught.value) == "the ONNX exporter failed: RuntimeError: Unsupported operator aten::foo"
+
+
+def test_the_default_check_sizes_are_valid_for_any_training_size():
+    from dli.export import default_check_sizes
+
+    # A checkpoint trained at a size that is not a multiple of the stride: the default sizes of
+    # the parity check are valid, so `--check-sizes` (not given) is never blamed for them.
+    assert default_check_sizes(60, 8) == ((64, 64), (72, 80))
+    assert default_check_sizes(64, 8) == ((64, 64), (72, 80))
