@@ -70,7 +70,8 @@ def test_evaluation_loads_its_batches_on_the_resolved_gpu(
     trained = TrainConfig(data=str(data), image_size=64)
     info = ModelInfo(encoder="l-resnet18", class_names=MT_CLASSES, image_size=64, mean=(0.4,), std=(0.1,))
     monkeypatch.setattr(dli.evaluate, "load_checkpoint", lambda path: {"config": trained.to_dict()})
-    monkeypatch.setattr(dli.evaluate, "model_from_checkpoint", lambda document, device: (None, info))
+    model = torch.nn.Identity()  # evaluation lays the model out channels-last before its loader
+    monkeypatch.setattr(dli.evaluate, "model_from_checkpoint", lambda document, device: (model, info))
     with pytest.raises(LoaderBuilt):
         dli.evaluate.evaluate_checkpoint("best.pt", device="cuda:1")
     assert second_gpu[0]["device"] == torch.device("cuda", 1)
