@@ -152,14 +152,13 @@ def direct_blend(
     # Region pixels off the image border, less those inside a window's interior: what boxes missed.
     outside_box = count_true(omega[:, 1:-1, 1:-1], axis=(1, 2))
     solved = np.flatnonzero(sides[:, 0] > 0)
+    blend = _Blend(target, source, omega, mixed_gradients)
     if solved.size and layout == "shapes":
         for bucket in _Bucket.group(transfers, sides, corners, h, w):
-            inside = _solve_bucket(xp, transfers, bucket, blended, target, source, omega, mixed_gradients)
+            inside = _solve_bucket(xp, transfers, bucket, blended, blend)
             outside_box[bucket.images] -= inside
     elif solved.size:
-        inside = _solve_padded(
-            xp, transfers, (solved, sides, corners), blended, target, source, omega, mixed_gradients
-        )
+        inside = _solve_padded(xp, transfers, (solved, sides, corners), blended, blend)
         outside_box[transfers.to_device(solved)] -= inside
     transfers.to_host(outside_box=outside_box)
     info = PoissonInfo.direct(transfers.fetch, n=n, channels=c, windows=sides)
@@ -228,23 +227,26 @@ def _dst1_matrix(m: int) -> np.ndarray:
     return scipy.fft.dst(np.eye(m), type=1, norm="ortho", axis=0)
 
 
-def _solve_bucket(
-    xp: ModuleType,
-    transfers: _Transfers,
-    bucket: _Bucket,
-    blended: Any,
-    target: Any,
-    source: Any,
-    omega: Any,
-    mixed: bool,
-) -> Any:
+@dataclass(frozen=True)
+class _Blend:
+    """One batch's blend: full-size (N, C, H, W) target and source, (N, H, W) bool region, and
+    whether the guidance mixes gradients."""
+
+    target: Any
+    source: Any
+    omega: Any
+    mixed: bool
+
+
+def _solve_bucket(xp: ModuleType, transfers: _Transfers, bucket: _Bucket, blended: Any, blend: _Blend) -> Any:
     """One window shape: crop, one forward and one inverse DST-I over the bucket, paste back.
 
     Returns the (B,) region pixels inside each window's interior.
     """
-    target_w, source_w = bucket.crop(xp, target), bucket.crop(xp, source)
-    omega_w = bucket.crop(xp, omega)
-    dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, mixed)
+    target = blend.target
+    target_w, source_w = bucket.crop(xp, target), bucket.crop(xp, blend.source)
+    omega_w = bucket.crop(xp, blend.omega)
+    dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, blend.mixed)
     rhs = _interior_rhs(dx, dy)
     m, k = rhs.shape[-2:]
     inverse = transfers.to_device((1.0 / np.add.outer(_eigenvalues(m), _eigenvalues(k))).astype(target.dtype))
@@ -261,10 +263,7 @@ def _solve_padded(
     transfers: _Transfers,
     windows: tuple[np.ndarray, np.ndarray, np.ndarray],
     blended: Any,
-    target: Any,
-    source: Any,
-    omega: Any,
-    mixed: bool,
+    blend: _Blend,
 ) -> Any:
     """Every window in one (B, C, H', W') array of the largest shape, each solved on its own size.
 
@@ -274,6 +273,7 @@ def _solve_padded(
     pixels with their own values. Returns the (B,) region pixels inside each window's interior.
     """
     solved, sides, corners = windows
+    target, omega = blend.target, blend.omega
     _, h, w = omega.shape
     shape = sides[solved].max(axis=0)
     own = sides[solved]
@@ -307,8 +307,8 @@ def _solve_padded(
         else:
             blended.transpose(0, 2, 3, 1)[index] = windows.transpose(0, 2, 3, 1)
 
-    target_w, source_w, omega_w = crop(target), crop(source), crop(omega)
-    dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, mixed)
+    target_w, source_w, omega_w = crop(target), crop(blend.source), crop(omega)
+    dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, blend.mixed)
     rhs = _interior_rhs(dx, dy)  # (B, C, m, k); past an image's own interior: not its problem
     m, k = rhs.shape[-2:]
     # Each image's own DST-I matrices and eigenvalues, zero-padded (eigenvalues: +inf) to m and k:
