@@ -46,14 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from dli.kernels.poisson import (
-    PoissonInfo,
-    _Bucket,
-    _fft_module,
-    _Transfers,
-    fast_side,
-    measured_boxes,
-)
+from dli.kernels.poisson import PoissonInfo, _fft_module
+from dli.kernels.windows import Bucket, Transfers, fast_side, measured_boxes
 from dli.kernels.xp import count_true
 
 DIRECT_MARGIN = 4
@@ -147,14 +141,14 @@ def direct_blend(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
-    transfers = _Transfers(xp)
+    transfers = Transfers(xp)
     blended = target.copy()
     # Region pixels off the image border, less those inside a window's interior: what boxes missed.
     outside_box = count_true(omega[:, 1:-1, 1:-1], axis=(1, 2))
     solved = np.flatnonzero(sides[:, 0] > 0)
     blend = _Blend(target, source, omega, mixed_gradients)
     if solved.size and layout == "shapes":
-        for bucket in _Bucket.group(transfers, sides, corners, h, w):
+        for bucket in Bucket.group(transfers, sides, corners, h, w):
             inside = _solve_bucket(xp, transfers, bucket, blended, blend)
             outside_box[bucket.images] -= inside
     elif solved.size:
@@ -238,7 +232,7 @@ class _Blend:
     mixed: bool
 
 
-def _solve_bucket(xp: ModuleType, transfers: _Transfers, bucket: _Bucket, blended: Any, blend: _Blend) -> Any:
+def _solve_bucket(xp: ModuleType, transfers: Transfers, bucket: Bucket, blended: Any, blend: _Blend) -> Any:
     """One window shape: crop, one forward and one inverse DST-I over the bucket, paste back.
 
     Returns the (B,) region pixels inside each window's interior.
@@ -260,7 +254,7 @@ def _solve_bucket(xp: ModuleType, transfers: _Transfers, bucket: _Bucket, blende
 
 def _solve_padded(
     xp: ModuleType,
-    transfers: _Transfers,
+    transfers: Transfers,
     windows: tuple[np.ndarray, np.ndarray, np.ndarray],
     blended: Any,
     blend: _Blend,
@@ -282,9 +276,9 @@ def _solve_padded(
     table = _DstTable.of(transfers, max(h, w) - 2, target.dtype, own - 2)
     rows_at, cols_at = table.rows_of(own[:, 0] - 2), table.rows_of(own[:, 1] - 2)
     at = transfers.to_device(np.stack([rows_at, cols_at]))
-    # On the device the windows move through `_Bucket`'s flat index (one gather or scatter per
+    # On the device the windows move through `Bucket`'s flat index (one gather or scatter per
     # array); NumPy, which only tests this layout, indexes the repeated rows and columns directly.
-    bucket = _Bucket(
+    bucket = Bucket(
         *(transfers.to_device(a) for a in (solved, rows, cols)),
         count=len(solved),
         host_images=solved,
@@ -341,7 +335,7 @@ class _DstTable:
     eigenvalues: Any
 
     @staticmethod
-    def of(transfers: _Transfers, cap: int, dtype: Any, needed: np.ndarray) -> _DstTable:
+    def of(transfers: Transfers, cap: int, dtype: Any, needed: np.ndarray) -> _DstTable:
         xp = transfers.xp
         device = None if xp is np else xp.cuda.Device().id
         key = (cap, np.dtype(dtype).str, device)

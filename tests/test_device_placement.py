@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dli.config import TrainConfig
 from dli.errors import DliError
-from dli.kernels import morphology, paste, poisson, xp
+from dli.kernels import morphology, paste, poisson, windows, xp
 from dli.pipeline.synth import generate
 
 
@@ -176,7 +176,7 @@ def test_kernel_entry_points_run_under_torch_stream_for_cuda_tensors(monkeypatch
 
 
 def test_the_poisson_report_is_copied_back_without_waiting_for_the_stream(monkeypatch) -> None:
-    """`_Transfers.to_host` asks CuPy for non-blocking copies into pinned memory (a plain `get`
+    """`Transfers.to_host` asks CuPy for non-blocking copies into pinned memory (a plain `get`
     blocks the host until the stream has run the whole solve), then records one event."""
     copies: list[dict[str, Any]] = []
 
@@ -197,7 +197,7 @@ def test_the_poisson_report_is_copied_back_without_waiting_for_the_stream(monkey
         get_current_stream=lambda: stream, alloc_pinned_memory=lambda size: bytearray(size)
     )
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    transfers = poisson._Transfers(fake)
+    transfers = windows.Transfers(fake)
     transfers.to_host(residuals=DeviceArray(), iterations=DeviceArray())
     assert [c.get("blocking") for c in copies[:2]] == [False, False]
     assert all(c["stream"] is stream and c["out"].shape == (2, 1) for c in copies[:2])
@@ -207,7 +207,7 @@ def test_the_poisson_report_is_copied_back_without_waiting_for_the_stream(monkey
 
 def test_every_public_kernel_taking_arrays_is_an_entry_point_on_torchs_stream() -> None:
     checked = []
-    for module in (paste, poisson, morphology):
+    for module in (paste, poisson, windows, morphology):
         for name, function in inspect.getmembers(module, inspect.isfunction):
             if name.startswith("_") or function.__module__ != module.__name__:
                 continue

@@ -17,15 +17,12 @@ from scipy import ndimage
 from dli.kernels.morphology import dilate
 from dli.kernels.poisson import (
     PoissonConvergenceWarning,
-    _Bucket,
-    _Transfers,
-    bucket_shapes,
     default_max_iter,
-    fast_side,
     gpu_max_iter,
     guidance_field,
     poisson_blend,
 )
+from dli.kernels.windows import Bucket, Transfers, bucket_shapes, fast_side
 from dli.kernels.xp import as_array, as_tensor
 from dli.pipeline.planner import DliConfig
 
@@ -399,7 +396,7 @@ def test_window_copies_by_slices_match_the_devices_advanced_indexing() -> None:
     device = types.SimpleNamespace(moveaxis=np.moveaxis, ascontiguousarray=np.ascontiguousarray)
     sides = np.array([[24, 20]] * 3 + [[8, 6]] * 2)  # three windows larger than the image
     corners = np.array([[0, 0], [0, 0], [0, 0], [15, 13], [3, 4]])
-    for bucket in _Bucket.group(_Transfers(np), sides, corners, height, width):
+    for bucket in Bucket.group(Transfers(np), sides, corners, height, width):
         windows = bucket.crop(np, images)
         np.testing.assert_array_equal(windows, bucket.crop(device, images))
         np.testing.assert_array_equal(bucket.region(np, mask), bucket.region(device, mask))
