@@ -63,7 +63,7 @@ def test_a_short_run_whose_last_epoch_was_mostly_skipped_ends_as_diverged(tiny_d
     (line,) = [line for line in err.splitlines() if line.startswith("dli train: error:")]
     assert "training diverged" in line and "steps" in line and "--lr (1e+30)" in line
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
-    assert "epoch 1/1" not in err and "\r" not in err  # the progress bar stays off a redirected stream
+    assert "\r" not in err and "batch/s" not in err  # the progress bar stays off a redirected stream
 
 
 # ---------------------------------------------------------------------------------------------
