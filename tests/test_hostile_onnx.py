@@ -161,3 +161,33 @@ def test_predict_writes_every_readable_image_and_names_each_unreadable_one(tmp_p
         assert (out / f"good{index}_overlay.png").is_file()
         assert all((out / f"good{index}_{name}.png").is_file() for name in CLASSES)
     assert not any(out.glob("cut_*")) and not any(out.glob("zero_*"))
+
+
+@pytest.mark.slow
+def test_the_export_parity_check_runs_both_preprocessings_and_catches_a_difference(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from dli.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
+    from dli.config import TrainConfig
+    from dli.export import TOLERANCE, check_image_parity, export_onnx
+    from dli.models.unet import build_model
+
+    torch.manual_seed(0)
+    info = ModelInfo("l-resnet18", CLASSES, 32, (0.45,) * 3, (0.2,) * 3, resize="nearest")
+    model, _ = build_model(info.encoder, len(CLASSES), pretrained=False)
+    checkpoint = tmp_path / "best.pt"
+    payload = {"model": model.state_dict(), "model_info": info.to_dict(), "config": TrainConfig().to_dict()}
+    save_checkpoint(checkpoint, payload)
+    result = export_onnx(checkpoint, tmp_path / "m.onnx")
+    assert result.metadata.resize == "nearest"
+    images = [c for c in result.checks if c.what == "image"]
+    assert len(images) == 2 and all(c.max_difference <= TOLERANCE for c in images)
+
+    # The same export read as if it resized bilinearly (what onnx_model did before the resize
+    # mode was in the metadata): the image check sees the difference, the random batches do not.
+    exported = OnnxModel(tmp_path / "m.onnx")
+    exported.metadata = dataclasses.replace(exported.metadata, resize="linear")
+    worst = max(c.max_difference for c in check_image_parity(load_checkpoint(checkpoint), exported))
+    assert worst > TOLERANCE
