@@ -16,6 +16,7 @@ killed before its rename leaves one behind, which `remove_stale_temp_files` clea
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -76,9 +77,19 @@ def is_read_only(path: str | os.PathLike[str]) -> bool:
 
 
 def check_replaceable(path: str | os.PathLike[str]) -> None:
-    """`DliError` naming `path` when it exists and is read-only (see `is_read_only`)."""
+    """`DliError` naming `path` when it exists and is read-only (see `is_read_only`); on a file
+    system mounted read-only the message says so, as the operating system's own error would."""
     if is_read_only(path):
-        raise DliError(f"cannot write {path}: the file is read-only")
+        raise DliError(f"cannot write {path}: {_read_only_reason(path)}")
+
+
+def _read_only_reason(path: str | os.PathLike[str]) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS)
+    except OSError:
+        pass
+    return "the file is read-only"
 
 
 @contextmanager
