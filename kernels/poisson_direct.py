@@ -326,7 +326,9 @@ class _DstTable:
     `matrices` (L, cap, cap) and `eigenvalues` (L, cap) hold length `lengths[i]` in row i, zero
     (eigenvalues: +inf) past it; the ``padded`` layout gathers each image's rows from them (one
     gather per side instead of building them per batch). Made on the host in float64 and copied
-    once; a batch with a new length rebuilds the table (a few tens of lengths occur per image size).
+    once with every fast length up to `cap` (`_fast_window_side`'s: about 50 up to 254, 13 MB in
+    float32) and the lengths asked for, so training never rebuilds it; a batch with a length
+    outside those (an image side that is not fast) rebuilds it once.
     """
 
     cap: int
@@ -342,7 +344,8 @@ class _DstTable:
         table = _DST_TABLES.get(key)
         wanted = {int(v) for v in np.unique(needed)}
         if table is None or not wanted <= set(table.lengths):
-            lengths = sorted(wanted | set(table.lengths if table else ()))
+            fast = {m for m in range(1, cap + 1) if m + 1 >= 3 and fast_side(m + 1) == m + 1}
+            lengths = sorted(wanted | fast | set(table.lengths if table else ()))
             matrices = np.zeros((len(lengths), cap, cap))
             eigenvalues = np.full((len(lengths), cap), np.inf)
             for row, m in enumerate(lengths):
