@@ -39,6 +39,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,6 +47,8 @@ from scipy import ndimage
 
 from dli.errors import DliError
 from dli.pipeline.manifest import FREE, IMAGES_FOLDER, MT_CLASSES, Manifest, read_dataset
+
+T = TypeVar("T")
 
 GENERATOR_VERSION = 2
 """Bumped whenever the output changes, so cached default datasets are regenerated."""
@@ -367,6 +370,38 @@ def _fresh_folder(parent: Path, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
 
 
+def write_replacing(out: Path, is_ours: Callable[[Path], bool], write: Callable[[Path], T]) -> T:
+    """Run `write` on a temp folder beside `out`, then rename it into place; returns its result.
+
+    `out` must be new, empty, or a folder `is_ours` recognizes (then it is replaced). An earlier
+    output stays in place until the new one is complete, so an interrupted run never leaves a
+    half-written dataset nor loses the old one.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise DliError(f"output exists and is not a folder: {out}")
+        if any(out.iterdir()) and not is_ours(out):
+            raise DliError(f"output folder {out} is not empty and does not hold a dataset from dli synth")
+    tmp = _fresh_folder(out.parent, out.name)
+    try:
+        result = write(tmp)
+        if out.exists():
+            old = out.with_name(f"{tmp.name}.old")
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)
+                raise
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return result
+
+
 def generate(
     out_dir: str | os.PathLike[str],
     *,
@@ -383,28 +418,7 @@ def generate(
     """
     _check_arguments(images, seed, size_range)
     out = Path(out_dir).absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise DliError(f"output exists and is not a folder: {out}")
-        if any(out.iterdir()) and not _is_ours(out):
-            raise DliError(f"output folder {out} is not empty and does not hold a dataset from dli synth")
-    tmp = _fresh_folder(out.parent, out.name)
-    try:
-        _write_dataset(tmp, images, seed, size_range, jpeg_quality)
-        if out.exists():
-            old = out.with_name(f"{tmp.name}.old")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except OSError:
-                old.rename(out)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    write_replacing(out, _is_ours, lambda tmp: _write_dataset(tmp, images, seed, size_range, jpeg_quality))
     return read_dataset(out)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,16 +42,17 @@ from dli.pipeline.manifest import CLASSES_FILE, FREE, IMAGES_FOLDER, MT_CLASSES
 from dli.pipeline.synth import (
     _DEFECTS,
     _MAX_ATTEMPTS,
+    BUNDLED_SIZE_RANGE,
     JPEG_QUALITY,
     MASK_AREA_RANGES,
     MT_DEFECT_COUNTS,
     _check_arguments,
-    _fresh_folder,
     _soft,
     _tile,
     _to_uint8,
     class_counts,
     class_folder,
+    write_replacing,
 )
 
 FORMATS: tuple[str, ...] = ("mt", "index", "coco", "labelme")
@@ -329,7 +329,7 @@ def generate_formatted(
     *,
     images: int = 200,
     seed: int = 0,
-    size_range: tuple[tuple[int, int], tuple[int, int]] = ((111, 201), (51, 316)),
+    size_range: tuple[tuple[int, int], tuple[int, int]] = BUNDLED_SIZE_RANGE,
     options: SynthOptions,
 ) -> dict[str, int]:
     """Write a synthetic dataset of `images` images in `options`' shape into `out_dir`.
@@ -339,14 +339,8 @@ def generate_formatted(
     """
     _check_arguments(images, seed, size_range)
     options.check()
-    out = Path(out_dir).absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise DliError(f"output exists and is not a folder: {out}")
-        if any(out.iterdir()) and not _is_ours(out):
-            raise DliError(f"output folder {out} is not empty and does not hold a dataset from dli synth")
-    tmp = _fresh_folder(out.parent, out.name)
-    try:
+
+    def write(tmp: Path) -> dict[str, int]:
         tally = _write(tmp, images, seed, size_range, options)
         marker = {
             "generator": "dli.pipeline.synth_formats",
@@ -357,10 +351,6 @@ def generate_formatted(
         marker["size_range"] = [list(size_range[0]), list(size_range[1])]
         marker["counts"] = tally
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return tally
+        return tally
+
+    return write_replacing(Path(out_dir).absolute(), _is_ours, write)
