@@ -333,7 +333,12 @@ def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     path = getattr(args, "json", None) or Path(f"bench-{settings.device}.json")
     figures = measure(settings)
-    print(table(figures))
+    return _report(table(figures), figures, path)
+
+
+def _report(text: str, figures: dict[str, Any], path: Path) -> int:
+    """Print the table, write the figures to the `--json` path: `dli bench`'s exit status."""
+    print(text)
     try:
         atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
     except OSError as error:
@@ -369,13 +374,7 @@ def _run_tiling(args: argparse.Namespace) -> int:
         "tiling": figures,
     }
     path = getattr(args, "json", None) or Path("bench-tiling.json")
-    print(tiling_table(figures["tiling"]))
-    try:
-        atomic_write_text(path, json.dumps(figures, indent=2) + "\n")
-    except OSError as error:
-        raise DliError(f"--json {path}: cannot write: {error}") from None
-    print(f"figures written to {path}")
-    return 0
+    return _report(tiling_table(figures["tiling"]), figures, path)
 
 
 if __name__ == "__main__":
