@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse
-import scipy.sparse.linalg
 import torch
 from PIL import Image
 from scipy import ndimage
@@ -25,42 +23,7 @@ from dli.kernels.poisson import (
 from dli.kernels.windows import Bucket, Transfers, bucket_shapes, fast_side
 from dli.kernels.xp import as_array, as_tensor
 from dli.pipeline.planner import DliConfig
-
-NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
-
-
-def sparse_reference(
-    target: np.ndarray, source: np.ndarray, mask: np.ndarray, mixed: bool = False
-) -> np.ndarray:
-    """One (H, W) channel blended by assembling Pérez et al.'s linear system pixel by pixel and solving it."""
-    unknown = mask.astype(bool).copy()
-    unknown[[0, -1], :] = False
-    unknown[:, [0, -1]] = False
-    pixels = [tuple(p) for p in np.argwhere(unknown)]
-    index = {p: i for i, p in enumerate(pixels)}
-    rows, cols, values = [], [], []
-    rhs = np.zeros(len(pixels))
-    for i, (y, x) in enumerate(pixels):
-        rows.append(i)
-        cols.append(i)
-        values.append(4.0)
-        for dy, dx in NEIGHBOURS:
-            q = (y + dy, x + dx)
-            guidance = source[y, x] - source[q]
-            if mixed and abs(target[y, x] - target[q]) > abs(guidance):
-                guidance = target[y, x] - target[q]
-            rhs[i] += guidance
-            if q in index:
-                rows.append(i)
-                cols.append(index[q])
-                values.append(-1.0)
-            else:
-                rhs[i] += target[q]
-    matrix = scipy.sparse.csr_matrix((values, (rows, cols)), shape=(len(pixels), len(pixels)))
-    out = target.astype(np.float64).copy()
-    if pixels:
-        out[unknown] = scipy.sparse.linalg.spsolve(matrix, rhs)
-    return out
+from tests.poisson_reference import sparse_reference
 
 
 def region_error(result: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:

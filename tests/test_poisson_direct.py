@@ -6,53 +6,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse
-import scipy.sparse.linalg
 import torch
 
 from dli.kernels.morphology import dilate
 from dli.kernels.poisson import PoissonConvergenceWarning, measured_boxes, poisson_blend
 from dli.kernels.poisson_direct import DIRECT_MARGIN, direct_blend, direct_windows
-
-NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+from tests.poisson_reference import sparse_reference
 
 
 def window_reference(
     target: np.ndarray, source: np.ndarray, mask: np.ndarray, corner, side, mixed: bool
 ) -> np.ndarray:
-    """One (H, W) channel: the window problem assembled pixel by pixel and solved by SciPy (float64).
-
-    Unknowns are the window's interior pixels, its edge keeps the target, and the guidance of an
-    edge is the source's difference when either end lies in the mask (with `mixed`, the target's
-    where it is strictly stronger), else the target's.
-    """
+    """One (H, W) channel: the window problem solved by SciPy (float64); unknowns are the window's
+    interior pixels, its edge keeps the target."""
     (top, left), (height, width) = corner, side
-    out = target.astype(np.float64).copy()
-    inner = [(y, x) for y in range(top + 1, top + height - 1) for x in range(left + 1, left + width - 1)]
-    index = {p: i for i, p in enumerate(inner)}
-    rows, cols, values = [], [], []
-    rhs = np.zeros(len(inner))
-    for i, (y, x) in enumerate(inner):
-        rows.append(i)
-        cols.append(i)
-        values.append(4.0)
-        for dy, dx in NEIGHBOURS:
-            q = (y + dy, x + dx)
-            guidance = target[y, x] - target[q]
-            if mask[y, x] or mask[q]:
-                from_source = source[y, x] - source[q]
-                guidance = guidance if mixed and abs(guidance) > abs(from_source) else from_source
-            rhs[i] += guidance
-            if q in index:
-                rows.append(i)
-                cols.append(index[q])
-                values.append(-1.0)
-            else:
-                rhs[i] += target[q]
-    matrix = scipy.sparse.csr_matrix((values, (rows, cols)), shape=(len(inner), len(inner)))
-    solution = scipy.sparse.linalg.spsolve(matrix, rhs)
-    out[top + 1 : top + height - 1, left + 1 : left + width - 1] = solution.reshape(height - 2, width - 2)
-    return out
+    unknown = np.zeros(mask.shape, dtype=bool)
+    unknown[top + 1 : top + height - 1, left + 1 : left + width - 1] = True
+    return sparse_reference(target, source, mask, mixed, unknown=unknown)
 
 
 def random_regions(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndarray:
