@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
@@ -129,7 +130,8 @@ def count_class_pixels(
             out[sample.class_id] = float(read_mask(sample.mask).mean())
             return out
         counts = mask_class_pixels(sample, num_classes)
-        size = read_mask(sample.mask).size
+        with Image.open(sample.mask) as mask:  # its header: counting decoded it already
+            size = mask.width * mask.height
         return counts / max(1, size)
 
     defect = [s for s in manifest.samples if s.class_id != FREE and s.mask is not None]
