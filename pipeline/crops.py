@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from dli.errors import DliError
-from dli.pipeline.imageio import READ_ERRORS
+from dli.pipeline.imageio import READ_ERRORS, upright_size
 
 DEFAULT_DEFECT_PROB = 0.5
 """`--crop-defect-prob`: share of defect images whose crop is made to contain the defect."""
@@ -46,12 +46,13 @@ class CropConfig:
 
 
 def image_sizes(paths: Sequence[Path]) -> np.ndarray:
-    """(N, 2) int64 (H, W) of each image, from its header (no decoding)."""
+    """(N, 2) int64 (H, W) of each image as DALI decodes it (EXIF orientation applied), from its
+    header (no decoding)."""
     sizes = np.zeros((len(paths), 2), np.int64)
     for row, path in enumerate(paths):
         try:
             with Image.open(path) as image:
-                sizes[row] = image.size[1], image.size[0]
+                sizes[row] = upright_size(image)
         except READ_ERRORS as error:
             raise DliError(f"cannot read image {path}: {error}") from None
     return sizes

@@ -151,3 +151,15 @@ def test_preview_shows_crops_with_their_injections(native_data, tmp_path):
     assert plans[0].injections
     with Image.open(out) as picture:
         assert picture.size[0] > 0
+
+
+def test_image_sizes_are_those_dali_decodes_after_the_exif_orientation(tmp_path) -> None:
+    from PIL import Image
+
+    from dli.pipeline.crops import image_sizes
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: a 40 x 30 (W x H) file decodes as 30 x 40
+    Image.new("L", (40, 30)).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("L", (40, 30)).save(tmp_path / "plain.jpg")
+    assert image_sizes([tmp_path / "rotated.jpg", tmp_path / "plain.jpg"]).tolist() == [[40, 30], [30, 40]]
