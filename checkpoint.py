@@ -32,7 +32,7 @@ from torch import nn
 from dli.atomic import atomic_save
 from dli.class_names import check_class_names
 from dli.errors import DliError
-from dli.model_checks import RESIZE_MODES, check_image_size, check_normalization
+from dli.model_checks import check_image_size, check_normalization, check_resize
 from dli.tiling import Tiling
 
 FORMAT = "dli-checkpoint"
@@ -172,8 +172,7 @@ class ModelInfo:
             aspect=str(data.get("aspect", "stretch")),
         )
         check_normalization(info.mean, info.std, origin)
-        if info.resize not in RESIZE_MODES:
-            raise DliError(f"{origin}: resize {info.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        check_resize(info.resize, origin)
         return info
 
 

@@ -31,6 +31,12 @@ def check_image_size(value: object, origin: str) -> int:
     return value
 
 
+def check_resize(mode: object, origin: str) -> None:
+    """`DliError` naming `origin` unless `mode` is one of `RESIZE_MODES`."""
+    if mode not in RESIZE_MODES:
+        raise DliError(f"{origin}: resize {mode!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
 def check_normalization(mean: Sequence[float], std: Sequence[float], origin: str) -> None:
     """`DliError` unless mean and std have one finite value per channel and every std is > 0."""
     if not mean or len(mean) != len(std):

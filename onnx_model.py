@@ -36,7 +36,12 @@ from PIL import Image
 
 from dli.class_names import check_class_names
 from dli.errors import DliError
-from dli.model_checks import RESIZE_MODES, check_image_size, check_normalization, check_thresholds
+from dli.model_checks import (
+    check_image_size,
+    check_normalization,
+    check_resize,
+    check_thresholds,
+)
 from dli.tiling import Tiling
 
 FORMAT = "dli-onnx"
@@ -163,8 +168,7 @@ class OnnxMetadata:
         check_image_size(metadata.image_size, origin)
         check_normalization(metadata.mean, metadata.std, origin)
         check_thresholds(metadata.thresholds, origin)
-        if metadata.resize not in RESIZE_MODES:
-            raise DliError(f"{origin}: resize {metadata.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        check_resize(metadata.resize, origin)
         if not 1 <= metadata.input_stride <= metadata.image_size:
             raise DliError(f"{origin}: input_stride {metadata.input_stride} is not in [1, image_size]")
         return metadata

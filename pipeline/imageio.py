@@ -154,7 +154,7 @@ def read_image(path: str | os.PathLike[str], channels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                if channels == 1 and opened.mode in GRAY_MODES:
+                if channels == 1 and stored_gray(opened):
                     return np.asarray(upright(opened).convert("L"), dtype=np.uint8)[..., None]
                 rgb = np.asarray(_eight_bit(upright(opened)).convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from dli.errors import DliError
-from dli.pipeline.imageio import READ_ERRORS, is_image_file
+from dli.pipeline.imageio import READ_ERRORS, is_image_file, read_index
 from dli.pipeline.manifest import (
     CLASSES_FILE,
     Manifest,
@@ -175,11 +175,7 @@ def mask_class_pixels(sample: Sample, num_classes: int) -> np.ndarray:
 
         counts[sample.class_id] = int(read_mask(sample.mask).sum())
         return counts
-    try:
-        with Image.open(sample.mask) as mask:
-            values = np.asarray(mask).ravel()
-    except READ_ERRORS as error:
-        raise DliError(f"cannot read mask {sample.mask}: {error}") from None
+    values = read_index(sample.mask).ravel()
     found = np.bincount(values[values > 0].astype(np.int64), minlength=num_classes + 1)
     if found.size > num_classes + 1:
         raise DliError(f"mask {sample.mask} holds values above the {num_classes} listed classes")
