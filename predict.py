@@ -255,29 +255,33 @@ class CheckpointPredictor:
         tiling = resolve_tiling(self.info.tiling, stride=stride, tile=tile, overlap=overlap, window=window)
         self.tiled = tiled_inference(self.logits, tiling, self.info.mean, self.info.std, batch_size)
 
+    def _forward(self, batch: Any) -> Any:
+        """The model's float32 logits of a normalized (N, C, H, W) batch on its device: no grad,
+        channels-last, under the device's autocast (as training ran it)."""
+        import torch
+
+        amp_dtype = self.amp_dtype
+        autocast = torch.autocast(
+            self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        )
+        with torch.no_grad(), autocast:
+            return self.model(batch.contiguous(memory_format=torch.channels_last)).float()
+
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """(N, classes, H, W) float32 logits of a normalized (N, C, H, W) float32 batch."""
         import torch
 
-        amp_dtype, device_type = self.amp_dtype, self.device.type
-        batch = torch.from_numpy(inputs).to(self.device).contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(
-            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        )
-        with torch.no_grad(), autocast:
-            return self.model(batch).float().cpu().numpy()
+        return self._forward(torch.from_numpy(inputs).to(self.device)).cpu().numpy()
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         import torch
         import torch.nn.functional as F
 
         inputs = torch.stack([preprocess(image, self.info) for image in images]).to(self.device)
-        amp_dtype, device_type = self.amp_dtype, self.device.type
+        logits = self._forward(inputs)
+        maps = []
         with torch.no_grad():
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = self.model(inputs.contiguous(memory_format=torch.channels_last))
-            maps = []
-            for image, image_logits in zip(images, logits.float(), strict=True):
+            for image, image_logits in zip(images, logits, strict=True):
                 height, width = resized_size(image.shape, self.info.image_size, self.info.aspect)
                 full = F.interpolate(
                     image_logits[None, :, :height, :width],
