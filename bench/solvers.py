@@ -102,6 +102,10 @@ def _training_step_seconds(n: int, size: int, device: str, repeats: int) -> floa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.n < 1 or args.size < 8 or args.repeats < 1:
+        raise DliError(
+            f"--n, --size and --repeats must be >= 1, 8, 1 (got {args.n}, {args.size}, {args.repeats})"
+        )
     rng = np.random.default_rng(0)
     if args.data == SYNTHETIC:
         target, source, mask = synthetic_batch(args.n, args.size, rng)

@@ -41,3 +41,19 @@ def test_a_missing_data_folder_is_one_line_and_status_2(tmp_path: Path, capsys) 
 def test_bad_sizes_are_refused(flag: list[str], capsys) -> None:
     assert bench.main(["--data", "synthetic", *flag]) == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_the_solvers_bench_times_each_solver_on_one_batch(tmp_path, capsys) -> None:
+    from dli.bench.solvers import SOLVERS, main
+
+    out = tmp_path / "solvers.json"
+    argv = ["--n", "4", "--size", "48", "--repeats", "1", "--no-training", "--data", "synthetic"]
+    assert main([*argv, "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(SOLVERS) <= set(figures) and figures["device"] == "cpu"
+    for name in SOLVERS:
+        assert figures[name]["ms_per_batch"] > 0 and figures[name]["summary"]
+    assert figures["direct"]["max_abs_difference_from_cpu_direct"] == 0.0  # the same code on the CPU
+    assert main(["--n", "0", "--no-training"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench.solvers: error: --n") and "\n" not in err
