@@ -1,7 +1,7 @@
 """dli: Dynamic Label Injection for imbalanced industrial defect segmentation.
 
 The repository root is this package. Data flows one way:
-manifest (`dli.pipeline.manifest`) -> plan (`dli.pipeline.planner`) -> DALI decode and augment
+manifest (`dli.data.manifest`) -> plan (`dli.pipeline.planner`) -> DALI decode and augment
 (`dli.pipeline`) -> injection (`dli.kernels`) -> UNet (`dli.models`, `dli.train`).
 """
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from dli.errors import DliError, os_error_message
+from dli.common.errors import DliError, os_error_message
 
 # name -> (module, one-line help). A plain dict is the registry.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("dli.export", "export a checkpoint to ONNX (metadata embedded, checked against torch)"),
     "preview": ("dli.pipeline.preview", "PNG grid of training batches before and after injection"),
     "synth": (
-        "dli.pipeline.synth",
+        "dli.data.synth",
         "generate a synthetic dataset (MT-like; colour, index masks, COCO, labelme)",
     ),
     "data": ("dli.data_report", "what training would see of a dataset: classes, instances, sizes, problems"),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dli.errors import DliError
+from dli.common.errors import DliError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ class DatasetSummary:
 def _mode(path: Path) -> str | None:
     from PIL import Image
 
-    from dli.pipeline.imageio import READ_ERRORS
+    from dli.data.imageio import READ_ERRORS
 
     try:
         with Image.open(path) as image:
@@ -77,7 +77,7 @@ def _image_modes(paths: list[Path]) -> list[str | None]:
 
 
 def summarize(manifest, report) -> DatasetSummary:  # type: ignore[no-untyped-def]
-    """The figures of `manifest` as validated in `report` (`dli.pipeline.validation.validate`)."""
+    """The figures of `manifest` as validated in `report` (`dli.data.validation.validate`)."""
     classes = {name: ClassFigures() for name in manifest.class_names}
     sets: Counter[str] = Counter()
     for sample in manifest.samples:
@@ -163,9 +163,9 @@ def format_summary(summary: DatasetSummary) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dli.pipeline.annotations import cache_root
-    from dli.pipeline.manifest import DatasetWarning, read_dataset
-    from dli.pipeline.validation import validate
+    from dli.data.annotations import cache_root
+    from dli.data.manifest import DatasetWarning, read_dataset
+    from dli.data.validation import validate
 
     print(f"dataset: {args.data.absolute()}")
     try:

@@ -13,14 +13,14 @@ pixels at the model's input size, native pixels when tiling) use the thresholds 
 CSV has one row per class and an `overall` row (pixel counts summed over classes; its
 image-level columns are "any defect").
 
-A model trained on crops (its checkpoint carries a `dli.tiling.Tiling`), or any model given
+A model trained on crops (its checkpoint carries a `dli.pipeline.tiling.Tiling`), or any model given
 `--tile S`, is scored at native resolution: each whole image is predicted by overlapping tiles
 (`dli.models.tiled`, the algorithm `dli predict` uses) and compared with its original mask,
 never resized (`dli.pipeline.native`); `--min-area` then counts native pixels. Otherwise images
 and masks are resized to the training size as in training.
 
 `--out` names the CSV file, or a folder (any path not ending in ``.csv``) that receives
-`eval.csv` and `predictions.png`, the prediction grid of `dli.figures` for the scored images.
+`eval.csv` and `predictions.png`, the prediction grid of `dli.training.figures` for the scored images.
 """
 
 from __future__ import annotations
@@ -36,11 +36,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from dli.atomic import atomic_write_text, check_replaceable
-from dli.checkpoint import add_checkpoint_argument, load_checkpoint, model_from_checkpoint, save_checkpoint
-from dli.config import SPLITS, TrainConfig, resolved_paths
-from dli.errors import DliError
-from dli.lock import FolderLock
+from dli.common.atomic import atomic_write_text, check_replaceable
+from dli.common.errors import DliError
+from dli.common.lock import FolderLock
+from dli.data.manifest import Manifest
+from dli.models.checkpoint import (
+    add_checkpoint_argument,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from dli.models.image_metrics import ImageDecisionCounter, ImageScores
 from dli.models.metrics import THRESHOLD, ConfusionCounter, SegmentationScores, evaluate_model
 from dli.models.thresholds import (
@@ -52,8 +57,8 @@ from dli.models.thresholds import (
     keep_uncalibrated,
     thresholds_of,
 )
-from dli.pipeline.manifest import Manifest
 from dli.predict import add_tiling_arguments
+from dli.training.config import SPLITS, TrainConfig, resolved_paths
 
 ALL = "all"
 """`--split all`: score every image of the dataset."""
@@ -190,11 +195,11 @@ def evaluate_checkpoint(
     `overlap` and `window` set or override the checkpoint's tiling (`dli.predict.resolve_tiling`);
     with a tiling, `batch_size` counts tiles.
     """
-    from dli.datasets import load_datasets
     from dli.models.unet import encoder_spec
     from dli.pipeline.loader import build_loader
     from dli.predict import resolve_tiling
-    from dli.trainer import amp_dtype_for, resolve_device
+    from dli.training.datasets import load_datasets
+    from dli.training.trainer import amp_dtype_for, resolve_device
 
     if batch_size < 1:
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
@@ -290,7 +295,7 @@ def evaluate_checkpoint(
                 f"cannot store the thresholds in {checkpoint}: {error.strerror or error}"
             ) from None
     if predictions is not None:
-        from dli.figures import PredictionGrid
+        from dli.training.figures import PredictionGrid
 
         grid = PredictionGrid(
             manifest,
@@ -315,9 +320,9 @@ def evaluate_checkpoint(
 
 
 def _whole_dataset(data: str | None) -> Manifest:
-    from dli.pipeline.manifest import read_dataset
-    from dli.pipeline.synth import default_dataset
-    from dli.pipeline.validation import validate
+    from dli.data.manifest import read_dataset
+    from dli.data.synth import default_dataset
+    from dli.data.validation import validate
 
     manifest = read_dataset(default_dataset() if data is None else data)
     validate(manifest)

@@ -7,7 +7,7 @@ paper's experiments use ``reference`` and the published split, so their numbers 
 the paper's; a grid over both protocols asks whether DLI's margin survives corrected baselines.
 The grid comes from a preset (`dli.experiments.presets`), a YAML or TOML file (`--config`) and
 flags, later sources overriding earlier ones. Every run trains with
-`dli.trainer.train` in its own folder under EXPDIR, named by its factors
+`dli.training.trainer.train` in its own folder under EXPDIR, named by its factors
 (`dli-p0.5-all-free__l-resnet18__f1.0__s0`, prefixed `reference__` under the reference
 protocol), one after another on one device.
 
@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from dli import train as training
-from dli.config import FILLS, PROTOCOLS, flag
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.experiments.grid import LIST_KEYS, TRAIN_SETTINGS, resolve_grid
 from dli.experiments.presets import PRESETS
 from dli.experiments.report import SUMMARY_MD, aggregate
 from dli.experiments.run import EXPERIMENT_FILE, read_stored_grid, run_grid, run_state, write_grid
 from dli.models.losses import METHODS
+from dli.training.config import FILLS, PROTOCOLS, flag
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,10 @@ handle smp's UNet; the TorchScript one (`dynamo=False`) is deprecated since torc
 Input `images`: the normalized (N, C, H, W) float32 batch the checkpoint's model takes, H and W
 multiples of the encoder's stride; output `logits`: its per-class logits, float32. `--half`
 computes in float16 inside the graph (a cast at each end keeps the input and output float32).
-The metadata a deployment needs is embedded in `metadata_props` (`dli.onnx_model.OnnxMetadata`):
+The metadata a deployment needs is embedded in `metadata_props` (`dli.inference.onnx_model.OnnxMetadata`):
 class names, input and image channels, normalization and its source, the training image size,
 the per-class thresholds (the checkpoint's calibrated ones unless `--threshold`), the tiling of a
-model trained on crops (`dli.tiling.Tiling`: tile size, overlap, window, scale), and the dli
+model trained on crops (`dli.pipeline.tiling.Tiling`: tile size, overlap, window, scale), and the dli
 version and commit.
 
 Before anything is written, onnxruntime runs the export and torch runs the checkpoint's model
@@ -42,13 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dli import progress
-from dli.atomic import atomic_write_bytes, is_read_only
-from dli.checkpoint import ModelInfo, add_checkpoint_argument, load_checkpoint, model_from_checkpoint
-from dli.errors import DliError
-from dli.models.thresholds import thresholds_of
-from dli.models.unet import encoder_spec
-from dli.onnx_model import (
+from dli.common import progress
+from dli.common.atomic import atomic_write_bytes, is_read_only
+from dli.common.errors import DliError
+from dli.inference.onnx_model import (
     FORMAT_VERSION,
     GRAY_FORMAT_VERSION,
     INPUT_NAME,
@@ -57,6 +54,9 @@ from dli.onnx_model import (
     OnnxModel,
     sigmoid,
 )
+from dli.models.checkpoint import ModelInfo, add_checkpoint_argument, load_checkpoint, model_from_checkpoint
+from dli.models.thresholds import thresholds_of
+from dli.models.unet import encoder_spec
 
 TOLERANCE = 1e-4
 """Largest allowed |p_onnx - p_torch| of a float32 export."""
@@ -269,7 +269,7 @@ def check_parity(
 def parity_images(image_size: int, seed: int = 0) -> list[np.ndarray]:
     """Two MT-like uint8 tiles with a defect, one taller and one wider than `image_size` (neither a
     multiple of it), so that resizing them down and up is part of what the check compares."""
-    from dli.pipeline.synth import render
+    from dli.data.synth import render
 
     rng = np.random.default_rng(seed)
     sizes = (

@@ -4,7 +4,7 @@ For every image `<stem>.<ext>` in `--images` it writes, at the image's original 
 `<stem>_<class>.png` (0 or 255 per pixel) for each defect class of the model and
 `<stem>_overlay.png`: the image as the model saw it (in colour for an RGB model, else gray) with
 each class's predicted pixels tinted in its colour. Images are read in the model's channels as
-training read them (`dli.pipeline.imageio.read_image`: an RGB model repeats a gray image, a gray
+training read them (`dli.data.imageio.read_image`: an RGB model repeats a gray image, a gray
 model takes a colour image's luma), resized to the training size and normalized with the
 statistics the model carries; the logits are
 resized back to the original size before each class's threshold (the calibrated ones the
@@ -14,11 +14,11 @@ model's output rather than upscaled blocks.
 The model is a checkpoint (`--checkpoint`, run by torch) or a `dli export` (`--onnx`, run by
 onnxruntime, normalization and thresholds read from its metadata): the two give the same
 masks up to pixels whose probability lies within the export's tolerance of the threshold. The
-`--onnx` path imports neither torch nor smp nor DALI (`dli.onnx_model`).
+`--onnx` path imports neither torch nor smp nor DALI (`dli.inference.onnx_model`).
 
-**Tiles.** A model trained on crops (its checkpoint or export records a `dli.tiling.Tiling`), or
+**Tiles.** A model trained on crops (its checkpoint or export records a `dli.pipeline.tiling.Tiling`), or
 any model given `--tile S`, predicts each image at native resolution by overlapping S x S tiles
-whose logits are blended by a window (`dli.tiling`, the same NumPy code for both paths); masks
+whose logits are blended by a window (`dli.pipeline.tiling`, the same NumPy code for both paths); masks
 are thresholded band by band, so memory is bounded by the tile batch and the image itself.
 `--overlap` and `--window` override what the model carries.
 
@@ -42,19 +42,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
-from dli import progress
-from dli.atomic import atomic_save
-from dli.class_names import output_name
-from dli.errors import DliError
+from dli.common import progress
+from dli.common.atomic import atomic_save
+from dli.common.errors import DliError
+from dli.data.class_names import output_name
+from dli.data.imageio import is_image_file, read_image
+from dli.inference.onnx_model import fit_pad_values, resized_size
 from dli.models.thresholds import check_threshold
-from dli.onnx_model import fit_pad_values, resized_size
-from dli.pipeline.imageio import is_image_file, read_image
-from dli.tiling import DEFAULT_OVERLAP, WINDOWS, TiledInference, Tiling, normalizer
+from dli.pipeline.tiling import DEFAULT_OVERLAP, WINDOWS, TiledInference, Tiling, normalizer
 
 if TYPE_CHECKING:
     import torch
 
-    from dli.checkpoint import ModelInfo
+    from dli.models.checkpoint import ModelInfo
 
 OVERLAY_ALPHA = 0.5
 """Opacity of the class colour over a predicted pixel."""
@@ -170,7 +170,7 @@ class Predictor(Protocol):
     """A model that turns images ((H, W, channels), `read_image`) into per-class probabilities at
     their own size.
 
-    `tiled` is set when the model predicts by tiles (`dli.tiling`), None when it resizes each
+    `tiled` is set when the model predicts by tiles (`dli.pipeline.tiling`), None when it resizes each
     image to its training size.
     """
 
@@ -238,10 +238,10 @@ class CheckpointPredictor:
     ) -> None:
         import torch
 
-        from dli.checkpoint import load_checkpoint, model_from_checkpoint
+        from dli.models.checkpoint import load_checkpoint, model_from_checkpoint
         from dli.models.thresholds import thresholds_of
         from dli.models.unet import encoder_spec
-        from dli.trainer import amp_dtype_for, resolve_device
+        from dli.training.trainer import amp_dtype_for, resolve_device
 
         self.device = resolve_device(device)
         document = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
@@ -307,7 +307,7 @@ class OnnxPredictor:
         window: str | None = None,
         batch_size: int = 8,
     ) -> None:
-        from dli.onnx_model import OnnxModel
+        from dli.inference.onnx_model import OnnxModel
 
         self.model = OnnxModel(path, device=device)
         self.class_names = self.model.class_names
@@ -388,7 +388,7 @@ def predict_folder(
 def tiled_masks(tiled: TiledInference, image: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """(classes, H, W) bool masks of one image ((H, W) gray or (H, W, channels), `read_image`)
     predicted by tiles, thresholded band by band."""
-    from dli.onnx_model import sigmoid
+    from dli.inference.onnx_model import sigmoid
 
     planes = image[None] if image.ndim == 2 else np.ascontiguousarray(np.moveaxis(image, 2, 0))
     masks: np.ndarray | None = None

@@ -2,9 +2,9 @@
 
 The command layer: flags (one per `TrainConfig` field), the config they resolve to (with
 `--resume`, the saved run's), the launch of several processes (`--devices K`, or
-`torchrun --nproc_per_node=K -m dli.train`; see `dli.distributed`), and what is printed at
+`torchrun --nproc_per_node=K -m dli.train`; see `dli.training.distributed`), and what is printed at
 the end (the run folder, its pictures and the best epoch's per-class table). The loop itself
-is `dli.trainer.train`; the run folder's files are described in `dli.run_folder`.
+is `dli.training.trainer.train`; the run folder's files are described in `dli.training.run_folder`.
 `--batch-size` stays the global batch with several processes, so a run's data does not
 depend on K.
 
@@ -22,8 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dli.checkpoint import load_checkpoint
-from dli.config import (
+from dli.common.errors import DliError
+from dli.models.checkpoint import load_checkpoint
+from dli.models.losses import METHODS
+from dli.models.metrics import SegmentationScores
+from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
+from dli.models.thresholds import Thresholds
+from dli.models.unet import ENCODERS
+from dli.pipeline.normalization import CHANNEL_SETTINGS, NORMALIZATIONS
+from dli.training.config import (
     CANVAS_CHOICES,
     DEFAULT_PROTOCOL,
     DONOR_UNITS,
@@ -39,20 +46,19 @@ from dli.config import (
     flag,
     read_run_config,
 )
-from dli.datasets import datasets_of
-from dli.errors import DliError
-from dli.figures import CURVES_FILE, PREDICTIONS_FILE
-from dli.models.losses import METHODS
-from dli.models.metrics import SegmentationScores
-from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
-from dli.models.thresholds import Thresholds
-from dli.models.unet import ENCODERS
-from dli.pipeline.normalization import CHANNEL_SETTINGS, NORMALIZATIONS
-from dli.run_folder import BEST, CALIBRATED_SCORES_KEY, CONFIG_FILE, default_run_name, prepare_run_folder
-from dli.trainer import check_batch_split, check_last_batch, resolve_device, train
+from dli.training.datasets import datasets_of
+from dli.training.figures import CURVES_FILE, PREDICTIONS_FILE
+from dli.training.run_folder import (
+    BEST,
+    CALIBRATED_SCORES_KEY,
+    CONFIG_FILE,
+    default_run_name,
+    prepare_run_folder,
+)
+from dli.training.trainer import check_batch_split, check_last_batch, resolve_device, train
 
 if TYPE_CHECKING:
-    from dli.distributed import ProcessPlace
+    from dli.training.distributed import ProcessPlace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     With `--devices K` (K > 1) this process only checks the inputs and launches K training
     processes; under torchrun (or in one of those) it trains as its rank.
     """
-    from dli.distributed import ProcessPlace
+    from dli.training.distributed import ProcessPlace
 
     config = config_from_args(args)
     place = ProcessPlace.from_env()
@@ -369,8 +375,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def launch_processes(config: TrainConfig, devices: int) -> int:
-    """Check `config` and the data once here, then train in `devices` processes (`dli.distributed`)."""
-    from dli.distributed import launch
+    """Check `config` and the data once here, then train in `devices` processes
+    (`dli.training.distributed`)."""
+    from dli.training.distributed import launch
 
     if devices < 1:
         raise DliError(f"--devices {devices}: must be an integer >= 1")
@@ -394,7 +401,7 @@ def launch_processes(config: TrainConfig, devices: int) -> int:
 
 def _train_as(place: ProcessPlace, config: TrainConfig) -> int:
     """Train as one process of a multi-process run (rank 0 reports; the others stay quiet)."""
-    from dli.distributed import destroy_process_group, init_process_group
+    from dli.training.distributed import destroy_process_group, init_process_group
 
     device = resolve_device(config.validate().device, place.local_rank)
     init_process_group(place, device.type)

@@ -6,7 +6,7 @@
 Builds, in a scratch folder, two datasets over the same `--images` image files (Magnetic Tile's
 own, linked several times over when there are fewer): one in the MT layout (``MT_<Class>/Imgs/``,
 image + binary mask), one as COCO JSON whose polygons are the outlines of the MT masks'
-instances (`dli.pipeline.synth_formats.instance_outlines`). Then times what ``dli train`` does
+instances (`dli.data.synth_formats.instance_outlines`). Then times what ``dli train`` does
 before its first step, `read_dataset` + `validate`:
 
 - ``mt``: the MT layout (today's formats);
@@ -41,7 +41,7 @@ from dli.bench import magnetic_tile_root
 
 def _mt_files(root: Path) -> list[tuple[Path, Path | None, str]]:
     """(image, mask or None, class name) of every image of an MT-layout dataset."""
-    from dli.pipeline.manifest import read_dataset
+    from dli.data.manifest import read_dataset
 
     manifest = read_dataset(root)
     return [(s.image, s.mask, manifest.class_name(s.class_id)) for s in manifest.samples]
@@ -49,7 +49,7 @@ def _mt_files(root: Path) -> list[tuple[Path, Path | None, str]]:
 
 def build(source: Path, images: int, work: Path) -> tuple[Path, Path]:
     """The MT-layout folder and the COCO file over `images` links to `source`'s files."""
-    from dli.pipeline.synth_formats import coco_segmentation, instance_outlines
+    from dli.data.synth_formats import coco_segmentation, instance_outlines
 
     files = _mt_files(source)
     mt, coco = work / "mt", work / "coco"
@@ -101,8 +101,8 @@ def build(source: Path, images: int, work: Path) -> tuple[Path, Path]:
 
 
 def _read_and_validate(data: Path) -> int:
-    from dli.pipeline.manifest import read_dataset
-    from dli.pipeline.validation import validate
+    from dli.data.manifest import read_dataset
+    from dli.data.validation import validate
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = args.data or magnetic_tile_root()
         if source is None:
-            from dli.pipeline.synth import generate
+            from dli.data.synth import generate
 
             source = work / "source"
             generate(source, images=min(args.images, 1000), seed=0)

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.manifest import FREE, Manifest
 from dli.pipeline.augment import IDENTITY
-from dli.pipeline.manifest import FREE, Manifest
 from dli.pipeline.planner import DliConfig, Plan
 
 

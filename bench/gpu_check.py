@@ -333,7 +333,7 @@ class Plan:
         return [python, "-m", "dli", "train", *self.train_flags(method)]
 
     def train_flags(self, method: str) -> list[str]:
-        from dli.config import TrainConfig
+        from dli.training.config import TrainConfig
 
         config = TrainConfig(
             data=None if self.data is None else str(self.data),
@@ -753,9 +753,9 @@ def dry_run(plan: Plan, extra_path: str | None) -> int:
 
 def check_data(data: Path) -> str:
     """Read and validate `--data` up front (as training would): a summary line, or CheckError."""
-    from dli.errors import DliError
-    from dli.pipeline.manifest import read_dataset
-    from dli.pipeline.validation import validate
+    from dli.common.errors import DliError
+    from dli.data.manifest import read_dataset
+    from dli.data.validation import validate
 
     try:
         manifest = read_dataset(data)

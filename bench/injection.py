@@ -24,12 +24,12 @@ from dli.bench.baseline import DecodedPlan, decode_plan, inject_opencv
 from dli.bench.poisson import copy_bandwidth
 from dli.bench.state import Bench, progress
 from dli.bench.timing import call_times, summary
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.kernels import device_model
 from dli.kernels.device_model import DeviceCounts
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
-from dli.kernels.poisson import PoissonConvergenceWarning, PoissonInfo, poisson_blend
+from dli.kernels.poisson.blend import PoissonConvergenceWarning, PoissonInfo, poisson_blend
 from dli.pipeline.inject import inject, region_boxes
 from dli.pipeline.planner import DliConfig, Plan
 

@@ -55,11 +55,17 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from dli.atomic import atomic_write_text
 from dli.bench import magnetic_tile_root
-from dli.errors import DliError
+from dli.common.atomic import atomic_write_text
+from dli.common.errors import DliError
 from dli.kernels.morphology import dilate
-from dli.kernels.poisson import SOLVERS, PoissonConvergenceWarning, PoissonInfo, measured_boxes, poisson_blend
+from dli.kernels.poisson.blend import (
+    SOLVERS,
+    PoissonConvergenceWarning,
+    PoissonInfo,
+    measured_boxes,
+    poisson_blend,
+)
 from dli.pipeline.planner import POISSON_WINDOWS
 
 SYNTHETIC = "synthetic"
@@ -109,7 +115,7 @@ def _resized(path: Path, size: int, resample: Image.Resampling) -> np.ndarray:
 
 def magnetic_tile_batch(root: Path, n: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """(target, source, mask): free MT images, defect MT images and their masks, resized to size²."""
-    from dli.pipeline.manifest import FREE, read_dataset
+    from dli.data.manifest import FREE, read_dataset
 
     manifest = read_dataset(root)
     defects = [s for s in manifest.samples if s.class_id != FREE and s.mask is not None]

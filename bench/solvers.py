@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from dli.atomic import atomic_write_text
 from dli.bench import magnetic_tile_root
 from dli.bench.poisson import (
     DILATION_RADIUS,
@@ -41,9 +40,10 @@ from dli.bench.poisson import (
     magnetic_tile_batch,
     synthetic_batch,
 )
-from dli.errors import DliError
+from dli.common.atomic import atomic_write_text
+from dli.common.errors import DliError
 from dli.kernels.morphology import dilate
-from dli.kernels.poisson import PoissonConvergenceWarning, measured_boxes, poisson_blend
+from dli.kernels.poisson.blend import PoissonConvergenceWarning, measured_boxes, poisson_blend
 from dli.pipeline.planner import DliConfig
 
 SOLVERS: dict[str, dict[str, Any]] = {

@@ -21,9 +21,9 @@ import torch
 
 from dli.bench.baseline import PlannedBatches, SampleFiles, build_baseline_loader
 from dli.bench.timing import stream_rates
+from dli.data.manifest import Manifest
 from dli.pipeline.batch import Batch
 from dli.pipeline.loader import Loader, build_loader
-from dli.pipeline.manifest import Manifest
 from dli.pipeline.planner import DliConfig, Plan
 
 

@@ -42,20 +42,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from dli.atomic import atomic_write_text
 from dli.bench.baseline import sample_files
 from dli.bench.data_path import measure_data_path
 from dli.bench.injection import measure_kernels
 from dli.bench.report import SCHEMA_VERSION, device_name, git_state, load_average, table, versions
 from dli.bench.state import Bench, Settings
 from dli.bench.training_steps import measure_training
-from dli.config import TrainConfig
-from dli.errors import DliError
+from dli.common.atomic import atomic_write_text
+from dli.common.errors import DliError
+from dli.data.manifest import FREE, read_dataset
+from dli.data.validation import validate
 from dli.models.unet import ENCODERS
 from dli.pipeline.loader import MT_MEAN, MT_STD
-from dli.pipeline.manifest import FREE, read_dataset
 from dli.pipeline.planner import DliConfig
-from dli.pipeline.validation import validate
+from dli.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,7 @@ def prepare(settings: Settings) -> Bench:
     if settings.data:
         path = Path(settings.data).absolute()
     else:
-        from dli.pipeline.synth import default_dataset
+        from dli.data.synth import default_dataset
 
         path = default_dataset()
     manifest = read_dataset(path)
@@ -349,7 +349,7 @@ def _report(text: str, figures: dict[str, Any], path: Path) -> int:
 
 def _run_tiling(args: argparse.Namespace) -> int:
     from dli.bench.tiling import measure_tiling, tiling_table
-    from dli.tiling import check_overlap
+    from dli.pipeline.tiling import check_overlap
 
     check_overlap(args.overlap)
     try:

@@ -1,13 +1,13 @@
 """`dli bench --tiling`: speed of tiled ONNX prediction on the CPU, and what overlap costs.
 
-One image of `--tiling-image` W x H pixels (default 2448 x 2048, a 5-megapixel line camera)
-is predicted by `dli.onnx_model.OnnxModel` through `dli.tiling` exactly as `dli predict --onnx`
-does (tiles of `--tile` S, `--overlap`, Gaussian window, logits thresholded band by band), and
-timed against two references over the same pixels: tiles without overlap, and one pass over the
-whole image (its sides rounded up to the encoder's stride). Figures are megapixels of the image
-per second (median, min, max over `--repeats`) and the overheads: tiled time over the no-overlap
-time, and over the whole-image time. The model is an `--onnx` file, or a randomly initialised
-export of the first `--encoders` (the weights do not change the speed).
+One image of `--tiling-image` W x H pixels (default 2448 x 2048, a 5-megapixel line camera) is predicted by
+`dli.inference.onnx_model.OnnxModel` through `dli.pipeline.tiling` exactly as `dli predict --onnx` does (tiles
+of `--tile` S, `--overlap`, Gaussian window, logits thresholded band by band), and timed against two
+references over the same pixels: tiles without overlap, and one pass over the whole image (its sides rounded
+up to the encoder's stride). Figures are megapixels of the image per second (median, min, max over
+`--repeats`) and the overheads: tiled time over the no-overlap time, and over the whole-image time. The model
+is an `--onnx` file, or a randomly initialised export of the first `--encoders` (the weights do not change the
+speed).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dli.bench.timing import summary
-from dli.tiling import TiledInference, Tiling, normalizer
+from dli.pipeline.tiling import TiledInference, Tiling, normalizer
 
 DEFAULT_IMAGE = (2448, 2048)
 """(W, H) of the timed image."""
@@ -30,10 +30,10 @@ def export_random(encoder: str, tile: int, folder: Path) -> Path:
     """A `dli export` of a randomly initialised `encoder` model (5 classes), written in `folder`."""
     import torch
 
-    from dli.checkpoint import ModelInfo, save_checkpoint
-    from dli.config import TrainConfig
     from dli.export import export_onnx
+    from dli.models.checkpoint import ModelInfo, save_checkpoint
     from dli.models.unet import build_model
+    from dli.training.config import TrainConfig
 
     classes = ("blowhole", "break", "crack", "fray", "uneven")
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def measure_tiling(
     batch: int = 4,
 ) -> dict[str, Any]:
     """The figures of the module docstring, as a JSON-ready dict."""
-    from dli.onnx_model import OnnxModel, sigmoid
+    from dli.inference.onnx_model import OnnxModel, sigmoid
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(onnx) if onnx is not None else export_random(encoder, tile, Path(folder))

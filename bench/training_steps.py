@@ -16,15 +16,16 @@ import torch
 
 from dli.bench.state import Bench, endless, progress
 from dli.bench.timing import ratio, summary
-from dli.config import PAPER_SCHEDULE, TrainConfig
 from dli.models.losses import build_loss
 from dli.models.unet import build_model, count_parameters
-from dli.steps import make_optimizer, train_step
-from dli.trainer import amp_dtype_for
+from dli.training.config import PAPER_SCHEDULE, TrainConfig
+from dli.training.steps import make_optimizer, train_step
+from dli.training.trainer import amp_dtype_for
 
 
 class TrainStep:
-    """One `dli train` optimisation step (`dli.steps.train_step`: BCE + Dice, AdamW) on a fresh model.
+    """One `dli train` optimisation step (`dli.training.steps.train_step`: BCE + Dice, AdamW) on a
+    fresh model.
 
     The trainer's precision (bf16 autocast where the GPU supports it, fp16 with a loss scaler
     otherwise, fp32 on the CPU). The learning-rate schedule and metric counting are left out

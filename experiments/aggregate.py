@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from dli import run_folder
-from dli.config import FILLS, PROTOCOLS, TrainConfig, read_run_config
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.experiments.grid import Setting, Variant, variant_of
+from dli.training import run_folder
+from dli.training.config import FILLS, PROTOCOLS, TrainConfig, read_run_config
 
 # ---------------------------------------------------------------------------------------------
 # Reading run folders (shared by the runner's skip/resume decision and the aggregation).

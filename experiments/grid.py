@@ -27,7 +27,10 @@ from typing import Any
 
 import yaml
 
-from dli.config import (
+from dli.common.errors import DliError, one_line
+from dli.experiments.presets import PRESETS
+from dli.models.losses import METHODS
+from dli.training.config import (
     DEFAULT_PROTOCOL,
     FILLS,
     PROTOCOL_CHOICES,
@@ -36,9 +39,6 @@ from dli.config import (
     TrainConfig,
     flag,
 )
-from dli.errors import DliError, one_line
-from dli.experiments.presets import PRESETS
-from dli.models.losses import METHODS
 
 LIST_KEYS: tuple[str, ...] = (
     "protocols",
@@ -285,7 +285,7 @@ def _parse_train_section(section: Any, source: Source) -> dict[str, Any]:
 
 
 def _synthetic_images(value: Any, where: str) -> int:
-    from dli.pipeline.synth import MIN_IMAGES
+    from dli.data.synth import MIN_IMAGES
 
     images = _number(value, where, int)
     if images < MIN_IMAGES:
@@ -331,7 +331,7 @@ def merge_documents(*documents: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Variant:
     """A training method with its injection settings (None for methods that inject nothing),
-    trained under a protocol (`dli.config.PROTOCOLS`)."""
+    trained under a protocol (`dli.training.config.PROTOCOLS`)."""
 
     method: str
     poisson_prob: float | None = None

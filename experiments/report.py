@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from dli import run_folder
-from dli.atomic import atomic_write_bytes, atomic_write_text
-from dli.config import PROTOCOL_CHOICES
-from dli.errors import DliError
+from dli.common.atomic import atomic_write_bytes, atomic_write_text
+from dli.common.errors import DliError
 from dli.experiments.aggregate import Drop, RunRecord, Stat, Summary, Table, read_runs
 from dli.experiments.grid import Setting, Variant
 from dli.experiments.run import read_stored_grid
+from dli.training import run_folder
+from dli.training.config import PROTOCOL_CHOICES
 
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"

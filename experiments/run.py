@@ -1,6 +1,6 @@
 """Running a grid: each planned run trained, resumed or skipped, one after another on one device.
 
-Every run trains with `dli.trainer.train` in its own folder under EXPDIR (`Grid.runs`). Running a
+Every run trains with `dli.training.trainer.train` in its own folder under EXPDIR (`Grid.runs`). Running a
 grid again continues it: a finished run (its `metrics.jsonl` reaches the run's last step) is
 skipped, a killed one is resumed from its `last.pt` (`run_state`). A run folder holding a run
 with different settings is an error, never silently reused. The grid itself is kept in
@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from dli import run_folder, trainer
-from dli.atomic import atomic_write_text
-from dli.config import TrainConfig, flag
-from dli.errors import DliError
+from dli.common.atomic import atomic_write_text
+from dli.common.errors import DliError
 from dli.experiments.aggregate import read_run
 from dli.experiments.grid import Grid, PlannedRun, read_grid_file
+from dli.training import run_folder, trainer
+from dli.training.config import TrainConfig, flag
 
 EXPERIMENT_FILE = "experiment.yaml"
 
@@ -85,7 +85,7 @@ def run_grid(grid: Grid, expdir: str | Path, *, log: Log = _print) -> dict[str, 
     states = {run.name: run_state(run) for run in runs}
     synthetic = grid.synthetic_data(expdir)
     if synthetic is not None and not synthetic.is_dir():
-        from dli.pipeline.synth import generate
+        from dli.data.synth import generate
 
         log(f"generating {grid.synthetic_images} synthetic images in {synthetic}")
         generate(synthetic, images=grid.synthetic_images or 0, seed=0)

@@ -10,7 +10,7 @@ Every method is `0.5 * pixel_term + 0.5 * dice`, with one sigmoid channel per de
 - ``wce``: weighted BCE, positive pixels of channel c weighted by pos_weight_c = n_neg_c / n_pos_c
   (negative over positive training pixels of class c), capped at `MAX_POS_WEIGHT`.
 
-Under ``--protocol reference`` (or each setting on its own, see `dli.config.PROTOCOL_DEFAULTS`)
+Under ``--protocol reference`` (or each setting on its own, see `dli.training.config.PROTOCOL_DEFAULTS`)
 the terms are computed as the paper's reference implementation computed them:
 
 - ``wce`` (``--wce-weights pixel-share``): the BCE mean of each class channel, summed over
@@ -52,10 +52,10 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from dli.data.imageio import read_mask
+from dli.data.index_masks import mask_class_pixels
+from dli.data.manifest import FREE, Manifest, Sample
 from dli.models.metrics import all_reduce_sum
-from dli.pipeline.imageio import read_mask
-from dli.pipeline.index_masks import mask_class_pixels
-from dli.pipeline.manifest import FREE, Manifest, Sample
 
 METHODS: tuple[str, ...] = ("bce", "focal", "balanced", "wce", "dli")
 """Training methods: four losses without injection, and `dli` (BCE + Dice on injected batches)."""
@@ -110,7 +110,7 @@ def count_class_pixels(
 
     `fractions` may give a single-class sample's defect-pixel fraction already measured, and
     `class_fractions` any sample's fraction per class (both from
-    `dli.pipeline.validation.validate`); other masks are read.
+    `dli.data.validation.validate`); other masks are read.
     """
     known = fractions or {}
     known_per_class = class_fractions or {}
@@ -359,7 +359,7 @@ def needs_pixel_counts(method: str) -> bool:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The protocol-governed choices of the loss (see `dli.config.PROTOCOL_DEFAULTS`)."""
+    """The protocol-governed choices of the loss (see `dli.training.config.PROTOCOL_DEFAULTS`)."""
 
     wce_weights: str = "pos-weight"
     balanced_counts: str = "pixels"

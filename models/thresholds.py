@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dli.errors import DliError
-from dli.model_checks import check_thresholds
+from dli.common.errors import DliError
+from dli.common.model_checks import check_thresholds
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
-"""A torch model that predicts whole native-resolution images by tiles (`dli.tiling`).
+"""A torch model that predicts whole native-resolution images by tiles (`dli.pipeline.tiling`).
 
 `TiledModel` wraps a segmentation model so that `TiledModel(model, tiling)(images)` returns the
-logits of each (C, H, W) image of the batch at its own size, computed by `dli.tiling`'s
+logits of each (C, H, W) image of the batch at its own size, computed by `dli.pipeline.tiling`'s
 algorithm (the one `dli predict` uses on both of its paths) with the wrapped model as the tile
 runner. The images come normalized (as the model takes them), so the tiles are only cut, not
 normalized again. Each image goes through the host (NumPy tiling), tile batches through the
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dli.tiling import TiledInference, Tiling
+from dli.pipeline.tiling import TiledInference, Tiling
 
 
 class TiledModel(nn.Module):

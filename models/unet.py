@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import segmentation_models_pytorch as smp
 from torch import nn
 
-from dli.errors import DliError
+from dli.common.errors import DliError
 
 DECODER_CONVS: tuple[int, ...] = (2, 4)
 """Conv-BN-ReLU layers per decoder block that `build_model` can build."""

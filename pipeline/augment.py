@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dli.errors import DliError
+from dli.common.errors import DliError
 
 Size = tuple[int, int]
 """(height, width) of the output grid, in pixels."""

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dli.errors import DliError
-from dli.pipeline.imageio import READ_ERRORS, upright_size
+from dli.common.errors import DliError
+from dli.data.imageio import READ_ERRORS, upright_size
 
 DEFAULT_DEFECT_PROB = 0.5
 """`--crop-defect-prob`: share of defect images whose crop is made to contain the defect."""

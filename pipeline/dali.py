@@ -27,8 +27,8 @@ except ImportError as error:  # an optional dependency: say which package brings
         "the data path needs NVIDIA DALI: pip install 'dli[cuda12]' (or nvidia-dali-cuda120)"
     ) from error
 
-from dli.errors import DliError
-from dli.pipeline.imageio import LUMA, MASK_THRESHOLD
+from dli.common.errors import DliError
+from dli.data.imageio import LUMA, MASK_THRESHOLD
 
 IMAGES, MASKS, CODES, MATRICES, TAGS = "images", "masks", "codes", "matrices", "tags"
 """Names of the pipeline's external inputs."""
@@ -69,7 +69,7 @@ RESIZE_MODES: tuple[str, ...] = ("linear", "nearest")
 DECODES: tuple[str, ...] = ("gray", "luma", "rgb")
 """How `decode_augment` turns files into images: ``gray`` (1 channel, for files stored gray:
 the decoder's own gray output), ``luma`` (1 channel through RGB: `LUMA` · RGB in float, the rule
-of `dli.pipeline.imageio` for colour files) or ``rgb`` (3 channels, gray files repeated)."""
+of `dli.data.imageio` for colour files) or ``rgb`` (3 channels, gray files repeated)."""
 
 
 def decode_channels(decode: str) -> int:

@@ -34,7 +34,7 @@ import torch
 
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
-from dli.kernels.poisson import PoissonInfo, poisson_blend
+from dli.kernels.poisson.blend import PoissonInfo, poisson_blend
 from dli.kernels.xp import array_module, as_array, note_upload, torch_stream
 from dli.pipeline.augment import Size, as_3x3
 from dli.pipeline.planner import DliConfig, Plan

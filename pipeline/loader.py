@@ -11,13 +11,13 @@ One iteration, in order:
    c = pixels of value c + 1, one comparison), the plan's defects are injected
    (`dli.pipeline.inject`), and gray images are repeated into the model's 3 input channels.
 
-A donor (`dli.pipeline.instances.DonorTable`) is one defect instance: its mask, fed to DALI as
+A donor (`dli.data.instances.DonorTable`) is one defect instance: its mask, fed to DALI as
 an in-memory PNG of its own pixels, is decoded and warped with its image, so an injection
 carries one class and that instance's pixels only.
 
 Channels. A loader has 1 (gray) or 3 (RGB) image channels (`channels`; `dli train --channels`).
 Gray loaders decode files stored gray with the decoder's gray output, and convert colour files
-to their luma (`dli.pipeline.imageio.LUMA`, as `dli predict` does) when the manifest holds any;
+to their luma (`dli.data.imageio.LUMA`, as `dli predict` does) when the manifest holds any;
 RGB loaders repeat gray files into R, G and B. Normalization (`mean`, `std`, per model input
 channel, `dli.pipeline.normalization`) is applied in DALI; the model always takes 3 channels.
 
@@ -50,14 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dli.errors import DliError
-from dli.kernels.poisson import PoissonInfo
-from dli.model_checks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from dli.common.errors import DliError
+from dli.common.model_checks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from dli.data.instances import DonorTable
+from dli.data.manifest import FREE, Manifest, Sample
+from dli.kernels.poisson.blend import PoissonInfo
 from dli.pipeline.augment import Size, compose, defect_augments, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
-from dli.pipeline.instances import DonorTable
-from dli.pipeline.manifest import FREE, Manifest, Sample
 from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics
 from dli.pipeline.planner import DliConfig, Plan, Planner
 
@@ -133,7 +133,7 @@ class Loader:
         planner: the DLI planner, or None when injection is off.
 
     `donors` (training with DLI): a `DonorTable` of the defect instances to inject (the
-    training default, `dli.datasets.Datasets.donors`), or manifest indices whose whole masks are
+    training default, `dli.training.datasets.Datasets.donors`), or manifest indices whose whole masks are
     the donors (default: every single-class defect image). `source_boxes` (optional, with
     indices): (len(manifest), 4) defect boxes of the samples as fractions of their size
     (`ValidationReport.mask_boxes`). With boxes a Poisson injection reads nothing back from the

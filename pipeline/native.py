@@ -2,7 +2,7 @@
 
 `native_batches` yields one `dli.pipeline.batch.Batch` per image: the image at its own size,
 scaled to [0, 1] and normalized per channel (gray repeated over the model's channels), and
-its label channels read from the original mask with `dli.pipeline.imageio.read_mask` (the rule
+its label channels read from the original mask with `dli.data.imageio.read_mask` (the rule
 validation and training apply), never resized. Metrics computed on them are at native
 resolution against the original masks: per class, TP + FN equals the mask's defect pixels.
 """
@@ -14,10 +14,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.imageio import read_image, read_index, read_mask
+from dli.data.manifest import FREE, Manifest, Sample
 from dli.pipeline.batch import Batch
-from dli.pipeline.imageio import read_image, read_index, read_mask
-from dli.pipeline.manifest import FREE, Manifest, Sample
 
 
 def label_channels(sample: Sample, num_classes: int, shape: tuple[int, int]) -> np.ndarray:
@@ -42,7 +42,7 @@ def native_batches(
     manifest: Manifest, mean: Sequence[float], std: Sequence[float], *, channels: int = 1
 ) -> Iterator[Batch]:
     """One batch per image of `manifest`, at the image's own size (see the module docstring),
-    read in `channels` as training reads them (`dli.pipeline.imageio.read_image`)."""
+    read in `channels` as training reads them (`dli.data.imageio.read_image`)."""
     mean_array = np.asarray(mean, np.float32).reshape(-1, 1, 1)
     std_array = np.asarray(std, np.float32).reshape(-1, 1, 1)
     for sample in manifest.samples:

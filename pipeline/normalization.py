@@ -1,10 +1,10 @@
 """Image channels and normalization statistics of a run: which, where from, and measuring them.
 
 Channels (`dli train --channels auto|1|3`). ``auto`` trains in gray (1 channel) when every
-training image looks gray at validation (`dli.pipeline.imageio.looks_gray`: stored gray, or R,
+training image looks gray at validation (`dli.data.imageio.looks_gray`: stored gray, or R,
 G and B equal within a tolerance), else in RGB (3 channels). A gray image in an RGB run is
 repeated into R, G and B; a colour image in a gray run is converted to its luma
-(`dli.pipeline.imageio.LUMA`), the same way in training, evaluation and `dli predict`.
+(`dli.data.imageio.LUMA`), the same way in training, evaluation and `dli predict`.
 
 Normalization (`dli train --normalization auto|dataset|imagenet|magnetic-tile`): the per-channel
 mean and std, on [0, 1] intensities, that every image is normalized with, (x - mean) / std.
@@ -22,7 +22,7 @@ mean and std, on [0, 1] intensities, that every image is normalized with, (x - m
   encoder's ImageNet weights were loaded; else ``dataset``.
 
 The resolved choice and its values are written to the run's `config.yaml` (runtime
-``normalization``) and its checkpoints (`dli.checkpoint.ModelInfo`), from which `dli eval`,
+``normalization``) and its checkpoints (`dli.models.checkpoint.ModelInfo`), from which `dli eval`,
 `dli predict` and `dli export` (ONNX metadata) read them; a resumed run keeps its own.
 Statistics are kept per model input channel (3): a gray run has the same value in all three.
 """
@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from dli.errors import DliError
-from dli.pipeline.imageio import LUMA, READ_ERRORS, stored_gray
+from dli.common.errors import DliError
+from dli.data.imageio import LUMA, READ_ERRORS, stored_gray
 
 if TYPE_CHECKING:
     import torch
 
-    from dli.pipeline.manifest import Manifest
+    from dli.data.manifest import Manifest
 
 MT_MEAN = 0.4319174835105347
 MT_STD = 0.11959978240241884
@@ -147,7 +147,7 @@ def imagenet_statistics(channels: int) -> tuple[tuple[float, ...], tuple[float, 
 
 def resolve_source(setting: str, *, channels: int, class_names: Sequence[str], imagenet_weights: bool) -> str:
     """The normalization source `setting` resolves to (``auto``: see the module docstring)."""
-    from dli.pipeline.manifest import MT_CLASSES
+    from dli.data.manifest import MT_CLASSES
 
     if setting not in NORMALIZATIONS:
         raise DliError(f"--normalization {setting}: choose from {', '.join(NORMALIZATIONS)}")

@@ -11,7 +11,7 @@ class c* to inject is the one with the fewest occurrences in the batch so far, i
 already planned included. An image holding several classes counts once for each of them. Ties
 are broken at random (the reference's ``argmin`` always favours the lowest class id, which would
 bias small batches towards class 0). Classes without any donor cannot be injected and are left
-out of the count. A donor is one defect instance (`dli.pipeline.instances.DonorTable`): the pool
+out of the count. A donor is one defect instance (`dli.data.instances.DonorTable`): the pool
 maps each class to donor ids, and `Injection.source` is the manifest index of the donor's image.
 
 Canvases (`DliConfig.canvas`): ``free`` injects into defect-free images only (the reference);
@@ -44,9 +44,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.manifest import FREE
 from dli.pipeline.augment import DEFAULT_DEFECT_AUGMENT, AffineAugment, Size, identities
-from dli.pipeline.manifest import FREE
 from dli.pipeline.placement import PLACEMENT_MARGIN, place
 
 Method = Literal["poisson", "paste"]
@@ -90,7 +90,7 @@ class DliConfig:
         poisson_label: label of a Poisson injection: ``source`` (the source's own mask) or
             ``dilated`` (the blending domain, as the reference implementation labels it).
         poisson_solver: ``direct`` (one sine-transform solve per window,
-            `dli.kernels.poisson_direct`) or ``cg`` (the region's own problem, iterated to
+            `dli.kernels.poisson.direct`) or ``cg`` (the region's own problem, iterated to
             `poisson_tol`).
         poisson_window: the direct solver's window: the region's ``box`` widened by a margin, or
             the whole ``image`` (the reference implementation's choice).

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dli.atomic import atomic_write_bytes
-from dli.errors import DliError
+from dli.common.atomic import atomic_write_bytes
+from dli.common.errors import DliError
+from dli.data.instances import DonorTable, canvas_boxes
 from dli.pipeline.batch import Batch
-from dli.pipeline.instances import DonorTable, canvas_boxes
 from dli.pipeline.normalization import CHANNEL_SETTINGS
 from dli.pipeline.planner import CANVASES, FILL_POLICIES, METHOD_CODES, DliConfig, Plan
 
@@ -275,17 +275,17 @@ def preview(
     (`scale` and `crop_defect_prob` as `dli train`'s) instead of resized whole images. `channels`
     as `dli train --channels`.
     """
+    from dli.data.manifest import read_dataset
+    from dli.data.validation import validate
     from dli.pipeline.loader import MAX_IMAGE_SIZE, build_loader
-    from dli.pipeline.manifest import read_dataset
     from dli.pipeline.normalization import channels_from_setting
-    from dli.pipeline.validation import validate
 
     if batches < 1:
         raise DliError(f"--batches {batches}: must be >= 1")
     if image_size > MAX_IMAGE_SIZE:  # before the dataset is read (the loader checks it too)
         raise DliError(f"--image-size {image_size}: must be at most {MAX_IMAGE_SIZE}")
     if data is None:
-        from dli.pipeline.synth import default_dataset
+        from dli.data.synth import default_dataset
 
         data = default_dataset()
     manifest = read_dataset(data)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dli.bench import MT_FOLDER, magnetic_tile_root
-from dli.config import TrainConfig
+from dli.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The benchmarks' lookup: $DLI_MT_ROOT, else shared/ beside the repository (named here for skip messages).

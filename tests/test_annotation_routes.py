@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from dli.cli import main
-from dli.errors import DliError
-from dli.pipeline.manifest import read_dataset
-from dli.pipeline.synth_formats import SynthOptions, data_path, generate_formatted
-from dli.pipeline.validation import validate
+from dli.common.errors import DliError
+from dli.data.manifest import read_dataset
+from dli.data.synth_formats import SynthOptions, data_path, generate_formatted
+from dli.data.validation import validate
 
 SMALL = ((40, 64), (40, 80))
 
@@ -85,7 +85,7 @@ def test_dli_train_names_every_bad_annotation_and_exits_2(tmp_path: Path, capsys
 
 
 def test_an_incomplete_cache_folder_is_replaced(tmp_path: Path) -> None:
-    from dli.pipeline.annotations import materialize, read_annotations
+    from dli.data.annotations import materialize, read_annotations
 
     aset = read_annotations(_write(tmp_path / "c", "coco"))
     first = materialize(aset)

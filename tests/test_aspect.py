@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dli.checkpoint import ModelInfo
 from dli.cli import main
-from dli.onnx_model import OnnxMetadata, preprocess, resized_size, valid_region
+from dli.inference.onnx_model import OnnxMetadata, preprocess, resized_size, valid_region
+from dli.models.checkpoint import ModelInfo
 from dli.predict import preprocess as torch_preprocess
 
 CLASSES = ("a", "b")
@@ -47,8 +47,8 @@ def test_fit_keeps_the_aspect_ratio_and_pads_with_the_mean():
 def test_the_loader_fits_and_pads_image_and_mask(tmp_path):
     from PIL import Image
 
+    from dli.data.manifest import Manifest, Sample
     from dli.pipeline.loader import build_loader
-    from dli.pipeline.manifest import Manifest, Sample
 
     image, mask = tmp_path / "wide.png", tmp_path / "wide_mask.png"
     Image.fromarray(np.full((40, 160), 200, np.uint8)).save(image)

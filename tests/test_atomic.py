@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dli import atomic
-from dli.atomic import atomic_open, atomic_save, atomic_write_bytes, atomic_write_text
-from dli.errors import DliError
+from dli.common import atomic
+from dli.common.atomic import atomic_open, atomic_save, atomic_write_bytes, atomic_write_text
+from dli.common.errors import DliError
 
 
 @pytest.fixture

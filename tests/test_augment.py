@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.pipeline.augment import (
     DEFAULT_DEFECT_AUGMENT,
     IDENTITY,

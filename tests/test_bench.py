@@ -28,6 +28,8 @@ from dli.bench.baseline import (
 )
 from dli.bench.timing import call_times, stream_rates, summary
 from dli.cli import run_command
+from dli.data.manifest import Manifest
+from dli.data.synth import generate
 from dli.pipeline.augment import (
     apply_affine_numpy,
     compose,
@@ -36,9 +38,7 @@ from dli.pipeline.augment import (
     shift_scale_rotate_matrix,
 )
 from dli.pipeline.loader import MT_MEAN, MT_STD, build_loader
-from dli.pipeline.manifest import Manifest
 from dli.pipeline.planner import DliConfig, Plan
-from dli.pipeline.synth import generate
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

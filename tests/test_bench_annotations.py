@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dli.bench.annotations import main
-from dli.pipeline.synth import generate
+from dli.data.synth import generate
 
 
 def test_benchmark_builds_both_layouts_and_times_them(

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dli.checkpoint import ModelInfo
-from dli.errors import DliError
-from dli.pipeline.imageio import LUMA, looks_gray, read_image
+from dli.common.errors import DliError
+from dli.data.imageio import LUMA, looks_gray, read_image
+from dli.data.manifest import FREE, MT_CLASSES, read_dataset
+from dli.data.validation import validate
+from dli.models.checkpoint import ModelInfo
 from dli.pipeline.loader import build_loader
-from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset
 from dli.pipeline.normalization import (
     IMAGENET_MEAN,
     MT_MEAN,
@@ -26,7 +27,6 @@ from dli.pipeline.normalization import (
     resolve_source,
 )
 from dli.pipeline.planner import DliConfig
-from dli.pipeline.validation import validate
 from tests.colour_data import HUE_SHIFT, hue_dataset
 
 SIZE = 48
@@ -219,10 +219,10 @@ def test_checkpoints_without_channels_load_as_gray_magnetic_tile() -> None:
 def test_hue_only_defects_are_learnt_in_colour_and_not_in_gray(tmp_path: Path) -> None:
     import yaml
 
-    from dli.checkpoint import load_checkpoint
-    from dli.config import TrainConfig
     from dli.evaluate import evaluate_checkpoint
-    from dli.trainer import train
+    from dli.models.checkpoint import load_checkpoint
+    from dli.training.config import TrainConfig
+    from dli.training.trainer import train
 
     data = hue_dataset(tmp_path / "hue", defects=32, free=8, size=SIZE, seed=0)
     settings = {
@@ -267,12 +267,12 @@ def test_hue_only_defects_are_learnt_in_colour_and_not_in_gray(tmp_path: Path) -
 @pytest.mark.slow
 def test_colour_model_predicts_the_same_on_torch_and_onnx(colour_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from dli.checkpoint import save_checkpoint
-    from dli.config import TrainConfig
     from dli.export import TOLERANCE, export_onnx
+    from dli.inference.onnx_model import GRAY_FORMAT_VERSION, OnnxMetadata, OnnxModel
+    from dli.models.checkpoint import save_checkpoint
     from dli.models.unet import build_model
-    from dli.onnx_model import GRAY_FORMAT_VERSION, OnnxMetadata, OnnxModel
     from dli.predict import CheckpointPredictor, predict_folder
+    from dli.training.config import TrainConfig
 
     info = ModelInfo("l-resnet18", ("spot",), SIZE, (0.5, 0.45, 0.55), (0.1, 0.2, 0.3), channels=3)
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ def test_colour_model_predicts_the_same_on_torch_and_onnx(colour_data: Path, tmp
 def test_a_resumed_run_keeps_its_channels_and_statistics() -> None:
     from types import SimpleNamespace
 
-    from dli.trainer import Trainer
+    from dli.training.trainer import Trainer
 
     info = ModelInfo(
         "l-resnet18", ("a",), 64, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), channels=3, normalization="dataset"

@@ -11,9 +11,9 @@ from PIL import Image
 from pycocotools import mask as mask_api
 from pycocotools.coco import COCO
 
-from dli.errors import DliError
-from dli.pipeline.annotations import PAIRS_FILE, index_mask, materialize
-from dli.pipeline.coco import read_coco
+from dli.common.errors import DliError
+from dli.data.annotations import PAIRS_FILE, index_mask, materialize
+from dli.data.coco import read_coco
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dli.cli import main
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits
 
 
@@ -45,7 +45,7 @@ def test_a_crop_larger_than_every_image_is_refused():
 
 @pytest.fixture(scope="module")
 def native_data(tmp_path_factory):
-    from dli.pipeline.synth import generate
+    from dli.data.synth import generate
 
     root = tmp_path_factory.mktemp("crops") / "synth"
     generate(root, images=24, seed=2, size_range=((150, 260), (200, 400)))
@@ -53,9 +53,9 @@ def native_data(tmp_path_factory):
 
 
 def test_loader_cuts_crops_at_native_resolution_and_injects_into_them(native_data):
-    from dli.datasets import load_datasets
     from dli.pipeline.loader import build_loader
     from dli.pipeline.planner import DliConfig
+    from dli.training.datasets import load_datasets
 
     data = load_datasets(str(native_data), "stratified")
     loader = build_loader(
@@ -118,10 +118,10 @@ def test_bad_crop_flags_are_one_line_errors(native_data, tmp_path, capsys, flags
 
 @pytest.mark.slow
 def test_training_on_crops_validates_by_tiles_and_the_checkpoint_carries_the_tiling(native_data, tmp_path):
-    from dli.checkpoint import load_checkpoint
-    from dli.config import TrainConfig
-    from dli.tiling import Tiling
-    from dli.trainer import train
+    from dli.models.checkpoint import load_checkpoint
+    from dli.pipeline.tiling import Tiling
+    from dli.training.config import TrainConfig
+    from dli.training.trainer import train
 
     config = TrainConfig(
         data=str(native_data),

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.datasets import check_same_data, data_record, file_fingerprint, load_datasets
-from dli.errors import DliError
-from dli.pipeline.synth import generate
-from dli.trainer import train
+from dli.common.errors import DliError
+from dli.data.synth import generate
+from dli.training.config import TrainConfig
+from dli.training.datasets import check_same_data, data_record, file_fingerprint, load_datasets
+from dli.training.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage
 
 from dli.cli import main
-from dli.pipeline.synth_formats import SynthOptions, data_path, generate_formatted
+from dli.data.synth_formats import SynthOptions, data_path, generate_formatted
 
 SMALL = ((48, 80), (48, 96))
 NAMES = ("blowhole", "break", "crack", "fray", "uneven")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import ndimage
 
+from dli.data.manifest import Manifest
+from dli.data.synth import generate
 from dli.pipeline.loader import MT_MEAN, MT_STD, build_loader
-from dli.pipeline.manifest import Manifest
 from dli.pipeline.planner import DliConfig
-from dli.pipeline.synth import generate
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("nvidia.dali", reason="the data path needs NVIDIA DALI")
@@ -95,8 +95,8 @@ def test_gpu_loader_is_reproducible(synthetic: Manifest) -> None:
 
 @pytest.fixture(scope="module")
 def colour(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
-    from dli.pipeline.manifest import read_dataset
-    from dli.pipeline.synth_formats import SynthOptions, generate_formatted
+    from dli.data.manifest import read_dataset
+    from dli.data.synth_formats import SynthOptions, generate_formatted
 
     root = tmp_path_factory.mktemp("gpu-rgb") / "synth"
     generate_formatted(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dli.config import PAPER_SCHEDULE, QUICK_SCHEDULE, TrainConfig
-from dli.pipeline.synth import BUNDLED_IMAGES, BUNDLED_SIZE_RANGE, DEFAULT_SIZE_RANGE
+from dli.data.synth import BUNDLED_IMAGES, BUNDLED_SIZE_RANGE, DEFAULT_SIZE_RANGE
+from dli.training.config import PAPER_SCHEDULE, QUICK_SCHEDULE, TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -62,7 +62,7 @@ def test_flags_given_win_over_either_schedule(data):
 
 
 def test_the_learning_rate_is_checked_when_given():
-    from dli.errors import DliError
+    from dli.common.errors import DliError
 
     with pytest.raises(DliError, match=r"--lr 0\.0: must be > 0"):
         TrainConfig(lr=0.0).validate()

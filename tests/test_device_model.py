@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dli.kernels import device_model, poisson
+from dli.kernels import device_model
 from dli.kernels.device_model import MODEL, DeviceCounts, counting, to_model
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
-from dli.kernels.poisson import measured_boxes, poisson_blend
+from dli.kernels.poisson import blend as poisson
+from dli.kernels.poisson.blend import measured_boxes, poisson_blend
 from dli.pipeline.inject import inject
 from dli.pipeline.planner import DliConfig
 from tests.test_inject import make_case

@@ -16,10 +16,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dli.config import TrainConfig
-from dli.errors import DliError
-from dli.kernels import morphology, paste, poisson, windows, xp
-from dli.pipeline.synth import generate
+from dli.common.errors import DliError
+from dli.data.synth import generate
+from dli.kernels import morphology, paste, xp
+from dli.kernels.poisson import blend as poisson
+from dli.kernels.poisson import windows
+from dli.training.config import TrainConfig
 
 
 class LoaderBuilt(Exception):
@@ -37,7 +39,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def second_gpu(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """`--device cuda:1` resolved as on a 2-GPU machine; build_loader records its arguments and stops."""
     import dli.pipeline.loader
-    import dli.trainer
+    import dli.training.trainer
 
     calls: list[dict[str, Any]] = []
 
@@ -45,14 +47,14 @@ def second_gpu(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append(kwargs)
         raise LoaderBuilt
 
-    monkeypatch.setattr(dli.trainer, "resolve_device", lambda name, rank=0: torch.device("cuda", 1))
-    monkeypatch.setattr(dli.trainer, "amp_dtype_for", lambda device, enabled=True: None)
+    monkeypatch.setattr(dli.training.trainer, "resolve_device", lambda name, rank=0: torch.device("cuda", 1))
+    monkeypatch.setattr(dli.training.trainer, "amp_dtype_for", lambda device, enabled=True: None)
     monkeypatch.setattr(dli.pipeline.loader, "build_loader", build_loader)
     return calls
 
 
 def test_training_loads_its_batches_on_the_resolved_gpu(data: Path, tmp_path: Path, second_gpu) -> None:
-    from dli.trainer import Trainer
+    from dli.training.trainer import Trainer
 
     config = TrainConfig(data=str(data), out=str(tmp_path / "run"), device="cuda:1", image_size=64)
     with pytest.raises(LoaderBuilt):
@@ -64,8 +66,8 @@ def test_evaluation_loads_its_batches_on_the_resolved_gpu(
     data: Path, second_gpu, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import dli.evaluate
-    from dli.checkpoint import ModelInfo
-    from dli.pipeline.manifest import MT_CLASSES
+    from dli.data.manifest import MT_CLASSES
+    from dli.models.checkpoint import ModelInfo
 
     trained = TrainConfig(data=str(data), image_size=64)
     info = ModelInfo(encoder="l-resnet18", class_names=MT_CLASSES, image_size=64, mean=(0.4,), std=(0.1,))

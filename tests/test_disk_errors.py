@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from dli.checkpoint import load_checkpoint
-from dli.pipeline.synth import generate
+from dli.data.synth import generate
+from dli.models.checkpoint import load_checkpoint
 
 
 def can_mount() -> bool:
@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
     import json, shutil, subprocess, sys
     from pathlib import Path
 
-    from dli import trainer
+    from dli.training import trainer
     from dli.cli import main
 
     data, mount, copies, how = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]

@@ -24,12 +24,12 @@ import yaml
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.distributed import ProcessPlace, launch, reserved_port
-from dli.errors import DliError
-from dli.pipeline.synth import generate
+from dli.common.errors import DliError
+from dli.data.synth import generate
 from dli.train import add_arguments, config_from_args
-from dli.trainer import Trainer, seed_everything
+from dli.training.config import TrainConfig
+from dli.training.distributed import ProcessPlace, launch, reserved_port
+from dli.training.trainer import Trainer, seed_everything
 
 GLOBAL_BATCH = 8
 STEPS_PER_EPOCH = 7  # 56 training images (stratified split of 60) / 8
@@ -240,9 +240,9 @@ PAUSE_HOOK = """
 import os
 if os.environ.get("DLI_TEST_PAUSE_AT_STEP") and "RANK" in os.environ:  # launched training processes
     import time
-    import dli.steps
+    import dli.training.steps
 
-    _train_step, _calls = dli.steps.train_step, [0]
+    _train_step, _calls = dli.training.steps.train_step, [0]
 
     def train_step(*args, **kwargs):
         _calls[0] += 1
@@ -254,7 +254,7 @@ if os.environ.get("DLI_TEST_PAUSE_AT_STEP") and "RANK" in os.environ:  # launche
             time.sleep(3600)  # until the launcher stops this process
         return _train_step(*args, **kwargs)
 
-    dli.steps.train_step = train_step
+    dli.training.steps.train_step = train_step
 """
 
 
@@ -386,7 +386,7 @@ def test_bad_launch_values_fail_in_one_line_before_any_process(
 def test_resuming_a_launch_without_its_checkpoint_fails_once(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dli.config import write_run_config
+    from dli.training.config import write_run_config
 
     run = tmp_path / "run"
     run.mkdir()

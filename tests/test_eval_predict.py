@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dli.checkpoint import load_checkpoint, save_checkpoint
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.pipeline.manifest import MT_CLASSES
-from dli.pipeline.synth import generate
-from dli.trainer import train
+from dli.data.manifest import MT_CLASSES
+from dli.data.synth import generate
+from dli.models.checkpoint import load_checkpoint, save_checkpoint
+from dli.training.config import TrainConfig
+from dli.training.trainer import train
 
 
 @pytest.fixture(scope="module")

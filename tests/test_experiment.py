@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import dli.trainer
+import dli.training.trainer
 from dli.cli import main
-from dli.config import TrainConfig, write_run_config
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.experiments import report
 from dli.experiments.grid import Grid, read_grid_file, resolve_grid
 from dli.experiments.report import aggregate
 from dli.experiments.run import RunState, read_stored_grid, run_grid, run_state, write_grid
+from dli.training.config import TrainConfig, write_run_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("blowhole", "break", "crack")
@@ -65,7 +65,7 @@ def test_smoke_preset_trains_aggregates_and_then_skips_finished_runs(tmp_path, m
     def no_training(config):
         raise AssertionError(f"trained {config.out} again")
 
-    monkeypatch.setattr(dli.trainer, "train", no_training)
+    monkeypatch.setattr(dli.training.trainer, "train", no_training)
     capsys.readouterr()
     assert main(["experiment", "--out", str(expdir)]) == 0
     assert capsys.readouterr().out.count("finished, skipped") == 4
@@ -101,7 +101,7 @@ def test_finished_runs_are_skipped_killed_ones_resumed_and_partial_ones_restarte
         calls.append((Path(config.out).name, config.resume, (Path(config.out) / "best.pt").exists()))
         return SimpleNamespace(best=None, best_epoch=None, epochs_completed=2)
 
-    monkeypatch.setattr(dli.trainer, "train", recorder)
+    monkeypatch.setattr(dli.training.trainer, "train", recorder)
     run_grid(grid, tmp_path, log=lambda line: None)
     assert calls == [(killed.name, True, True), (partial.name, False, False), (new.name, False, False)]
 

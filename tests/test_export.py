@@ -15,14 +15,14 @@ from PIL import Image
 
 import dli
 from dli import export
-from dli.checkpoint import ModelInfo, save_checkpoint
 from dli.cli import main
-from dli.config import TrainConfig
 from dli.export import source_commit
+from dli.inference.onnx_model import OnnxMetadata, OnnxModel, resize_bilinear
+from dli.models.checkpoint import ModelInfo, save_checkpoint
 from dli.models.thresholds import CHECKPOINT_KEY, Thresholds
 from dli.models.unet import build_model
-from dli.onnx_model import OnnxMetadata, OnnxModel, resize_bilinear
 from dli.predict import CheckpointPredictor
+from dli.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("blowhole", "break", "crack", "fray", "uneven")
@@ -67,7 +67,7 @@ def exported(tmp_path_factory) -> tuple[Path, Path, str]:
 
 
 def _torch_probabilities(checkpoint: Path, inputs: torch.Tensor) -> np.ndarray:
-    from dli.checkpoint import model_from_checkpoint
+    from dli.models.checkpoint import model_from_checkpoint
 
     model, _ = model_from_checkpoint(checkpoint)
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_the_parity_tolerances_are_the_ones_the_readme_and_help_promise(capsys):
 
 def test_a_small_real_weight_difference_fails_parity(exported, tmp_path, monkeypatch, capsys):
     """One class's output bias moved by 0.01 (probabilities move by at most 0.0025): above 1e-4, refused."""
-    from dli.checkpoint import load_checkpoint
+    from dli.models.checkpoint import load_checkpoint
 
     checkpoint, onnx_path, _ = exported
     document = dict(load_checkpoint(checkpoint))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dli.bench import gpu_check
-from dli.pipeline.synth import generate
+from dli.data.synth import generate
 
 SCRIPT = Path(gpu_check.__file__)
 

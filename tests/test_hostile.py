@@ -16,15 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dli.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
-from dli.class_names import check_class_names, output_name
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.class_names import check_class_names, output_name
+from dli.data.manifest import read_dataset
+from dli.inference.onnx_model import OnnxMetadata
+from dli.models.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
 from dli.models.thresholds import CHECKPOINT_KEY, Thresholds
 from dli.models.unet import build_model
-from dli.onnx_model import OnnxMetadata
-from dli.pipeline.manifest import read_dataset
+from dli.training.config import TrainConfig
 
 CLASSES = ("blowhole", "break", "crack", "fray", "uneven")
 INFO = ModelInfo("l-resnet18", CLASSES, 64, (0.45, 0.45, 0.45), (0.2, 0.2, 0.2))
@@ -171,7 +171,7 @@ def test_onnx_metadata_with_escaping_or_repeated_class_names_is_refused():
 
 
 def test_a_checkpoint_with_an_escaping_class_name_is_refused_on_load(tmp_path):
-    from dli.checkpoint import model_from_checkpoint
+    from dli.models.checkpoint import model_from_checkpoint
 
     info = ModelInfo(INFO.encoder, ("a", "b/../../c"), 64, INFO.mean, INFO.std)
     path = write_checkpoint(tmp_path / "best.pt", info=info)
@@ -186,7 +186,7 @@ def test_a_checkpoint_with_an_escaping_class_name_is_refused_on_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dli.pipeline.synth import generate
+    from dli.data.synth import generate
 
     root = tmp_path_factory.mktemp("hostile") / "synth"
     generate(root, images=20, seed=4, size_range=((48, 64), (48, 64)))
@@ -208,7 +208,7 @@ def calibrate(checkpoint: Path, *extra: str) -> int:
 
 
 def test_calibration_refuses_a_run_folder_that_a_training_holds(tmp_path, dataset, capsys):
-    from dli.lock import FolderLock
+    from dli.common.lock import FolderLock
 
     checkpoint = trained_like(tmp_path / "run", dataset)
     before = checkpoint.read_bytes()
@@ -230,7 +230,7 @@ def test_calibration_never_replaces_a_read_only_checkpoint(tmp_path, dataset, ca
 
 @pytest.mark.slow
 def test_calibration_keeps_the_threshold_of_a_class_it_has_nothing_to_calibrate_on(tmp_path, dataset, capsys):
-    from dli.pipeline.manifest import FREE, write_csv
+    from dli.data.manifest import FREE, write_csv
 
     manifest = read_dataset(dataset)
     crack = manifest.class_names.index("crack")

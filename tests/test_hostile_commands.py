@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from dli.cli import main
-from dli.config import write_run_config
+from dli.data.manifest import read_dataset
 from dli.experiments.grid import resolve_grid
 from dli.experiments.run import write_grid
-from dli.pipeline.manifest import read_dataset
+from dli.training.config import write_run_config
 
 
 def error_lines(capsys: pytest.CaptureFixture[str], command: str) -> list[str]:
@@ -41,7 +41,7 @@ def test_a_refused_experiment_rerun_writes_nothing(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dli.pipeline.synth import generate
+    from dli.data.synth import generate
 
     root = tmp_path_factory.mktemp("tiny") / "synth"
     generate(root, images=40, seed=3, size_range=((40, 60), (40, 60)))
@@ -71,8 +71,8 @@ def test_a_short_run_whose_last_epoch_was_mostly_skipped_ends_as_diverged(tiny_d
 
 
 def test_a_broken_run_config_is_one_line(tmp_path):
-    from dli.config import read_run_config
-    from dli.errors import DliError
+    from dli.common.errors import DliError
+    from dli.training.config import read_run_config
 
     path = tmp_path / "config.yaml"
     path.write_text("epochs: 3\n  lr: [1,\nseed: {\n")
@@ -93,7 +93,7 @@ def test_a_million_seeds_are_refused_not_planned(tmp_path, capsys):
 
 
 def test_a_device_file_as_an_image_is_not_called_missing(tmp_path):
-    from dli.pipeline.validation import validate
+    from dli.data.validation import validate
 
     csv = tmp_path / "data.csv"
     csv.write_text("image,mask,class\n/dev/zero,,free\n")
@@ -104,7 +104,7 @@ def test_a_device_file_as_an_image_is_not_called_missing(tmp_path):
 def test_the_exporters_terminal_colours_stay_out_of_the_error_line(monkeypatch):
     import torch
 
-    from dli.errors import DliError
+    from dli.common.errors import DliError
     from dli.export import export_graph
 
     def failing(*args: object, **kwargs: object) -> None:

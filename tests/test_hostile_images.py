@@ -1,6 +1,6 @@
 """One reader semantics for training and prediction: bit depth, colour modes, EXIF orientation.
 
-`dli.pipeline.imageio.read_image` (validation, `dli predict`, ONNX predict) must give the pixels
+`dli.data.imageio.read_image` (validation, `dli predict`, ONNX predict) must give the pixels
 DALI's decoder gives the training pipeline, for 8- and 16-bit gray, RGB and palette files, and
 with an EXIF orientation; validation names a mask that fits only the unrotated image.
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dli.pipeline.imageio import EXIF_ORIENTATION, LUMA, read_image, read_mask
-from dli.pipeline.manifest import read_dataset
-from dli.pipeline.validation import validate
+from dli.data.imageio import EXIF_ORIENTATION, LUMA, read_image, read_mask
+from dli.data.manifest import read_dataset
+from dli.data.validation import validate
 
 RNG = np.random.default_rng(0)
 RAW = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)

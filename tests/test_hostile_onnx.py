@@ -12,9 +12,9 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from dli.cli import main
-from dli.errors import DliError
-from dli.onnx_model import OnnxMetadata, OnnxModel
-from dli.onnx_model import preprocess as onnx_preprocess
+from dli.common.errors import DliError
+from dli.inference.onnx_model import OnnxMetadata, OnnxModel
+from dli.inference.onnx_model import preprocess as onnx_preprocess
 
 CLASSES = ("blowhole", "break", "crack", "fray", "uneven")
 
@@ -107,7 +107,7 @@ def test_a_bad_device_on_the_onnx_path_is_not_wrapped_in_another_error(tmp_path)
 def test_onnx_preprocessing_follows_the_resize_mode_of_training(shape):
     import torch
 
-    from dli.checkpoint import ModelInfo
+    from dli.models.checkpoint import ModelInfo
     from dli.predict import preprocess as torch_preprocess
 
     gray = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
@@ -169,10 +169,10 @@ def test_the_export_parity_check_runs_both_preprocessings_and_catches_a_differen
 
     import torch
 
-    from dli.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
-    from dli.config import TrainConfig
     from dli.export import TOLERANCE, check_image_parity, export_onnx
+    from dli.models.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
     from dli.models.unet import build_model
+    from dli.training.config import TrainConfig
 
     torch.manual_seed(0)
     info = ModelInfo("l-resnet18", CLASSES, 32, (0.45,) * 3, (0.2,) * 3, resize="nearest")

@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from dli.cli import main
-from dli.errors import DliError
-from dli.pipeline.index_masks import read_index_folder
-from dli.pipeline.instances import DonorTable, measure_instances
+from dli.common.errors import DliError
+from dli.data.index_masks import read_index_folder
+from dli.data.instances import DonorTable, measure_instances
+from dli.data.manifest import FREE, read_dataset
+from dli.data.validation import validate
 from dli.pipeline.loader import build_loader
-from dli.pipeline.manifest import FREE, read_dataset
 from dli.pipeline.placement import output_box, overlaps
 from dli.pipeline.planner import DliConfig, plan_batch
-from dli.pipeline.validation import validate
 
 CLASSES = ("scratch", "pit", "stain")
 SIDE = 32

@@ -7,12 +7,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dli.kernels.poisson import measured_boxes
-from dli.kernels.poisson_direct import direct_windows
+from dli.data.manifest import FREE
+from dli.kernels.poisson.blend import measured_boxes
+from dli.kernels.poisson.direct import direct_windows
 from dli.pipeline import inject as inject_module
 from dli.pipeline.augment import IDENTITY, identities
 from dli.pipeline.inject import inject
-from dli.pipeline.manifest import FREE
 from dli.pipeline.planner import DliConfig, Injection, Plan
 
 N, C, H, W = 6, 3, 40, 48

@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dli.kernels import poisson
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
-from dli.kernels.poisson import poisson_blend
+from dli.kernels.poisson import blend as poisson
+from dli.kernels.poisson.blend import poisson_blend
 from dli.kernels.xp import as_array, as_tensor
 
 pytestmark = pytest.mark.gpu
@@ -91,7 +91,7 @@ def test_direct_poisson_cupy_matches_numpy(cupy, window: str, channels: int, siz
 
 def test_direct_poisson_shapes_layout_on_the_gpu_matches_numpy(cupy) -> None:
     """The GPU's layout for windows over DENSE_MAX_SIDE: per-shape buckets, DST-I by real FFTs."""
-    from dli.kernels.poisson_direct import direct_blend
+    from dli.kernels.poisson.direct import direct_blend
 
     target, source, mask = blend_case(n=6, c=3, size=96, seed=5)
     expected, _ = direct_blend(np, target, source, mask, mixed_gradients=True, boxes=None, layout="shapes")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dli.errors import DliError
-from dli.pipeline.annotations import index_mask, materialize
-from dli.pipeline.labelme import LabelmeShape, read_labelme
+from dli.common.errors import DliError
+from dli.data.annotations import index_mask, materialize
+from dli.data.labelme import LabelmeShape, read_labelme
 
 
 @pytest.fixture(autouse=True)

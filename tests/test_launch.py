@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dli.distributed import reserved_port
+from dli.training.distributed import reserved_port
 
 
 def test_a_reserved_port_is_given_to_nobody_else_but_the_rendezvous_server_can_listen_on_it():
@@ -81,7 +81,7 @@ def start_launcher(folder: Path, *, ignore_sigint: bool) -> tuple[subprocess.Pop
         time.sleep(600)
     """)
     launcher = (
-        "import sys\nfrom dli.distributed import launch\n"
+        "import sys\nfrom dli.training.distributed import launch\n"
         f"sys.exit(launch([sys.executable, '-c', {child!r}], 2, cpu=True))\n"
     )
     process = subprocess.Popen(  # this environment: it imports the dli under test

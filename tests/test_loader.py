@@ -10,11 +10,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.manifest import FREE, Manifest, Sample, read_dataset
+from dli.data.synth import generate
 from dli.pipeline.loader import MT_MEAN, MT_STD, Loader, build_loader
-from dli.pipeline.manifest import FREE, Manifest, Sample, read_dataset
 from dli.pipeline.planner import DliConfig, EmptyClassWarning, Plan
-from dli.pipeline.synth import generate
 
 SIZE = 64
 IMAGES = 60
@@ -287,8 +287,8 @@ def test_unreadable_files_are_named(synthetic: Manifest, tmp_path: Path) -> None
 
 @pytest.mark.realdata
 def test_real_magnetic_tile_batches(mt_root: Path) -> None:
-    from dli.pipeline.splits import reference_split
-    from dli.pipeline.validation import validate
+    from dli.data.splits import reference_split
+    from dli.data.validation import validate
 
     train, _ = reference_split(mt_root)
     fractions = validate(train).mask_fractions

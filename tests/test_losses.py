@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dli.data.manifest import FREE, Manifest, Sample
 from dli.models.losses import (
     ClassPixelCounts,
     build_loss,
@@ -17,7 +18,6 @@ from dli.models.losses import (
     count_class_pixels,
     positive_weights,
 )
-from dli.pipeline.manifest import FREE, Manifest, Sample
 
 LN2, LN4 = math.log(2.0), math.log(4.0)
 

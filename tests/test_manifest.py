@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dli.errors import DliError
-from dli.pipeline.imageio import read_gray, read_mask
-from dli.pipeline.manifest import FREE, MT_CLASSES, DatasetWarning, Manifest, Sample, read_dataset, write_csv
-from dli.pipeline.validation import validate
+from dli.common.errors import DliError
+from dli.data.imageio import read_gray, read_mask
+from dli.data.manifest import FREE, MT_CLASSES, DatasetWarning, Manifest, Sample, read_dataset, write_csv
+from dli.data.validation import validate
 
 SIZE = (24, 16)  # (W, H) as PIL wants it
 

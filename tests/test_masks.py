@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dli.data.imageio import read_mask
+from dli.data.manifest import Manifest, Sample
+from dli.data.validation import validate
 from dli.models.losses import count_class_pixels
 from dli.pipeline.dali import DecodePipeline, Work
-from dli.pipeline.imageio import read_mask
 from dli.pipeline.loader import build_loader
-from dli.pipeline.manifest import Manifest, Sample
-from dli.pipeline.validation import validate
 
 SIZE = 64
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.models import unet
 from dli.models.unet import ENCODERS, build_model, count_parameters
 

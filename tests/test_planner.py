@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.manifest import FREE, MT_CLASSES
 from dli.pipeline.augment import MT_DEFECT_AUGMENT, defect_augments
-from dli.pipeline.manifest import FREE, MT_CLASSES
 from dli.pipeline.planner import DliConfig, EmptyClassWarning, Plan, Planner, plan_batch
 
 C = 5

@@ -13,14 +13,14 @@ from PIL import Image
 from scipy import ndimage
 
 from dli.kernels.morphology import dilate
-from dli.kernels.poisson import (
+from dli.kernels.poisson.blend import (
     PoissonConvergenceWarning,
     default_max_iter,
     gpu_max_iter,
     guidance_field,
     poisson_blend,
 )
-from dli.kernels.windows import Bucket, Transfers, bucket_shapes, fast_side
+from dli.kernels.poisson.windows import Bucket, Transfers, bucket_shapes, fast_side
 from dli.kernels.xp import as_array, as_tensor
 from dli.pipeline.planner import DliConfig
 from tests.poisson_reference import sparse_reference
@@ -460,7 +460,7 @@ def test_bucket_merging_matches_the_greedy_rule_on_random_batches() -> None:
 
 def real_tile_batch(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every defect image of MT as a source over a defect-free target, its mask dilated 5x5, at size²."""
-    from dli.pipeline.manifest import FREE, read_dataset
+    from dli.data.manifest import FREE, read_dataset
 
     def read(path: Path, mode: str, resample: Image.Resampling) -> np.ndarray:
         with Image.open(path) as image:
@@ -498,7 +498,7 @@ def test_the_gpu_budget_suffices_for_every_magnetic_tile_mask_on_the_gpus_window
     """The GPU runs `gpu_max_iter` steps on windows merged by its own cost model: solved here on
     the CPU with the GPU's bucketing, in training's batches of 64, with mixed gradients as
     training blends, at training's tolerance and at 1e-5 (the two points of the budget's line)."""
-    from dli.kernels import poisson
+    from dli.kernels.poisson import blend as poisson
 
     monkeypatch.setitem(poisson.BUCKET_OVERHEAD_PIXELS, "cpu", poisson.BUCKET_OVERHEAD_PIXELS["cuda"])
     target, source, mask = real_tile_batch(mt_root, 256)

@@ -1,4 +1,4 @@
-"""The direct sine-transform blender (`dli.kernels.poisson_direct`) against a direct sparse solve."""
+"""The direct sine-transform blender (`dli.kernels.poisson.direct`) against a direct sparse solve."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dli.kernels.morphology import dilate
-from dli.kernels.poisson import PoissonConvergenceWarning, measured_boxes, poisson_blend
-from dli.kernels.poisson_direct import DIRECT_MARGIN, direct_blend, direct_windows
+from dli.kernels.poisson.blend import PoissonConvergenceWarning, measured_boxes, poisson_blend
+from dli.kernels.poisson.direct import DIRECT_MARGIN, direct_blend, direct_windows
 from tests.poisson_reference import sparse_reference
 
 
@@ -224,7 +224,7 @@ def test_the_devices_dst1_by_fft_matches_scipy(m: int) -> None:
     """CuPy's cupyx.scipy.fft.dstn has no type 1: the device's own construction, run on NumPy."""
     import scipy.fft
 
-    from dli.kernels.poisson_direct import _dst1_by_fft
+    from dli.kernels.poisson.direct import _dst1_by_fft
 
     x = np.random.default_rng(m).random((3, 2, m, m + 3))
     for axis in (-1, -2):

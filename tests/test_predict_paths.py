@@ -23,15 +23,15 @@ import torch
 from PIL import Image
 
 from dli import evaluate
-from dli.checkpoint import ModelInfo, save_checkpoint
 from dli.cli import main
-from dli.config import PROTOCOL_DEFAULTS, TrainConfig
+from dli.data.manifest import read_dataset
+from dli.inference.onnx_model import OnnxMetadata
+from dli.models.checkpoint import ModelInfo, save_checkpoint
 from dli.models.thresholds import CHECKPOINT_KEY, Thresholds
 from dli.models.unet import build_model
-from dli.onnx_model import OnnxMetadata
 from dli.pipeline.loader import MT_MEAN, MT_STD
-from dli.pipeline.manifest import read_dataset
 from dli.predict import CheckpointPredictor, preprocess
+from dli.training.config import PROTOCOL_DEFAULTS, TrainConfig
 
 CLASSES = ("blowhole", "break", "crack", "fray", "uneven")
 THRESHOLDS = (0.3, 0.45, 0.5, 0.55, 0.7)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from dli.cli import main
+from dli.data.synth import generate
 from dli.pipeline.preview import CLASS_COLOURS, preview
-from dli.pipeline.synth import generate
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import yaml
 from PIL import Image
 
 from dli.cli import main
-from dli.config import PROTOCOL_DEFAULTS, TrainConfig
-from dli.datasets import datasets_of
-from dli.errors import DliError
+from dli.common.errors import DliError
+from dli.data.synth import generate
 from dli.models.losses import (
     ClassPixelCounts,
     LossOptions,
@@ -27,8 +26,9 @@ from dli.models.losses import (
 )
 from dli.models.metrics import ImageClassCounter
 from dli.models.unet import build_model, count_parameters
-from dli.pipeline.synth import generate
-from dli.trainer import train
+from dli.training.config import PROTOCOL_DEFAULTS, TrainConfig
+from dli.training.datasets import datasets_of
+from dli.training.trainer import train
 
 REFERENCE = LossOptions(**{k: PROTOCOL_DEFAULTS["reference"][k] for k in ("wce_weights", "balanced_counts")})
 """The reference protocol's weight rules (the other loss options left at their defaults)."""
@@ -251,7 +251,7 @@ def test_reference_protocol_trains_with_its_settings_and_records_them(data, tmp_
     assert [r["lr"] for r in result.history] == pytest.approx([5e-4, 2.5e-4])
     assert "iou_by_image_class/uneven" in result.history[-1]
     # `dli eval` and `dli predict` rebuild the 4-conv model and resize as it was trained.
-    from dli.checkpoint import model_from_checkpoint
+    from dli.models.checkpoint import model_from_checkpoint
 
     model, info = model_from_checkpoint(result.run_dir / "best.pt")
     assert count_parameters(model).decoder == 932_608 and (info.decoder_convs, info.resize) == (4, "nearest")
@@ -426,7 +426,7 @@ def aggregate_one(expdir: Path, protocol: str):
 
 
 def test_a_run_saved_before_protocols_existed_resumes_as_dli():
-    from dli.run_folder import check_resumable
+    from dli.training.run_folder import check_resumable
 
     current = TrainConfig(data="/data", epochs=3).validate().resolved()
     saved = {k: v for k, v in current.to_dict().items() if k not in PROTOCOL_DEFAULTS and k != "protocol"}

@@ -14,15 +14,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from dli.kernels.poisson import PoissonConvergenceWarning
+from dli.data.manifest import FREE, Manifest
+from dli.data.synth import generate
+from dli.data.validation import defect_box, validate
+from dli.kernels.poisson.blend import PoissonConvergenceWarning
 from dli.pipeline import inject as inject_module
 from dli.pipeline.augment import AffineAugment, apply_affine_numpy, identities
 from dli.pipeline.inject import region_boxes
 from dli.pipeline.loader import build_loader
-from dli.pipeline.manifest import FREE, Manifest
 from dli.pipeline.planner import DliConfig, Injection, Plan
-from dli.pipeline.synth import generate
-from dli.pipeline.validation import defect_box, validate
 
 RADIUS = 2
 WILD = AffineAugment(flip_p=0.5, ssr_p=1.0, rotate=40.0, shift=0.25, scale=0.4)
@@ -172,7 +172,7 @@ def test_the_loader_boxes_contain_what_dali_decodes_and_change_nothing(
 
 def test_a_non_converged_batch_is_warned_about_by_the_loader(synthetic: Manifest, monkeypatch) -> None:
     report = validate(synthetic)
-    monkeypatch.setattr("dli.kernels.poisson.default_max_iter", lambda tol: 1)  # too few to converge
+    monkeypatch.setattr("dli.kernels.poisson.blend.default_max_iter", lambda tol: 1)  # too few to converge
     dli = DliConfig(poisson_prob=1.0, poisson_solver="cg")  # the direct solver has nothing to converge
     options = {"batch_size": 8, "image_size": 64, "train": True, "dli": dli}
     loader = build_loader(synthetic, source_boxes=report.mask_boxes, **options)

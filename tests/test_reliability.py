@@ -20,21 +20,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from dli import atomic, trainer
-from dli.checkpoint import (
+from dli.cli import main
+from dli.common import atomic
+from dli.common.errors import DliError
+from dli.common.lock import FolderLock
+from dli.data.synth import generate
+from dli.models.checkpoint import (
     content_checksum,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
     weights_checksum,
 )
-from dli.cli import main
-from dli.config import TrainConfig
-from dli.errors import DliError
-from dli.lock import FolderLock
-from dli.pipeline.synth import generate
-from dli.steps import make_optimizer, train_step
-from dli.trainer import train
+from dli.training import trainer
+from dli.training.config import TrainConfig
+from dli.training.steps import make_optimizer, train_step
+from dli.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,7 +275,7 @@ def test_a_second_writer_is_refused_and_a_crashed_holder_leaves_no_stale_lock(da
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from dli.lock import FolderLock
+            from dli.common.lock import FolderLock
             FolderLock({str(out)!r}).acquire()
             print("locked", flush=True)
             time.sleep(60)
@@ -304,7 +305,7 @@ def test_a_second_writer_is_refused_and_a_crashed_holder_leaves_no_stale_lock(da
 def test_a_misspelt_csv_class_is_a_loud_warning_or_with_classes_txt_an_error(tmp_path):
     from PIL import Image
 
-    from dli.pipeline.manifest import DatasetWarning, read_dataset
+    from dli.data.manifest import DatasetWarning, read_dataset
 
     rows = ["image,mask,class"]
     for k, name in enumerate(["crack", "crack", "crak", "crack", "blob", "free"]):
@@ -330,9 +331,9 @@ def test_a_misspelt_csv_class_is_a_loud_warning_or_with_classes_txt_an_error(tmp
 def test_an_experiment_folder_can_be_moved(tmp_path):
     import json
 
-    from dli.config import read_run_config, write_run_config
     from dli.experiments.grid import resolve_grid
     from dli.experiments.run import RunState, run_state
+    from dli.training.config import read_run_config, write_run_config
 
     flags = {
         "methods": "bce",

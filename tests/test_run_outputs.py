@@ -16,10 +16,14 @@ import yaml
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from dli.checkpoint import load_checkpoint
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.figures import (
+from dli.data.manifest import FREE, MT_CLASSES, read_dataset
+from dli.data.synth import generate
+from dli.models.checkpoint import load_checkpoint
+from dli.models.metrics import Evaluation, SegmentationScores
+from dli.pipeline.preview import CLASS_COLOURS
+from dli.training.config import TrainConfig
+from dli.training.figures import (
     OVERLAY_ALPHA,
     Predictions,
     _overlay,
@@ -27,11 +31,7 @@ from dli.figures import (
     render_curves,
     render_predictions,
 )
-from dli.models.metrics import Evaluation, SegmentationScores
-from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset
-from dli.pipeline.preview import CLASS_COLOURS
-from dli.pipeline.synth import generate
-from dli.trainer import Trainer
+from dli.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +66,16 @@ def scores_with_iou(iou: float) -> SegmentationScores:
 
 def scripted_validation(monkeypatch, trainer: Trainer, ious: dict[int, float], *, run_model=True) -> None:
     """Validation of `trainer` reports `ious[epoch]` (after running the model, unless `run_model` is off)."""
-    import dli.trainer
+    import dli.training.trainer
 
-    real = dli.trainer.evaluate_model
+    real = dli.training.trainer.evaluate_model
 
     def evaluate(*args, **kwargs) -> Evaluation:
         if run_model:
             real(*args, **kwargs)
         return Evaluation(scores_with_iou(ious[trainer.progress.epoch]), 0.5)
 
-    monkeypatch.setattr(dli.trainer, "evaluate_model", evaluate)
+    monkeypatch.setattr(dli.training.trainer, "evaluate_model", evaluate)
 
 
 def digest(path: Path) -> str:

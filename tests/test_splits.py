@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dli.errors import DliError
-from dli.pipeline.manifest import FREE, MT_CLASSES, Manifest, Sample, read_dataset
-from dli.pipeline.splits import (
+from dli.common.errors import DliError
+from dli.data.manifest import FREE, MT_CLASSES, Manifest, Sample, read_dataset
+from dli.data.splits import (
     apply_fraction,
     kept_count,
     reference_split,
@@ -188,7 +188,7 @@ def test_images_of_several_classes_form_their_own_stratum() -> None:
 
 
 def test_group_split_keeps_each_part_on_one_side_and_counts_the_groups() -> None:
-    from dli.pipeline.splits import group_split
+    from dli.data.splits import group_split
 
     manifest = group_manifest()
     train, val, groups = group_split(manifest, r"part(\d+)_", val_fraction=0.25, seed=3)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dli import steps, trainer
 from dli.cli import main
-from dli.pipeline.synth import generate
-from dli.steps import MAX_SKIPPED_IN_A_ROW, StepMonitor, make_optimizer, train_step
+from dli.data.synth import generate
+from dli.training import steps, trainer
+from dli.training.steps import MAX_SKIPPED_IN_A_ROW, StepMonitor, make_optimizer, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

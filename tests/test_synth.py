@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from dli.cli import main
-from dli.errors import DliError
-from dli.pipeline.manifest import FREE, MT_CLASSES, read_dataset
-from dli.pipeline.synth import (
+from dli.common.errors import DliError
+from dli.data.manifest import FREE, MT_CLASSES, read_dataset
+from dli.data.synth import (
     BUNDLED_SIZE_RANGE,
     DEFAULT_SIZE_RANGE,
     GENERATOR_VERSION,
@@ -22,7 +22,7 @@ from dli.pipeline.synth import (
     default_dataset,
     generate,
 )
-from dli.pipeline.validation import validate
+from dli.data.validation import validate
 
 
 def file_bytes(root: Path) -> dict[str, bytes]:

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from dli.cli import main
-from dli.errors import DliError
-from dli.pipeline.annotations import materialize, read_annotations
-from dli.pipeline.synth_formats import SynthOptions, data_path, generate_formatted
+from dli.common.errors import DliError
+from dli.data.annotations import materialize, read_annotations
+from dli.data.synth_formats import SynthOptions, data_path, generate_formatted
 
 SMALL = ((48, 80), (48, 96))
 
@@ -79,7 +79,7 @@ def test_labelme_free_images_sit_in_good_without_json(tmp_path: Path) -> None:
 
 
 def test_rgb_images_are_coloured(tmp_path: Path) -> None:
-    from dli.pipeline.imageio import looks_gray
+    from dli.data.imageio import looks_gray
 
     _generate(tmp_path / "rgb", fmt="index", rgb=True)
     for path in sorted((tmp_path / "rgb" / "images").iterdir()):
@@ -88,7 +88,7 @@ def test_rgb_images_are_coloured(tmp_path: Path) -> None:
 
 
 def test_mt_layout_without_free_images(tmp_path: Path) -> None:
-    from dli.pipeline.manifest import read_dataset
+    from dli.data.manifest import read_dataset
 
     _generate(tmp_path / "mt", fmt="mt", free=False, rgb=True)
     manifest = read_dataset(tmp_path / "mt")
@@ -110,7 +110,7 @@ def test_same_arguments_give_identical_files_and_output_is_replaced(tmp_path: Pa
 
 
 def test_default_dli_synth_writes_the_mt_generator_files(tmp_path: Path) -> None:
-    from dli.pipeline.synth import generate
+    from dli.data.synth import generate
 
     assert main(["synth", str(tmp_path / "cli"), "--images", "12", "--seed", "2"]) == 0
     generate(tmp_path / "api", images=12, seed=2)

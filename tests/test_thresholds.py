@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dli.errors import DliError
+from dli.common.errors import DliError
 from dli.models.metrics import ConfusionCounter
 from dli.models.thresholds import (
     CHECKPOINT_KEY,
@@ -129,7 +129,7 @@ def test_per_class_thresholds_in_the_confusion_counter():
 
 
 def test_train_min_recall_is_checked():
-    from dli.config import TrainConfig
+    from dli.training.config import TrainConfig
 
     assert TrainConfig(min_recall=0.9).validate().min_recall == 0.9
     for bad in (0.0, 1.5):

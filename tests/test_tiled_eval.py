@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-import dli.trainer  # noqa: F401 - binds the real build_model before tests patch the module
-from dli.checkpoint import ModelInfo, save_checkpoint
+import dli.training.trainer  # noqa: F401 - binds the real build_model before tests patch the module
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.pipeline.imageio import read_mask
-from dli.pipeline.manifest import MT_CLASSES, read_dataset
-from dli.pipeline.synth import generate
-from dli.tiling import Tiling
+from dli.data.imageio import read_mask
+from dli.data.manifest import MT_CLASSES, read_dataset
+from dli.data.synth import generate
+from dli.models.checkpoint import ModelInfo, save_checkpoint
+from dli.pipeline.tiling import Tiling
+from dli.training.config import TrainConfig
 
 
 def conv_net() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tiled inference (`dli.tiling`) and `dli predict` by tiles, torch and ONNX (CPU).
+"""Tiled inference (`dli.pipeline.tiling`) and `dli predict` by tiles, torch and ONNX (CPU).
 
 The property tests run a small fully convolutional network; the predict tests stand a tiny
 fully convolutional network in for the UNet (`build_model` patched) so that predicting
@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import dli.trainer  # noqa: F401 - binds the real build_model before tests patch the module
-from dli.checkpoint import ModelInfo, save_checkpoint
+import dli.training.trainer  # noqa: F401 - binds the real build_model before tests patch the module
 from dli.cli import main
-from dli.config import TrainConfig
-from dli.errors import DliError
-from dli.tiling import WINDOWS, TiledInference, Tiling, axis_weights, tile_starts, window_1d
+from dli.common.errors import DliError
+from dli.models.checkpoint import ModelInfo, save_checkpoint
+from dli.pipeline.tiling import WINDOWS, TiledInference, Tiling, axis_weights, tile_starts, window_1d
+from dli.training.config import TrainConfig
 
 CLASSES = ("scratch", "dent")
 
@@ -185,7 +185,7 @@ def _images(folder, sizes):
 
 
 def test_export_carries_the_tiling(tiny_models):
-    from dli.onnx_model import OnnxModel
+    from dli.inference.onnx_model import OnnxModel
 
     _, onnx_path = tiny_models
     assert OnnxModel(onnx_path).metadata.tiling == Tiling(128, overlap=0.25, window="gaussian", scale=1.0)

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from dli.checkpoint import load_checkpoint
 from dli.cli import main
+from dli.data.synth import generate
+from dli.models.checkpoint import load_checkpoint
 from dli.models.losses import METHODS
-from dli.pipeline.synth import generate
-from dli.trainer import Trainer, train
+from dli.training.trainer import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def test_train_runs_as_a_module(monkeypatch, capsys):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_reference_split_of_magnetic_tile(mt_root):
-    from dli.datasets import load_datasets
+    from dli.training.datasets import load_datasets
 
     by_name = load_datasets(str(mt_root), "reference")
     by_folder = load_datasets(str(mt_root), str(mt_root / "splits" / "reference-seed42"))
@@ -205,7 +205,7 @@ def test_reference_split_of_magnetic_tile(mt_root):
 
 
 def test_injection_sources_leave_out_defect_images_with_empty_masks(data):
-    from dli.datasets import Datasets, load_datasets
+    from dli.training.datasets import Datasets, load_datasets
 
     datasets = load_datasets(str(data), "stratified")
     defects = [i for i, s in enumerate(datasets.train.samples) if s.class_id >= 0]
