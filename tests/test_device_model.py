@@ -13,6 +13,7 @@ from dli.kernels.device_model import MODEL, DeviceCounts, counting, to_model
 from dli.kernels.morphology import dilate
 from dli.kernels.paste import paste
 from dli.kernels.poisson import blend as poisson
+from dli.kernels.poisson import pcg
 from dli.kernels.poisson.blend import measured_boxes, poisson_blend
 from dli.pipeline.inject import inject
 from dli.pipeline.planner import DliConfig
@@ -165,8 +166,8 @@ def test_cg_launches_grow_with_steps_and_buckets(monkeypatch: pytest.MonkeyPatch
     """One PCG step of one bucket costs what CuPy's expressions and transforms make it: 4 cuFFT
     executions and ~70 launches with cupyx's DSTs, 7 cuBLAS calls and under 40 launches with dense
     products; two buckets cost twice that; the budget is run in full whatever the images."""
-    monkeypatch.setitem(poisson.DENSE_TRANSFORM_MAX_SIDE, "cuda", 40)  # small windows, both ways
-    monkeypatch.setattr(poisson, "_SPECTRA", {})  # none cached under another limit
+    monkeypatch.setitem(pcg.DENSE_TRANSFORM_MAX_SIDE, "cuda", 40)  # small windows, both ways
+    monkeypatch.setattr(pcg, "_SPECTRA", {})  # none cached under another limit
     sides = [28, 18] if transforms == "dense" else [50, 60]
     arrays = square_regions(max(sides) + 12, sides, seed=2)
     boxes = measured_boxes(np.asarray(arrays[2]))

@@ -1,2 +1,2 @@
-"""Poisson seamless cloning of a batch: the blend's entry point, windows and buckets, the
-preconditioned CG, the direct sine-transform solve and the report of a solve."""
+"""Poisson seamless cloning of a batch: the blend's entry point and its report (`blend`), windows and buckets
+(`windows`), the preconditioned CG (`pcg`) and the direct sine-transform solve (`direct`)."""

@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from dli.kernels.poisson.blend import PoissonInfo, _fft_module
+from dli.kernels.poisson.blend import PoissonInfo
+from dli.kernels.poisson.pcg import _fft_module
 from dli.kernels.poisson.windows import Bucket, Transfers, fast_side, measured_boxes
 from dli.kernels.xp import count_true
 
