@@ -199,7 +199,7 @@ def evaluate_checkpoint(
     from dli.pipeline.loader import build_loader
     from dli.predict import resolve_tiling
     from dli.training.datasets import load_datasets
-    from dli.training.trainer import amp_dtype_for, resolve_device
+    from dli.training.devices import amp_dtype_for, resolve_device
 
     if batch_size < 1:
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")

@@ -241,7 +241,7 @@ class CheckpointPredictor:
         from dli.models.checkpoint import load_checkpoint, model_from_checkpoint
         from dli.models.thresholds import thresholds_of
         from dli.models.unet import encoder_spec
-        from dli.training.trainer import amp_dtype_for, resolve_device
+        from dli.training.devices import amp_dtype_for, resolve_device
 
         self.device = resolve_device(device)
         document = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)

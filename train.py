@@ -47,6 +47,8 @@ from dli.training.config import (
     read_run_config,
 )
 from dli.training.datasets import datasets_of
+from dli.training.devices import resolve_device
+from dli.training.distributed import check_batch_split, check_last_batch
 from dli.training.figures import CURVES_FILE, PREDICTIONS_FILE
 from dli.training.run_folder import (
     BEST,
@@ -55,7 +57,7 @@ from dli.training.run_folder import (
     default_run_name,
     prepare_run_folder,
 )
-from dli.training.trainer import check_batch_split, check_last_batch, resolve_device, train
+from dli.training.trainer import train
 
 if TYPE_CHECKING:
     from dli.training.distributed import ProcessPlace

@@ -19,8 +19,8 @@ from dli.bench.timing import ratio, summary
 from dli.models.losses import build_loss
 from dli.models.unet import build_model, count_parameters
 from dli.training.config import PAPER_SCHEDULE, TrainConfig
+from dli.training.devices import amp_dtype_for
 from dli.training.steps import make_optimizer, train_step
-from dli.training.trainer import amp_dtype_for
 
 
 class TrainStep:

@@ -43,6 +43,12 @@ def all_reduce_sum(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+def all_mean(total: float, count: int, device: torch.device) -> float:
+    """`total / count` summed over the processes of a distributed run; NaN for no count."""
+    values = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=device)).tolist()
+    return values[0] / values[1] if values[1] else math.nan
+
+
 def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else math.nan
 

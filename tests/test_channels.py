@@ -316,11 +316,22 @@ def test_colour_model_predicts_the_same_on_torch_and_onnx(colour_data: Path, tmp
 def test_a_resumed_run_keeps_its_channels_and_statistics() -> None:
     from types import SimpleNamespace
 
-    from dli.training.trainer import Trainer
+    from dli.training.components import image_settings_of
 
     info = ModelInfo(
         "l-resnet18", ("a",), 64, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), channels=3, normalization="dataset"
     )
-    channels, normalization = Trainer._image_settings(SimpleNamespace(), {"model_info": info.to_dict()}, 8)
+    unused = SimpleNamespace()  # a resumed run reads neither the config, the data nor the device
+    channels, normalization = image_settings_of(
+        unused,  # type: ignore[arg-type]
+        unused,  # type: ignore[arg-type]
+        {"model_info": info.to_dict()},
+        imagenet_weights=False,
+        device=torch.device("cpu"),
+        rank=0,
+        world_size=1,
+        batch_size=8,
+        colour_files=True,
+    )
     assert channels == 3 and normalization.source == "dataset"
     assert normalization.mean == info.mean and normalization.std == info.std

@@ -39,6 +39,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def second_gpu(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """`--device cuda:1` resolved as on a 2-GPU machine; build_loader records its arguments and stops."""
     import dli.pipeline.loader
+    import dli.training.devices
     import dli.training.trainer
 
     calls: list[dict[str, Any]] = []
@@ -47,8 +48,9 @@ def second_gpu(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append(kwargs)
         raise LoaderBuilt
 
-    monkeypatch.setattr(dli.training.trainer, "resolve_device", lambda name, rank=0: torch.device("cuda", 1))
-    monkeypatch.setattr(dli.training.trainer, "amp_dtype_for", lambda device, enabled=True: None)
+    for module in (dli.training.devices, dli.training.trainer):  # commands import from the first
+        monkeypatch.setattr(module, "resolve_device", lambda name, rank=0: torch.device("cuda", 1))
+        monkeypatch.setattr(module, "amp_dtype_for", lambda device, enabled=True: None)
     monkeypatch.setattr(dli.pipeline.loader, "build_loader", build_loader)
     return calls
 

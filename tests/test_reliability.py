@@ -32,7 +32,7 @@ from dli.models.checkpoint import (
     save_checkpoint,
     weights_checksum,
 )
-from dli.training import trainer
+from dli.training import steps
 from dli.training.config import TrainConfig
 from dli.training.steps import make_optimizer, train_step
 from dli.training.trainer import train
@@ -74,7 +74,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str], command: str = "train") -
 
 
 def test_a_diverging_run_stops_with_an_error_and_saves_no_model(data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "MAX_SKIPPED_IN_A_ROW", 3)
+    monkeypatch.setattr(steps, "MAX_SKIPPED_IN_A_ROW", 3)
     out = tmp_path / "run"
     assert main(flags(data, out, "--lr", "1e30")) == 2
     line = one_error_line(capsys)

@@ -177,3 +177,31 @@ def _stop(children: Sequence[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def check_last_batch(last_batch: str | None, world_size: int) -> None:
+    """Several processes must drop the last incomplete batch (a ragged one could leave a process
+    without a batch while the others wait for its gradients)."""
+    if world_size > 1 and last_batch == "keep":
+        raise DliError(
+            f"--last-batch keep: training in {world_size} processes drops the last incomplete batch; "
+            "pass --last-batch drop"
+        )
+
+
+def check_batch_split(batch_size: int, world_size: int) -> int:
+    """Images per process of a global batch; `DliError` when the processes cannot share it evenly."""
+    if batch_size % world_size:
+        raise DliError(
+            f"--batch-size {batch_size}: the global batch must be a multiple of the {world_size} processes"
+        )
+    return batch_size // world_size
+
+
+def rank0_value(value: str) -> str:
+    """Rank 0's `value`, on every process (e.g. the default run folder, named after the time)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

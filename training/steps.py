@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dli.common.errors import DliError
 from dli.models.checkpoint import unwrap
 
 MAX_SKIPPED_IN_A_ROW = 10
@@ -132,3 +133,53 @@ def train_step(
     for buffer, old in zip(buffers, before, strict=True):
         buffer.copy_(torch.where(stepped, buffer, old))
     return loss.detach(), logits.detach(), stepped
+
+
+def check_divergence(totals: StepTotals, *, epoch: int, step: int, lr: float, writer: bool) -> None:
+    """Stop the run once too many steps in a row were skipped (`MAX_SKIPPED_IN_A_ROW`).
+
+    `epoch` is the 0-based epoch in progress, `step` the run's step count, `writer` whether this
+    process writes the run's files (the message then says that nothing of them was saved).
+    """
+    if totals.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+        return
+    kept = "; nothing of them was saved" if writer else ""
+    raise DliError(
+        f"training diverged: {totals.skipped_in_a_row} steps in a row had a non-finite loss or "
+        f"gradient and were skipped (epoch {epoch + 1}, step {step}){kept}. "
+        f"Lower --lr ({lr:g}) or check the data"
+    )
+
+
+def check_mostly_skipped(
+    epoch: int,
+    steps: int,
+    skipped: int,
+    *,
+    run_steps: int,
+    run_skipped: int,
+    last_epoch: bool,
+    lr: float,
+    writer: bool,
+) -> None:
+    """Stop a run none of whose steps was finite, or whose last epoch skipped most of its steps.
+
+    `steps` and `skipped` are epoch `epoch`'s (0-based), `run_steps` the run's steps so far
+    including them and `run_skipped` its skipped steps before them. A short run never reaches
+    `MAX_SKIPPED_IN_A_ROW`, yet what it would save is no model. Read from the epoch's totals,
+    which the epoch end reads anyway (no sync in the step loop).
+    """
+    never_finite = run_steps > 0 and run_skipped + skipped >= run_steps
+    if never_finite:
+        what = f"none of its {run_steps} steps had a finite loss and gradient (all skipped)"
+    elif last_epoch and 2 * skipped > steps:
+        what = (
+            f"{skipped} of the {steps} steps of its last epoch had a non-finite loss or gradient "
+            "and were skipped"
+        )
+    else:
+        return
+    kept = "; that epoch was not saved" if writer else ""
+    raise DliError(
+        f"training diverged: {what} (epoch {epoch + 1}){kept}. Lower --lr ({lr:g}) or check the data"
+    )

@@ -2,8 +2,11 @@
 multi-GPU launchers).
 
 `Trainer` builds a run from its config (data first, so a bad dataset fails before anything is
-written), then `fit()` runs the remaining epochs: training steps (`dli.training.steps`), validation,
-threshold calibration, the epoch's files in the run folder (`dli.training.run_folder`) and pictures.
+written; the parts that follow from config and data alone come from `dli.training.components`,
+device and precision from `dli.training.devices`), then `fit()` runs the remaining epochs:
+training steps (`dli.training.steps`), validation, threshold calibration, the epoch's files in the
+run folder (`dli.training.run_folder`), its line and TensorBoard scalars (`dli.training.epoch_log`)
+and pictures. `Progress` (`dli.training.run_state`) is what `last.pt` keeps of where a run stands.
 Mixed precision is bf16 where the GPU supports it, fp16 with loss scaling otherwise, fp32 on
 CPU or with `--no-amp`; activations are channels-last. `--protocol`
 (`dli.training.config.PROTOCOL_DEFAULTS`) chooses the loss terms, decoder depth, resizing, Poisson
@@ -27,22 +30,18 @@ statistics stay per process, as usual with DDP.
 from __future__ import annotations
 
 import json
-import math
-import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from dli.common.atomic import atomic_write_text, remove_stale_temp_files
-from dli.common.errors import DliError
 from dli.common.lock import FolderLock
 from dli.common.progress import bar as progress_bar
 from dli.common.progress import on_terminal
@@ -54,36 +53,31 @@ from dli.models.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from dli.models.losses import (
-    ClassPixelCounts,
-    LossOptions,
-    build_loss,
-    count_stored_defect_pixels,
-    needs_pixel_counts,
-)
-from dli.models.metrics import ConfusionCounter, SegmentationScores, all_reduce_sum, evaluate_model
+from dli.models.metrics import ConfusionCounter, SegmentationScores, all_mean, all_reduce_sum, evaluate_model
 from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
 from dli.models.thresholds import ThresholdCalibrator, choose_thresholds
 from dli.models.tiled import TiledModel
 from dli.models.unet import PretrainedStatus, build_model, count_parameters
-from dli.pipeline.crops import CropConfig
 from dli.pipeline.normalization import (
-    Normalization,
     any_colour_file,
-    channels_from_setting,
-    fixed_normalization,
-    measure_statistics,
-    resolve_source,
 )
-from dli.pipeline.tiling import Tiling
+from dli.training.components import (
+    image_settings_of,
+    injection_of,
+    loaders_of,
+    losses_of,
+    pixel_counts_of,
+)
 from dli.training.config import (
-    DEVICE_PATTERN,
     TrainConfig,
     portable_paths,
     resolved_paths,
     write_run_config,
 )
-from dli.training.datasets import check_same_data, class_pixel_counts, data_record, datasets_of
+from dli.training.datasets import check_same_data, data_record, datasets_of
+from dli.training.devices import amp_dtype_for, device_description, resolve_device, seed_everything, versions
+from dli.training.distributed import check_batch_split, check_last_batch, rank0_value
+from dli.training.epoch_log import log_tensorboard, print_epoch
 from dli.training.figures import PredictionGrid, write_curves
 from dli.training.run_folder import (
     BEST,
@@ -94,139 +88,15 @@ from dli.training.run_folder import (
     default_run_name,
     prepare_run_folder,
 )
-from dli.training.steps import MAX_SKIPPED_IN_A_ROW, StepMonitor, StepTotals, make_optimizer, train_step
-
-# ---------------------------------------------------------------------------------------------
-# Device and precision.
-
-
-def resolve_device(name: str, rank: int = 0) -> torch.device:
-    """`auto` -> `cuda:<rank>` when a GPU is present, else `cpu`; `DliError` for an absent GPU."""
-    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
-        raise DliError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        name = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DliError(f"--device {name}: no CUDA GPU is available")
-        index = device.index if device.index is not None else rank
-        if index >= torch.cuda.device_count():
-            raise DliError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-        device = torch.device("cuda", index)
-    return device
-
-
-def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """Autocast dtype: bf16 on GPUs that support it, else fp16; None (fp32) on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), NumPy's global RNG and Python's `random`."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - libraries may draw from the global RNG
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training.
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in `last.pt` so a resumed run continues exactly."""
-
-    epoch: int = 0
-    step: int = 0
-    skipped_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int | None = None
-    best: SegmentationScores | None = None
-    last: SegmentationScores | None = None
-    evaluations_since_best: int = 0
-    """Evaluations in a row without a better IoU (what `--patience` counts)."""
-
-    def improves(self, scores: SegmentationScores) -> bool:
-        """Whether `scores` beat the best overall IoU so far (NaN never does)."""
-        return not math.isnan(scores.iou) and (self.best is None or scores.iou > self.best.iou)
-
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "best_scores": self.best.to_state() if self.best else None,
-            "last_scores": self.last.to_state() if self.last else None,
-            "evaluations_since_best": self.evaluations_since_best,
-        }
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> Progress:
-        best, last = state.get("best_scores"), state.get("last_scores")
-        return cls(
-            epoch=state["epoch"],
-            step=state["step"],
-            skipped_steps=state["skipped_steps"],
-            history=list(state["history"]),
-            best_epoch=state["best_epoch"],
-            best=SegmentationScores.from_state(best) if best else None,
-            last=SegmentationScores.from_state(last) if last else None,
-            evaluations_since_best=state.get("evaluations_since_best", 0),
-        )
-
-
-@dataclass
-class RunResult:
-    """What a training run produced."""
-
-    run_dir: Path
-    config: TrainConfig
-    epochs_completed: int
-    steps: int
-    skipped_steps: int
-    best_epoch: int | None
-    best: SegmentationScores | None
-    last: SegmentationScores | None
-    history: list[dict[str, Any]]
-    pretrained: PretrainedStatus
-    seconds: float
-
-    @property
-    def best_iou(self) -> float:
-        return self.best.iou if self.best is not None else math.nan
-
-
-EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def _versions() -> dict[str, str]:
-    import segmentation_models_pytorch as smp
-    import timm
-
-    import dli
-
-    versions = {"dli": dli.__version__, "python": platform.python_version(), "torch": str(torch.__version__)}
-    versions |= {"segmentation_models_pytorch": smp.__version__, "timm": timm.__version__}
-    try:
-        import nvidia.dali as dali
-
-        versions["nvidia-dali"] = str(dali.__version__)
-    except ImportError:
-        pass
-    return versions
-
-
-def _device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()})"
+from dli.training.run_state import EpochCallback, Progress, RunResult
+from dli.training.steps import (
+    StepMonitor,
+    StepTotals,
+    check_divergence,
+    check_mostly_skipped,
+    make_optimizer,
+    train_step,
+)
 
 
 class Trainer:
@@ -239,9 +109,6 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, *, rank: int = 0, world_size: int = 1, local_rank: int | None = None
     ) -> None:
-        from dli.pipeline.loader import build_loader
-        from dli.pipeline.planner import DliConfig
-
         self.started = time.perf_counter()
         config = config.validate().resolved()
         assert config.epochs is not None and config.batch_size is not None and config.image_size is not None
@@ -260,7 +127,7 @@ class Trainer:
             warnings.warn(f"no training image of class(es) {', '.join(empty)}", RuntimeWarning, stacklevel=3)
 
         if world_size > 1 and config.out is None:
-            config = replace(config, out=_rank0_value(str(Path("runs") / default_run_name(config))))
+            config = replace(config, out=rank0_value(str(Path("runs") / default_run_name(config))))
         self.folder = prepare_run_folder(config)
         config = self.config = replace(config, out=str(self.folder.root))  # recorded where it really is
         checkpoint = load_checkpoint(self.folder.last) if config.resume else None
@@ -269,51 +136,11 @@ class Trainer:
             check_same_data(self.data_record, checkpoint.get("data"), self.folder.last)
 
         # Shuffling, flips and injection plans are functions of (seed, epoch) alone.
-        injection = (
-            DliConfig(
-                poisson_prob=config.poisson_prob,
-                fill=config.fill,
-                poisson_label=str(config.poisson_label),
-                poisson_solver=config.poisson_solver,
-                poisson_window=str(config.poisson_window),
-                canvas=config.canvas,
-            )
-            if config.method == "dli"
-            else None
-        )
-        if injection is not None and not self.datasets.free_training_images():
-            if config.canvas == "free":
-                raise DliError(
-                    f"--method dli --canvas free: the training set of {self.datasets.data_path} has no "
-                    "defect-free image to inject into; use --canvas auto or any (into defect-free areas)"
-                )
-            if config.crop is not None:
-                raise DliError(
-                    f"--method dli --crop: the training set of {self.datasets.data_path} has no "
-                    "defect-free image, and with crops DLI injects into defect-free images only"
-                )
+        injection = injection_of(config, self.datasets)
 
-        self.pixel_counts = self._class_pixel_counts()
-        options = LossOptions(
-            wce_weights=str(config.wce_weights),
-            balanced_counts=str(config.balanced_counts),
-            focal=str(config.focal),
-            dice=str(config.dice),
-        )
-        stored_pixels = None
-        if needs_pixel_counts(config.method) and options.needs_stored_pixels:
-            stored_pixels = count_stored_defect_pixels(self.datasets.train)
-        # Training computes the Dice of the global batch; validation, whose shards differ in
-        # length, scores each process's batches alone (it reports the loss, not trains on it).
-        self.loss_fn, self.loss_spec = build_loss(
-            config.method,
-            self.pixel_counts,
-            options=options,
-            stored_defect_pixels=stored_pixels,
-            global_batch=world_size > 1,
-        )
-        self.eval_loss_fn, _ = build_loss(
-            config.method, self.pixel_counts, options=options, stored_defect_pixels=stored_pixels
+        self.pixel_counts = pixel_counts_of(config, self.datasets, self.folder)
+        self.loss_fn, self.loss_spec, self.eval_loss_fn = losses_of(
+            config, self.datasets, self.pixel_counts, global_batch=world_size > 1
         )
 
         seed_everything(config.seed)
@@ -330,37 +157,29 @@ class Trainer:
         self.colour_files = any_colour_file(
             s.image for s in (*self.datasets.train.samples, *self.datasets.val.samples)
         )
-        self.channels, self.normalization = self._image_settings(checkpoint, local_batch)
-        common = {
-            "batch_size": local_batch,
-            "image_size": config.image_size,
-            "seed": config.seed,
-            "device": self.device,  # cuda:N as resolved: the data path runs beside the model
-            "shard_id": rank,
-            "num_shards": world_size,
-            "num_threads": config.num_threads,
-            "resize": str(config.resize),
-            "channels": self.channels,
-            "mean": self.normalization.mean,
-            "std": self.normalization.std,
-            "colour_files": self.colour_files,
-            "fit": config.aspect == "fit",
-        }
-        crop = None if config.crop is None else CropConfig(config.crop, config.scale, config.crop_defect_prob)
-        self.train_loader = build_loader(
-            self.datasets.train,
-            train=True,
-            crop=crop,
-            dli=injection,
-            donors=self.datasets.donor_table(config.donors),
-            source_boxes=self.datasets.source_boxes(),
-            canvas_boxes=self.datasets.canvas_boxes(),
-            drop_last=config.last_batch == "drop",
-            **common,
+        self.channels, self.normalization = image_settings_of(
+            config,
+            self.datasets,
+            checkpoint,
+            imagenet_weights=self.pretrained.loaded,
+            device=self.device,
+            rank=rank,
+            world_size=world_size,
+            batch_size=local_batch,
+            colour_files=self.colour_files,
         )
-        # A model trained on crops is validated as it will be used: whole images by tiles.
-        self.tiling = None if crop is None else Tiling(crop.size, scale=crop.scale)
-        self.val_loader = None if crop else build_loader(self.datasets.val, train=False, **common)
+        self.train_loader, self.val_loader, self.tiling = loaders_of(
+            config,
+            self.datasets,
+            injection,
+            device=self.device,
+            rank=rank,
+            world_size=world_size,
+            batch_size=local_batch,
+            channels=self.channels,
+            normalization=self.normalization,
+            colour_files=self.colour_files,
+        )
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
@@ -414,48 +233,6 @@ class Trainer:
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def _class_pixel_counts(self) -> ClassPixelCounts | None:
-        if not needs_pixel_counts(self.config.method):
-            return None
-        if self.config.resume and self.folder.class_pixels.is_file():
-            return ClassPixelCounts.from_dict(
-                json.loads(self.folder.class_pixels.read_text(encoding="utf-8"))
-            )
-        return class_pixel_counts(self.datasets, self.config.image_size or 0)
-
-    def _image_settings(
-        self, checkpoint: Mapping[str, Any] | None, batch_size: int
-    ) -> tuple[int, Normalization]:
-        """The run's image channels and normalization (`dli.pipeline.normalization`)."""
-        if checkpoint is not None:
-            info = ModelInfo.from_dict(checkpoint["model_info"])
-            return info.channels, Normalization(info.normalization, info.mean, info.std)
-        config = self.config
-        channels = channels_from_setting(config.channels, self.datasets.train_looks_gray())
-        source = resolve_source(
-            config.normalization,
-            channels=channels,
-            class_names=self.class_names,
-            imagenet_weights=self.pretrained.loaded,
-        )
-        if source != "dataset":
-            return channels, fixed_normalization(source, channels)
-        assert config.image_size is not None
-        measured = measure_statistics(
-            self.datasets.train,
-            image_size=config.image_size,
-            channels=channels,
-            resize=str(config.resize),
-            device=self.device,
-            shard_id=self.rank,
-            num_shards=self.world_size,
-            colour_files=self.colour_files,
-            batch_size=batch_size,
-            num_threads=config.num_threads,
-            reduce=all_reduce_sum,
-        )
-        return channels, measured
-
     def _load_state(self, checkpoint: Mapping[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -476,7 +253,7 @@ class Trainer:
             **({"groups": asdict(self.datasets.groups)} if self.datasets.groups is not None else {}),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "device": _device_description(self.device),
+            "device": device_description(self.device),
             "world_size": self.world_size,
             "batch_per_process": self.train_loader.batch_size,
             "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32",
@@ -486,7 +263,7 @@ class Trainer:
             "parameters": {"encoder": params.encoder, "decoder": params.decoder, "head": params.head},
             "channels": self.channels,
             "normalization": self.normalization.to_dict(),
-            "versions": _versions(),
+            "versions": versions(),
             "command": " ".join(sys.argv),
         }
 
@@ -560,7 +337,7 @@ class Trainer:
                 f"dli train: {config.encoder} ({params.encoder / 1e6:.2f}M encoder), method {config.method}, "
                 f"{len(self.datasets.train)} train / {len(self.datasets.val)} val images, "
                 f"{config.epochs} epochs x {self.steps_per_epoch} steps on "
-                f"{_device_description(self.device)} -> {self.folder.root}",
+                f"{device_description(self.device)} -> {self.folder.root}",
                 file=sys.stderr,
             )
             if self.datasets.groups is not None:
@@ -654,7 +431,16 @@ class Trainer:
         self._skipped_in_a_row = totals.skipped_in_a_row
         self._check_divergence(totals)
         skipped = steps - totals.finite_steps
-        self._check_mostly_skipped(epoch, steps, skipped)
+        check_mostly_skipped(
+            epoch,
+            steps,
+            skipped,
+            run_steps=self.progress.step,
+            run_skipped=self.progress.skipped_steps,
+            last_epoch=epoch + 1 >= (self.config.epochs or 0) or self.progress.step >= self.total_steps,
+            lr=self.config.lr,
+            writer=self.writer_rank,
+        )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (per-epoch schedule)
         if self.per_epoch_schedule:
             self.scheduler.step()
@@ -664,7 +450,7 @@ class Trainer:
             "epoch": epoch + 1,
             "step": self.progress.step,
             "lr": lr,
-            "train_loss": _all_mean(totals.loss_sum, totals.finite_steps, self.device),
+            "train_loss": all_mean(totals.loss_sum, totals.finite_steps, self.device),
             "train_iou": counter.compute().iou,
             "skipped_steps": skipped,
             "images_per_s": images * self.world_size / max(seconds, 1e-9),
@@ -677,37 +463,12 @@ class Trainer:
         return bad == 0
 
     def _check_divergence(self, totals: StepTotals) -> None:
-        """Stop the run once too many steps in a row were skipped (`MAX_SKIPPED_IN_A_ROW`)."""
-        if totals.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
-            return
-        kept = "; nothing of them was saved" if self.writer_rank else ""
-        raise DliError(
-            f"training diverged: {totals.skipped_in_a_row} steps in a row had a non-finite loss or "
-            f"gradient and were skipped (epoch {self.progress.epoch + 1}, step {self.progress.step}){kept}. "
-            f"Lower --lr ({self.config.lr:g}) or check the data"
-        )
-
-    def _check_mostly_skipped(self, epoch: int, steps: int, skipped: int) -> None:
-        """Stop a run none of whose steps was finite, or whose last epoch skipped most of its steps.
-
-        A short run never reaches `MAX_SKIPPED_IN_A_ROW`, yet what it would save is no model. Read
-        from the epoch's totals, which the epoch end reads anyway (no sync in the step loop).
-        """
-        never_finite = self.progress.step > 0 and self.progress.skipped_steps + skipped >= self.progress.step
-        last_epoch = epoch + 1 >= self.config.epochs or self.progress.step >= self.total_steps
-        if never_finite:
-            what = f"none of its {self.progress.step} steps had a finite loss and gradient (all skipped)"
-        elif last_epoch and 2 * skipped > steps:
-            what = (
-                f"{skipped} of the {steps} steps of its last epoch had a non-finite loss or gradient "
-                "and were skipped"
-            )
-        else:
-            return
-        kept = "; that epoch was not saved" if self.writer_rank else ""
-        raise DliError(
-            f"training diverged: {what} (epoch {epoch + 1}){kept}. "
-            f"Lower --lr ({self.config.lr:g}) or check the data"
+        check_divergence(
+            totals,
+            epoch=self.progress.epoch,
+            step=self.progress.step,
+            lr=self.config.lr,
+            writer=self.writer_rank,
         )
 
     def validate_epoch(self) -> dict[str, Any]:
@@ -768,8 +529,8 @@ class Trainer:
         self.folder.write_history(self.progress.history, self.class_names)
         if "iou" in record and self.progress.best_epoch == record["epoch"]:
             self._write_figures()
-        _log_tensorboard(self.tensorboard, record)
-        _print_epoch(record, self.config.epochs or 0)
+        log_tensorboard(self.tensorboard, record)
+        print_epoch(record, self.config.epochs or 0)
         if self._out_of_patience():
             print(
                 f"stopping: no better validation IoU in {self.config.patience} evaluations "
@@ -832,65 +593,3 @@ def train(
     """
     trainer = Trainer(config, rank=rank, world_size=world_size, local_rank=local_rank)
     return trainer.fit(on_epoch_end)
-
-
-def check_last_batch(last_batch: str | None, world_size: int) -> None:
-    """Several processes must drop the last incomplete batch (a ragged one could leave a process
-    without a batch while the others wait for its gradients)."""
-    if world_size > 1 and last_batch == "keep":
-        raise DliError(
-            f"--last-batch keep: training in {world_size} processes drops the last incomplete batch; "
-            "pass --last-batch drop"
-        )
-
-
-def check_batch_split(batch_size: int, world_size: int) -> int:
-    """Images per process of a global batch; `DliError` when the processes cannot share it evenly."""
-    if batch_size % world_size:
-        raise DliError(
-            f"--batch-size {batch_size}: the global batch must be a multiple of the {world_size} processes"
-        )
-    return batch_size // world_size
-
-
-def _rank0_value(value: str) -> str:
-    """Rank 0's `value`, on every process (e.g. the default run folder, named after the time)."""
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_mean(total: float, count: int, device: torch.device) -> float:
-    values = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64, device=device)).tolist()
-    return values[0] / values[1] if values[1] else math.nan
-
-
-def _print_epoch(record: Mapping[str, Any], epochs: int) -> None:
-    line = f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}"
-    line += f", train IoU {100 * record['train_iou']:.2f}%"
-    if "iou" in record:
-        line += f", val IoU {100 * record['iou']:.2f}%, val F1 {100 * record['f1']:.2f}%"
-    line += f", {record['images_per_s']:.1f} img/s"
-    if record["skipped_steps"]:
-        line += f", {record['skipped_steps']} non-finite steps skipped"
-    print(line, file=sys.stderr)
-
-
-def _log_tensorboard(writer: Any, record: Mapping[str, Any]) -> None:
-    if writer is None:
-        return
-    epoch = record["epoch"]
-    names = {
-        "train_loss": "train/loss",
-        "train_iou": "train/iou",
-        "lr": "train/lr",
-        "images_per_s": "train/images_per_s",
-    }
-    names |= {"val_loss": "val/loss", "iou": "val/iou", "f1": "val/f1"}
-    for key, value in record.items():
-        tag = names.get(key) or (f"val/{key}" if "/" in key else None)
-        if tag is not None and isinstance(value, (int, float)) and not math.isnan(value):
-            writer.add_scalar(tag, value, epoch)
-    writer.flush()
