@@ -35,8 +35,9 @@ holds an earlier check is refused rather than overwritten.
 `--dry-run` checks what it can without a GPU (the imports, the data, the output folder), prints
 the plan of steps with their time shares and commands, writes nothing and exits 0.
 
-Only the standard library is imported at module level, so the check runs (and reports) where
-torch or CuPy are broken. Run from a checkout where dli is not installed, the script makes the
+What the environment probe reads lives in `dli.bench.gpu_environment`, how the steps' files are
+read back and the report written in `dli.bench.gpu_report`. Only the standard library is imported
+at module level (here and there), so the check runs (and reports) where torch or CuPy are broken. Run from a checkout where dli is not installed, the script makes the
 checkout importable as `dli` itself (a link in a temporary folder) for its child processes too.
 """
 
@@ -46,20 +47,40 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+if __package__:
+    from dli.bench.gpu_environment import available, probe_environment
+    from dli.bench.gpu_report import (
+        bench_figures,
+        loud,
+        markdown,
+        pytest_figures,
+        tail,
+        training_figures,
+        write_atomically,
+    )
+else:  # run as a script (`python bench/gpu_check.py`): its own folder is on the path, dli may not be
+    from gpu_environment import available, probe_environment
+    from gpu_report import (
+        bench_figures,
+        loud,
+        markdown,
+        pytest_figures,
+        tail,
+        training_figures,
+        write_atomically,
+    )
 
 PROG = "gpu_check"
 MAX_MINUTES = 8.0
@@ -91,171 +112,10 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "train-bce": ("gpu", "cupy", "dali", "smp", "timm", "tensorboard", "matplotlib", *_DLI_CORE),
     "train-dli": ("gpu", "cupy", "dali", "smp", "timm", "tensorboard", "matplotlib", *_DLI_CORE),
 }
-PACKAGES: dict[str, str] = {
-    "torch": "torch",
-    "cupy": "cupy",
-    "dali": "nvidia.dali",
-    "smp": "segmentation_models_pytorch",
-    "timm": "timm",
-    "numpy": "numpy",
-    "scipy": "scipy",
-    "opencv": "cv2",
-    "pytest": "pytest",
-    "torchvision": "torchvision",
-    "yaml": "yaml",
-    "pillow": "PIL",
-    "tensorboard": "tensorboard",
-    "matplotlib": "matplotlib",
-}
-"""Short name -> module of every package the steps use."""
-_CUDA_DISTRIBUTION = re.compile(r"^(cupy-cuda|nvidia-dali-cuda)(\d+?)(x|0)$")
 
 
 class CheckError(Exception):
     """A bad flag value: one line `gpu_check: error: ...`, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment (run in a child process: `--probe`).
-
-
-def probe_environment() -> dict[str, Any]:
-    """Versions, CUDA majors and GPUs of this Python; never raises for a missing or broken package."""
-    found: dict[str, Any] = {
-        "python": platform.python_version(),
-        "executable": sys.executable,
-        "platform": platform.platform(),
-        "packages": {},
-        "distributions": _cuda_distributions(),
-        "cuda_majors": {},
-        "gpus": [],
-        "driver": None,
-    }
-    modules: dict[str, Any] = {}
-    spec = importlib.util.find_spec("dli")
-    found["dli"] = None if spec is None else spec.origin  # which checkout or install runs
-    for name, module_name in PACKAGES.items():
-        try:
-            module = __import__(module_name, fromlist=["__version__"])
-        except Exception as error:  # absent, or present and failing to load (PermissionError, ...)
-            found["packages"][name] = {"version": None, "error": f"{type(error).__name__}: {error}"}
-            continue
-        modules[name] = module
-        found["packages"][name] = {"version": str(getattr(module, "__version__", "?")), "error": None}
-    majors = found["cuda_majors"]
-    for distribution in found["distributions"]:
-        majors[distribution] = int(_CUDA_DISTRIBUTION.match(distribution).group(2))  # type: ignore[union-attr]
-    torch = modules.get("torch")
-    if torch is not None and torch.version.cuda:
-        majors["torch"] = int(torch.version.cuda.split(".")[0])
-        found["torch_cuda"] = torch.version.cuda
-    if "cupy" in modules:
-        found |= _cupy_versions(modules["cupy"])
-        if found.get("nvrtc"):
-            majors["nvrtc"] = found["nvrtc"][0]
-    if torch is not None:
-        found["gpus"] = _torch_gpus(torch)
-    found["driver"] = _driver_version()
-    found["warnings"] = environment_warnings(found)
-    return found
-
-
-def _cuda_distributions() -> dict[str, str]:
-    """Installed CuPy and DALI wheels built for one CUDA major (name -> version)."""
-    from importlib import metadata
-
-    wheels = {}
-    for distribution in metadata.distributions():
-        name = (distribution.metadata["Name"] or "").lower()
-        if _CUDA_DISTRIBUTION.match(name):
-            wheels[name] = distribution.version
-    return wheels
-
-
-def _cupy_versions(cupy: Any) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        found["nvrtc"] = list(nvrtc.getVersion())
-    except Exception as error:
-        found["nvrtc_error"] = f"{type(error).__name__}: {error}"
-    for key, call in (("cupy_runtime", "runtimeGetVersion"), ("driver_cuda", "driverGetVersion")):
-        try:
-            found[key] = int(getattr(cupy.cuda.runtime, call)())
-        except Exception as error:  # no GPU or no driver: reported, not fatal
-            found[f"{key}_error"] = f"{type(error).__name__}: {error}"
-    return found
-
-
-def _torch_gpus(torch: Any) -> list[dict[str, Any]]:
-    try:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        gpus = []
-        for index in range(count):
-            properties = torch.cuda.get_device_properties(index)
-            gpus.append(
-                {
-                    "index": index,
-                    "name": properties.name,
-                    "capability": f"{properties.major}.{properties.minor}",
-                    "memory_gib": round(properties.total_memory / 2**30, 1),
-                    "multiprocessors": properties.multi_processor_count,
-                }
-            )
-        return gpus
-    except Exception:  # a broken CUDA install: no GPU usable
-        return []
-
-
-def _driver_version() -> str | None:
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
-
-
-def environment_warnings(found: Mapping[str, Any]) -> list[str]:
-    """What is wrong with an environment: mixed CUDA majors, a driver older than the builds, ..."""
-    warnings = []
-    majors = found.get("cuda_majors", {})
-    if len(set(majors.values())) > 1:
-        listed = ", ".join(f"{name} {major}" for name, major in sorted(majors.items()))
-        warnings.append(
-            f"CUDA MAJORS MIX: {listed}. Keep one CUDA major per environment: DALI and CuPy must match "
-            "torch's CUDA build ('dli[cuda12]' beside a CUDA 12 torch, 'dli[cuda13]' beside a CUDA 13 one)"
-        )
-    cupy_wheels = [name for name in found.get("distributions", {}) if name.startswith("cupy-")]
-    dali_wheels = [name for name in found.get("distributions", {}) if name.startswith("nvidia-dali-")]
-    for kind, wheels in (("CuPy", cupy_wheels), ("DALI", dali_wheels)):
-        if len(wheels) > 1:
-            warnings.append(f"SEVERAL {kind} WHEELS INSTALLED: {', '.join(wheels)}; keep one")
-    driver_cuda, torch_major = found.get("driver_cuda"), majors.get("torch")
-    if driver_cuda and torch_major and driver_cuda // 1000 < torch_major:
-        warnings.append(
-            f"THE DRIVER SUPPORTS CUDA {driver_cuda // 1000}.{driver_cuda % 1000 // 10}, "
-            f"OLDER THAN torch's CUDA {torch_major}"
-        )
-    for name, package in found.get("packages", {}).items():
-        error = package.get("error") or ""
-        if error and not error.startswith(("ModuleNotFoundError", "ImportError")):
-            warnings.append(f"{name} is installed but fails to import: {error}")
-    return warnings
-
-
-def available(found: Mapping[str, Any]) -> set[str]:
-    """The REQUIRES names this environment offers ("gpu": torch sees a CUDA GPU)."""
-    have = {name for name, package in found.get("packages", {}).items() if package.get("version")}
-    if found.get("gpus"):
-        have.add("gpu")
-    return have
 
 
 def missing_reason(step: str, have: set[str]) -> str | None:
@@ -404,101 +264,6 @@ def _stop(process: subprocess.Popen[Any]) -> None:
             continue
 
 
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def pytest_figures(xml_path: Path) -> tuple[dict[str, Any], bool]:
-    """Counts, failing tests and modules not collected for a missing package; (figures, all good)."""
-    try:
-        root = ElementTree.parse(xml_path).getroot()
-    except (OSError, ElementTree.ParseError):
-        return {"junit": None}, False
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    if suite is None:
-        return {"junit": None}, False
-    figures: dict[str, Any] = {
-        key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")
-    }
-    failing, not_collected = [], {}
-    for case in suite.iter("testcase"):
-        name = ".".join(filter(None, (case.get("classname"), case.get("name"))))
-        for problem in (*case.findall("failure"), *case.findall("error")):
-            text = (problem.get("message") or "") + "\n" + (problem.text or "")
-            missing = re.search(r"No module named '([^']+)'", text)
-            if problem.get("message") == "collection failure" and missing:
-                not_collected[name] = f"needs {missing.group(1)} (missing)"
-            else:
-                failing.append(name)
-    figures |= {"passed": figures["tests"] - figures["failures"] - figures["errors"] - figures["skipped"]}
-    figures |= {"failing": failing, "not_collected": not_collected}
-    return figures, not failing and (figures["tests"] > 0 or bool(not_collected))
-
-
-def bench_figures(path: Path) -> dict[str, Any]:
-    """The headline figures of `dli bench`'s JSON (images/s medians, ms per batch)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-    def median(*keys: str) -> float | None:
-        value: Any = record
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        return value if isinstance(value, (int, float)) else None
-
-    figures: dict[str, Any] = {
-        "device": (record.get("device") or {}).get("name"),
-        "data_images_per_s": {
-            name: median("data_path", name, "images_per_s", "median")
-            for name in ("dali", "dali_dli", "baseline", "baseline_dli")
-        },
-        "inject_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "inject", "median")),
-        "poisson_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "poisson", "median")),
-        "training_images_per_s": {},
-        # The device model of the same batches' `inject` (counted on the CPU) beside its time.
-        "inject_device_model": {key: median("device_model", key) for key in ("launches", "bytes")},
-    }
-    launches, inject_ms = figures["inject_device_model"]["launches"], figures["inject_ms_per_batch"]
-    figures["inject_us_per_modelled_launch"] = (
-        1e3 * inject_ms / launches if launches and inject_ms is not None else None
-    )
-    for encoder, training in (record.get("training") or {}).items():
-        figures["training_images_per_s"][encoder] = {
-            name: (training.get(name) or {}).get("images_per_s", {}).get("median")
-            for name in ("premade", "dali_dli", "baseline_dli")
-        }
-    return figures
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1e3
-
-
-def training_figures(run: Path) -> dict[str, Any]:
-    """Epochs finished, images/s (median over epochs after the first) and the best IoU of a run folder."""
-    try:
-        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-    except (OSError, ValueError):
-        records = []
-    rates = [r["images_per_s"] for r in records if isinstance(r.get("images_per_s"), (int, float))]
-    steady = rates[1:] or rates
-    ious = [r["iou"] for r in records if isinstance(r.get("iou"), (int, float))]
-    return {
-        "epochs_finished": len(records),
-        "images_per_s": sorted(steady)[len(steady) // 2] if steady else None,
-        "images_per_s_first_epoch": rates[0] if rates else None,
-        "best_iou": max(ious) if ious else None,
-        "best_epoch": records[ious.index(max(ious))]["epoch"] if ious else None,
-        "run_folder": str(run),
-    }
-
-
 def run_step(step: str, plan: Plan, limit_s: float, env: Mapping[str, str], have: set[str]) -> StepResult:
     """Run one step within `limit_s` and read what it produced."""
     result = StepResult(name=step, status="skipped", limit_s=round(limit_s, 1))
@@ -563,7 +328,7 @@ def environment_step(plan: Plan, env: Mapping[str, str], limit_s: float) -> tupl
         result.status, result.reason = "failed", "torch sees no CUDA GPU"
     result.figures = {"warnings": found.get("warnings", [])}
     for warning in found.get("warnings", []):
-        print(_loud(warning), file=sys.stderr, flush=True)
+        print(loud(warning), file=sys.stderr, flush=True)
     return result, found
 
 
@@ -610,110 +375,9 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
             "failed": [r.name for r in results if r.status in ("failed", "timed_out")],
             "skipped": {r.name: r.reason for r in results if r.status == "skipped"},
         }
-        _write(plan.out / "gpu-report.json", json.dumps(report, indent=2) + "\n")
-        _write(plan.out / "gpu-report.md", markdown(report))
+        write_atomically(plan.out / "gpu-report.json", json.dumps(report, indent=2) + "\n")
+        write_atomically(plan.out / "gpu-report.md", markdown(report))
     return report, 1 if report["failed"] or report["skipped"] else 0
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def _loud(message: str) -> str:
-    bar = "!" * 100
-    return f"{bar}\n!!! WARNING: {message}\n{bar}"
-
-
-def _value(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def markdown(report: Mapping[str, Any]) -> str:
-    """The report for people: warnings first, then one row per step and its figures."""
-    env = report["environment"]
-    gpus = env.get("gpus") or []
-    lines = [
-        "# dli GPU check",
-        "",
-        f"{report['date']}, {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget; data: "
-        f"{report['data']}; `{report['command']}`",
-        "",
-    ]
-    for warning in report["warnings"]:
-        lines += [f"> **WARNING: {warning}**", ""]
-    for name, reason in report["skipped"].items():  # a skipped step tested nothing: the check fails
-        lines += [f"> **NOT TESTED: {name} was skipped ({reason})**", ""]
-    lines += ["## Environment", "", "| what | value |", "|---|---|"]
-    gpu_text = "; ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in gpus) or "none"
-    lines += [f"| GPU | {gpu_text} |", f"| driver | {env.get('driver') or '-'} |"]
-    lines += [f"| python | {env.get('python', '-')} |", f"| dli | {env.get('dli') or '-'} |"]
-    for name, package in (env.get("packages") or {}).items():
-        lines.append(f"| {name} | {package.get('version') or 'missing: ' + str(package.get('error'))} |")
-    majors = env.get("cuda_majors") or {}
-    lines += [f"| CUDA majors | {', '.join(f'{k} {v}' for k, v in sorted(majors.items())) or '-'} |", ""]
-    lines += ["## Steps", "", "| step | status | seconds (limit) | notes |", "|---|---|---:|---|"]
-    for step in report["steps"]:
-        notes = step.get("reason") or ""
-        lines.append(
-            f"| {step['name']} | {step['status']} | {step['seconds']:.0f} ({step['limit_s']:.0f}) | {notes} |"
-        )
-    lines.append("")
-    for step in report["steps"]:
-        figures = step.get("figures") or {}
-        if step["name"] == "pytest-gpu" and figures.get("tests") is not None:
-            lines += [
-                f"**pytest -m gpu**: {figures['passed']} passed, {figures['failures']} failed, "
-                f"{figures['errors']} errors, {figures['skipped']} skipped",
-                "",
-            ]
-            lines += [f"- failing: `{name}`" for name in figures.get("failing", [])]
-            lines += [
-                f"- not collected: `{n}` ({why})" for n, why in figures.get("not_collected", {}).items()
-            ]
-            lines.append("")
-        elif step["name"] == "bench" and figures:
-            data = figures.get("data_images_per_s", {})
-            lines += [
-                "**dli bench** (images/s): " + ", ".join(f"{k} {_value(v)}" for k, v in data.items())
-                + f"; inject {_value(figures.get('inject_ms_per_batch'), 2)} ms/batch, Poisson "
-                f"{_value(figures.get('poisson_ms_per_batch'), 2)} ms/batch",
-            ]  # fmt: skip
-            model = figures.get("inject_device_model") or {}
-            if model.get("launches"):
-                lines.append(
-                    f"- inject's device model: {_value(model['launches'])} launches, "
-                    f"{_value((model.get('bytes') or 0) / 1e9, 2)} GB per batch; "
-                    f"{_value(figures.get('inject_us_per_modelled_launch'), 1)} µs measured per "
-                    "modelled launch"
-                )
-            for encoder, rates in figures.get("training_images_per_s", {}).items():
-                lines.append(
-                    f"- training {encoder} (images/s): "
-                    + ", ".join(f"{k} {_value(v)}" for k, v in rates.items())
-                )
-            lines.append("")
-        elif step["name"].startswith("train-") and figures:
-            lines += [
-                f"**{step['name']}**: {figures['epochs_finished']} epochs, {_value(figures['images_per_s'])} "
-                f"images/s (first epoch {_value(figures['images_per_s_first_epoch'])}), best IoU "
-                f"{_value(figures['best_iou'], 4)} at epoch {_value(figures['best_epoch'])}",
-                "",
-            ]
-    for step in report["steps"]:
-        if step.get("output_tail"):
-            lines += [
-                f"### {step['name']}: end of its output ({step.get('log')})",
-                "",
-                "```",
-                step["output_tail"],
-                "```",
-                "",
-            ]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,7 +401,7 @@ def dry_run(plan: Plan, extra_path: str | None) -> int:
     gpus = ", ".join(g["name"] for g in found.get("gpus", [])) or "none visible"
     print(f"  {'GPUs':28} {gpus}")
     for warning in found.get("warnings", []):
-        print(_loud(warning))
+        print(loud(warning))
     reserve = f"{REPORT_RESERVE_S:.0f} s of it for the report"
     print(f"\nplan ({plan.budget_s:.0f} s, {reserve}; time a step leaves unused passes on):")
     budget = plan.budget_s - REPORT_RESERVE_S

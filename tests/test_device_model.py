@@ -212,7 +212,7 @@ def test_the_benches_report_the_device_model(tmp_path) -> None:
 
 
 def test_the_gpu_check_puts_the_measured_inject_time_beside_the_model(tmp_path) -> None:
-    from dli.bench.gpu_check import bench_figures
+    from dli.bench.gpu_report import bench_figures
 
     record = {
         "kernels": {"seconds_per_batch": {"inject": {"median": 0.003}}},

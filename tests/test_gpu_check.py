@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dli.bench import gpu_check
+from dli.bench import gpu_check, gpu_environment
 from dli.data.synth import generate
 
 SCRIPT = Path(gpu_check.__file__)
@@ -170,10 +170,10 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     commands = _fake_commands(out)
     environment = {
         "gpus": [{"name": "Fake GPU", "capability": "9.0", "memory_gib": 80.0}],
-        "packages": {name: {"version": "1.0", "error": None} for name in gpu_check.PACKAGES},
+        "packages": {name: {"version": "1.0", "error": None} for name in gpu_environment.PACKAGES},
         "cuda_majors": {"torch": 13, "cupy-cuda12x": 12},
     }
-    environment["warnings"] = gpu_check.environment_warnings(environment)
+    environment["warnings"] = gpu_environment.environment_warnings(environment)
 
     # A fake clock: the budget arithmetic is exact whatever the machine's load. The steps run for
     # real (the hanging one is stopped by the real time limit, 1 s) and advance the clock by
@@ -239,7 +239,7 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
 def test_without_a_gpu_the_environment_fails_and_the_gpu_steps_are_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    packages = {name: {"version": "1.0", "error": None} for name in gpu_check.PACKAGES}
+    packages = {name: {"version": "1.0", "error": None} for name in gpu_environment.PACKAGES}
     packages["dali"] = {"version": None, "error": "ModuleNotFoundError: No module named 'nvidia.dali'"}
     monkeypatch.setattr(
         gpu_check, "probe", lambda *a: ({"gpus": [], "packages": packages, "warnings": []}, 0.1)
@@ -259,7 +259,7 @@ def test_without_a_gpu_the_environment_fails_and_the_gpu_steps_are_skipped(
 def test_a_step_skipped_for_a_missing_package_fails_the_check_and_leaves_its_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    packages = {name: {"version": "1.0", "error": None} for name in gpu_check.PACKAGES}
+    packages = {name: {"version": "1.0", "error": None} for name in gpu_environment.PACKAGES}
     packages["dali"] = {"version": None, "error": "ModuleNotFoundError: No module named 'nvidia.dali'"}
     packages["matplotlib"] = {"version": None, "error": "ModuleNotFoundError: No module named 'matplotlib'"}
     environment = {"gpus": [{"name": "Fake GPU", "capability": "9.0", "memory_gib": 80.0}]}
