@@ -37,8 +37,9 @@ the plan of steps with their time shares and commands, writes nothing and exits 
 
 What the environment probe reads lives in `dli.bench.gpu_environment`, how the steps' files are
 read back and the report written in `dli.bench.gpu_report`. Only the standard library is imported
-at module level (here and there), so the check runs (and reports) where torch or CuPy are broken. Run from a checkout where dli is not installed, the script makes the
-checkout importable as `dli` itself (a link in a temporary folder) for its child processes too.
+at module level (here and there), so the check runs (and reports) where torch or CuPy are broken.
+Run from a checkout where dli is not installed, the script makes the checkout importable as `dli`
+itself (a link in a temporary folder) for its child processes too.
 """
 
 from __future__ import annotations

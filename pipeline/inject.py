@@ -242,3 +242,14 @@ def inject(
                 slots=as_array(index.paste_slots),
             )
     return info
+
+
+def keep_off_defects(source_masks: torch.Tensor, labels: torch.Tensor, plan: Plan) -> None:
+    """Clear, in place, the injected pixels that fall on a canvas's own defects (a defective
+    canvas: `DliConfig.canvas`); the planner already placed each region clear of their boxes."""
+    defective = [k for k, i in enumerate(plan.injections) if plan.class_sets_before[i.slot]]
+    if not defective:
+        return
+    slots = [plan.injections[k].slot for k in defective]
+    occupied = labels[slots].amax(dim=1)  # (k, H, W) 1 where the canvas holds a defect
+    source_masks[defective] *= 1.0 - occupied

@@ -51,13 +51,13 @@ import numpy as np
 import torch
 
 from dli.common.errors import DliError
-from dli.common.model_checks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from dli.data.instances import DonorTable
 from dli.data.manifest import FREE, Manifest, Sample
 from dli.kernels.poisson.blend import PoissonInfo
-from dli.pipeline.augment import Size, compose, defect_augments, random_flips
+from dli.pipeline.augment import compose, defect_augments, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
+from dli.pipeline.loader_checks import checked_device, checked_image_size, checked_int
 from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics
 from dli.pipeline.planner import DliConfig, Plan, Planner
 
@@ -76,47 +76,6 @@ class _Item:
     indices: np.ndarray
     plan: Plan | None
     source_boxes: np.ndarray | None = None  # with crops: the sources' boxes as fractions of their crops
-
-
-def _image_size(value: int | tuple[int, int] | Any) -> Size:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        size = (int(value), int(value))
-    elif (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
-    ):
-        size = (int(value[0]), int(value[1]))
-    else:
-        raise DliError(f"image size {value!r}: expected an integer or a (height, width) pair")
-    if min(size) < MIN_IMAGE_SIZE:
-        raise DliError(f"image size {value!r}: each side must be >= {MIN_IMAGE_SIZE} pixels")
-    if max(size) > MAX_IMAGE_SIZE:
-        raise DliError(f"image size {value!r}: each side must be <= {MAX_IMAGE_SIZE} pixels")
-    return size
-
-
-def _checked_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DliError(f"{name} {value!r}: must be an integer >= {minimum}")
-    return int(value)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DliError(f"device {device!r}: expected cpu, cuda or cuda:<index>") from None
-    if resolved.type == "cpu":
-        return torch.device("cpu")
-    if resolved.type != "cuda":
-        raise DliError(f"device {device!r}: the data path runs on cpu or cuda only")
-    if not torch.cuda.is_available():
-        raise DliError(f"device {device!r}: no CUDA GPU is available on this machine")
-    index = torch.cuda.current_device() if resolved.index is None else resolved.index
-    if index >= torch.cuda.device_count():
-        raise DliError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return torch.device("cuda", index)
 
 
 class Loader:
@@ -173,17 +132,17 @@ class Loader:
         if resize not in ("linear", "nearest"):
             raise DliError(f"resize {resize!r}: choose from linear, nearest")
         self.resize = resize
-        self.batch_size = _checked_int("batch size", batch_size)
+        self.batch_size = checked_int("batch size", batch_size)
         self.crop = crop if train else None
         self.fit = fit
-        self.image_size = _image_size(image_size if self.crop is None else self.crop.size)
-        self.seed = _checked_int("seed", seed, minimum=0)
-        self.num_shards = _checked_int("number of shards", num_shards)
-        self.shard_id = _checked_int("shard id", shard_id, minimum=0)
+        self.image_size = checked_image_size(image_size if self.crop is None else self.crop.size)
+        self.seed = checked_int("seed", seed, minimum=0)
+        self.num_shards = checked_int("number of shards", num_shards)
+        self.shard_id = checked_int("shard id", shard_id, minimum=0)
         if self.shard_id >= self.num_shards:
             raise DliError(f"shard id {shard_id}: must be < the number of shards ({num_shards})")
-        self.num_threads = _checked_int("number of threads", num_threads)
-        self.prefetch = _checked_int("prefetch depth", prefetch)
+        self.num_threads = checked_int("number of threads", num_threads)
+        self.prefetch = checked_int("prefetch depth", prefetch)
         if dli is not None and not train:
             raise DliError("label injection applies to training only: pass dli=None when train=False")
         if dli is not None and not isinstance(dli, DliConfig):
@@ -192,7 +151,7 @@ class Loader:
             raise DliError(f"dataset {manifest.root} has no images")
         self.manifest, self.train, self.dli = manifest, bool(train), dli
         self.drop_last = self.train if drop_last is None else bool(drop_last)
-        self.device = _resolve_device(device)
+        self.device = checked_device(device)
         self.num_classes = manifest.num_classes
         self.class_names = manifest.class_names
         if isinstance(channels, bool) or channels not in (1, 3):
@@ -281,7 +240,7 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration runs (its shuffle, flips and plans)."""
-        self.epoch = _checked_int("epoch", epoch, minimum=0)
+        self.epoch = checked_int("epoch", epoch, minimum=0)
 
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
         """Training: the manifest indices of each global batch (all shards) of `epoch`."""
@@ -356,7 +315,7 @@ class Loader:
         return self._pipeline
 
     def _item(self, indices: np.ndarray, plan: Plan | None) -> _Item:
-        from dli.pipeline.dali import Work
+        from dli.pipeline.dali import Work, mask_code
 
         samples = self.manifest.samples
         injections = plan.injections if plan is not None else ()
@@ -374,7 +333,7 @@ class Loader:
                 codes.append(self._codes[injection.source])
             else:  # the instance's own pixels, as 1 in an in-memory PNG
                 masks.append(encoded)
-                codes.append(_binary_code(injection.class_id))
+                codes.append(mask_code(injection.class_id + 1))
         matrices, crop_boxes = None, None
         if plan is not None:
             matrices = np.concatenate([plan.image_matrices, plan.source_matrices()]).astype(np.float32)
@@ -517,7 +476,7 @@ class Loader:
             report.check(stacklevel=3)
 
     def _assemble(self, item: _Item, decoded: Any, keep_clean: bool) -> tuple[Batch, torch.Tensor | None]:
-        from dli.pipeline.inject import inject, region_boxes, to_device
+        from dli.pipeline.inject import inject, keep_off_defects, region_boxes, to_device
 
         images, masks = self._to_torch(decoded)
         n = len(item.indices)
@@ -535,7 +494,7 @@ class Loader:
             # Injection is affine-invariant (paste and Poisson alike), so it runs on the normalized
             # images; only the clamp of Poisson overshoot needs the normalized [0, 1] bounds.
             self._check_poisson_report()
-            _keep_off_defects(source_masks, labels, item.plan)
+            keep_off_defects(source_masks, labels, item.plan)
             boxes = None
             # The donors' boxes (in their crops, with crops); an unknown one (NaN) makes
             # `region_boxes` return None, and the solver measures the regions itself.
@@ -570,28 +529,11 @@ class Loader:
             self._active = None
 
 
-def _binary_code(class_id: int) -> np.ndarray:
-    from dli.pipeline.dali import mask_code
-
-    return mask_code(class_id + 1)
-
-
 def _mask_code(sample: Sample) -> np.ndarray:
     """How the pipeline reads `sample`'s mask (`dli.pipeline.dali.mask_code`)."""
     from dli.pipeline.dali import mask_code
 
     return mask_code(max(sample.class_id, 0) + 1, sample.index_bits)
-
-
-def _keep_off_defects(source_masks: torch.Tensor, labels: torch.Tensor, plan: Plan) -> None:
-    """Clear, in place, the injected pixels that fall on a canvas's own defects (a defective
-    canvas: `DliConfig.canvas`); the planner already placed each region clear of their boxes."""
-    defective = [k for k, i in enumerate(plan.injections) if plan.class_sets_before[i.slot]]
-    if not defective:
-        return
-    slots = [plan.injections[k].slot for k in defective]
-    occupied = labels[slots].amax(dim=1)  # (k, H, W) 1 where the canvas holds a defect
-    source_masks[defective] *= 1.0 - occupied
 
 
 def build_loader(

@@ -275,9 +275,10 @@ def preview(
     (`scale` and `crop_defect_prob` as `dli train`'s) instead of resized whole images. `channels`
     as `dli train --channels`.
     """
+    from dli.common.model_checks import MAX_IMAGE_SIZE
     from dli.data.manifest import read_dataset
     from dli.data.validation import validate
-    from dli.pipeline.loader import MAX_IMAGE_SIZE, build_loader
+    from dli.pipeline.loader import build_loader
     from dli.pipeline.normalization import channels_from_setting
 
     if batches < 1:

@@ -251,7 +251,7 @@ class TrainConfig:
             _positive_int(self, name)
         _positive_int(self, "seed", minimum=0)
         if self.image_size is not None:
-            from dli.pipeline.loader import MAX_IMAGE_SIZE
+            from dli.common.model_checks import MAX_IMAGE_SIZE
 
             _positive_int(self, "image_size", minimum=32)
             if self.image_size > MAX_IMAGE_SIZE:
@@ -279,7 +279,7 @@ class TrainConfig:
             if self.scale != 1.0:
                 raise DliError(f"--scale {self.scale:g}: applies to training on crops; pass --crop S too")
             return
-        from dli.pipeline.loader import MAX_IMAGE_SIZE
+        from dli.common.model_checks import MAX_IMAGE_SIZE
 
         _positive_int(self, "crop", minimum=32)
         if self.image_size is not None and self.image_size != self.crop:
