@@ -44,7 +44,7 @@ from dli.data.annotations import (
 from dli.data.manifest import (
     CLASSES_FILE,
     Problem,
-    _checked_class_names,
+    checked_class_names,
     problems_error,
     read_class_names,
 )
@@ -103,9 +103,9 @@ def _categories(
         if category["id"] in names_by_id:
             raise DliError(f"{path}: category id {category['id']} is listed twice")
         names_by_id[category["id"]] = str(category["name"]).strip().lower()
-    found = _checked_class_names([names_by_id[i] for i in sorted(names_by_id)], str(path))
+    found = checked_class_names([names_by_id[i] for i in sorted(names_by_id)], str(path))
     if class_names is not None:
-        order, origin = _checked_class_names(class_names, "class_names"), "class_names"
+        order, origin = checked_class_names(class_names, "class_names"), "class_names"
     elif (path.parent / CLASSES_FILE).is_file():
         order, origin = read_class_names(path.parent / CLASSES_FILE), str(path.parent / CLASSES_FILE)
     else:

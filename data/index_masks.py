@@ -33,7 +33,7 @@ from dli.data.manifest import (
     Manifest,
     Problem,
     Sample,
-    _checked_class_names,
+    checked_class_names,
     labelled_sample,
     problems_error,
     read_class_names,
@@ -114,7 +114,7 @@ def read_index_folder(
     """
     root = Path(root).absolute()
     if class_names is not None:
-        order = _checked_class_names(class_names, "class_names")
+        order = checked_class_names(class_names, "class_names")
         origin = "class_names"
     elif (root / CLASSES_FILE).is_file():
         order, origin = read_class_names(root / CLASSES_FILE), str(root / CLASSES_FILE)

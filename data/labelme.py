@@ -60,7 +60,7 @@ from dli.data.manifest import (
     CLASSES_FILE,
     FREE_NAMES,
     Problem,
-    _checked_class_names,
+    checked_class_names,
     problems_error,
     read_class_names,
 )
@@ -334,7 +334,7 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
             free_sized.append((image, *size))
 
     labels = {shape["label"].strip().lower() for item, _, _ in checked for shape in item.shapes}
-    order, origin = _class_order(root, labels, class_names)
+    order, origin = class_order(root, labels, class_names)
     unknown = sorted(labels - set(order))
     if unknown:
         detail = f"labels {', '.join(unknown)} are not listed in {origin}"
@@ -352,11 +352,11 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
     return AnnotationSet(root, "labelme", order, tuple(images), key_files=tuple(key_files), root=root)
 
 
-def _class_order(
+def class_order(
     root: Path, labels: set[str], class_names: Sequence[str] | None
 ) -> tuple[tuple[str, ...], str]:
     if class_names is not None:
-        return _checked_class_names(class_names, "class_names"), "class_names"
+        return checked_class_names(class_names, "class_names"), "class_names"
     if (root / CLASSES_FILE).is_file():
         return read_class_names(root / CLASSES_FILE), str(root / CLASSES_FILE)
-    return _checked_class_names(sorted(labels), str(root)), str(root)
+    return checked_class_names(sorted(labels), str(root)), str(root)

@@ -2,7 +2,7 @@
 
 Layers, lowest first: ``common`` < ``kernels`` and ``data`` < ``pipeline`` < ``models`` < ``training`` <
 ``inference`` < the root's commands, ``bench`` and ``experiments``. A product module may import from its own
-layer or below, never from above.
+layer or below, never from above. No product module is longer than 600 lines.
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ def _dli_imports(path: Path) -> list[tuple[str, ...]]:
 def test_root_holds_at_most_ten_modules() -> None:
     modules = [p.name for p in ROOT.glob("*.py") if p.name not in {"__init__.py", "__main__.py"}]
     assert len(modules) <= 10, sorted(modules)
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_product_module_is_over_600_lines() -> None:
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in _product_modules()}
+    assert lengths, "no product module found"
+    long = {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES}
+    assert not long, long
 
 
 def test_no_import_points_up() -> None:

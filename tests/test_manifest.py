@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from dli.common.errors import DliError
+from dli.data.csv_manifest import write_csv
 from dli.data.imageio import read_gray, read_mask
-from dli.data.manifest import FREE, MT_CLASSES, DatasetWarning, Manifest, Sample, read_dataset, write_csv
+from dli.data.manifest import FREE, MT_CLASSES, DatasetWarning, Manifest, Sample, read_dataset
 from dli.data.validation import validate
 
 SIZE = (24, 16)  # (W, H) as PIL wants it
