@@ -61,27 +61,10 @@ from pathlib import Path
 from typing import Any
 
 if __package__:
-    from dli.bench.gpu_environment import available, probe_environment
-    from dli.bench.gpu_report import (
-        bench_figures,
-        loud,
-        markdown,
-        pytest_figures,
-        tail,
-        training_figures,
-        write_atomically,
-    )
+    from dli.bench import gpu_environment, gpu_report
 else:  # run as a script (`python bench/gpu_check.py`): its own folder is on the path, dli may not be
-    from gpu_environment import available, probe_environment
-    from gpu_report import (
-        bench_figures,
-        loud,
-        markdown,
-        pytest_figures,
-        tail,
-        training_figures,
-        write_atomically,
-    )
+    import gpu_environment
+    import gpu_report
 
 PROG = "gpu_check"
 MAX_MINUTES = 8.0
@@ -279,15 +262,15 @@ def run_step(step: str, plan: Plan, limit_s: float, env: Mapping[str, str], have
     result.returncode, result.seconds = code, round(seconds, 1)
     ok = code == 0
     if step == "pytest-gpu":
-        result.figures, tests_ok = pytest_figures(plan.out / "pytest-gpu.xml")
+        result.figures, tests_ok = gpu_report.pytest_figures(plan.out / "pytest-gpu.xml")
         ok = ok or (code == 1 and tests_ok)  # collection errors for missing packages only
     elif step == "bench":
-        result.figures = bench_figures(plan.out / "bench-cuda.json")
+        result.figures = gpu_report.bench_figures(plan.out / "bench-cuda.json")
     elif step.startswith("train-"):
-        result.figures = training_figures(plan.out / step)
+        result.figures = gpu_report.training_figures(plan.out / step)
     result.status = "timed_out" if timed_out else "passed" if ok else "failed"
     if result.status != "passed":
-        result.output_tail = tail(log)
+        result.output_tail = gpu_report.tail(log)
         result.reason = f"stopped past its {limit_s:.0f} s" if timed_out else f"exit status {code}"
     return result
 
@@ -314,7 +297,7 @@ def probe(env: Mapping[str, str], out_file: Path, limit_s: float, repo: Path) ->
     try:
         found = json.loads(out_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        found = {"error": "timed out" if timed_out else f"exit status {code}", "output": tail(log)}
+        found = {"error": "timed out" if timed_out else f"exit status {code}", "output": gpu_report.tail(log)}
     return found, seconds
 
 
@@ -329,7 +312,7 @@ def environment_step(plan: Plan, env: Mapping[str, str], limit_s: float) -> tupl
         result.status, result.reason = "failed", "torch sees no CUDA GPU"
     result.figures = {"warnings": found.get("warnings", [])}
     for warning in found.get("warnings", []):
-        print(loud(warning), file=sys.stderr, flush=True)
+        print(gpu_report.loud(warning), file=sys.stderr, flush=True)
     return result, found
 
 
@@ -344,7 +327,7 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
     try:
         for position, step in enumerate(STEPS):
             # Shares among the steps still to run that can run: a skipped step leaves its time.
-            have = available(found)
+            have = gpu_environment.available(found)
             runnable = [
                 s for s in STEPS[position:] if s == step or not found or skip_reason(s, plan, have) is None
             ]
@@ -357,7 +340,7 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
                     step, "skipped", limit_s=round(limit_s, 1), reason="the environment is unknown"
                 )
             else:
-                result = run_step(step, plan, limit_s, env, available(found))
+                result = run_step(step, plan, limit_s, env, gpu_environment.available(found))
             print(f"{PROG}: {step}: {result.status}" + (f" ({result.reason})" if result.reason else ""),
                   file=sys.stderr, flush=True)  # fmt: skip
             results.append(result)
@@ -376,8 +359,8 @@ def check(plan: Plan, extra_path: str | None, started: float) -> tuple[dict[str,
             "failed": [r.name for r in results if r.status in ("failed", "timed_out")],
             "skipped": {r.name: r.reason for r in results if r.status == "skipped"},
         }
-        write_atomically(plan.out / "gpu-report.json", json.dumps(report, indent=2) + "\n")
-        write_atomically(plan.out / "gpu-report.md", markdown(report))
+        gpu_report.write_atomically(plan.out / "gpu-report.json", json.dumps(report, indent=2) + "\n")
+        gpu_report.write_atomically(plan.out / "gpu-report.md", gpu_report.markdown(report))
     return report, 1 if report["failed"] or report["skipped"] else 0
 
 
@@ -393,7 +376,7 @@ def dry_run(plan: Plan, extra_path: str | None) -> int:
     if "error" in found:
         print(f"{PROG}: the environment probe failed ({found['error']}):\n{found['output']}")
         found = {}
-    have = available(found)
+    have = gpu_environment.available(found)
     packages = found.get("packages", {})
     data = plan.data or "bundled synthetic data"
     print(f"{PROG} dry run: {plan.minutes:g} minutes, data {data}, out {plan.out}")
@@ -402,7 +385,7 @@ def dry_run(plan: Plan, extra_path: str | None) -> int:
     gpus = ", ".join(g["name"] for g in found.get("gpus", [])) or "none visible"
     print(f"  {'GPUs':28} {gpus}")
     for warning in found.get("warnings", []):
-        print(loud(warning))
+        print(gpu_report.loud(warning))
     reserve = f"{REPORT_RESERVE_S:.0f} s of it for the report"
     print(f"\nplan ({plan.budget_s:.0f} s, {reserve}; time a step leaves unused passes on):")
     budget = plan.budget_s - REPORT_RESERVE_S
@@ -481,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()  # the budget covers the data check too
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.probe is not None:
-        found = probe_environment()
+        found = gpu_environment.probe_environment()
         args.probe.write_text(json.dumps(found, indent=2) + "\n", encoding="utf-8")
         return 0
     try:
@@ -512,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    print(markdown(report))
+    print(gpu_report.markdown(report))
     return status
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dli.bench import gpu_check, gpu_environment
+from dli.bench import gpu_check, gpu_environment, gpu_report
 from dli.data.synth import generate
 
 SCRIPT = Path(gpu_check.__file__)
@@ -125,13 +125,13 @@ def test_pytest_results_separate_missing_packages_from_failures(tmp_path: Path) 
             """
         )
     )
-    figures, ok = gpu_check.pytest_figures(xml)
+    figures, ok = gpu_report.pytest_figures(xml)
     assert not ok and figures["passed"] == 2 and figures["skipped"] == 1
     assert figures["failing"] == ["tests.test_kernels_gpu.test_paste"]
     assert figures["not_collected"] == {"tests.test_bench": "needs segmentation_models_pytorch (missing)"}
     xml.write_text(xml.read_text().replace('<failure message="assert">x</failure>', ""))
-    assert gpu_check.pytest_figures(xml)[1]
-    assert gpu_check.pytest_figures(tmp_path / "absent.xml") == ({"junit": None}, False)
+    assert gpu_report.pytest_figures(xml)[1]
+    assert gpu_report.pytest_figures(tmp_path / "absent.xml") == ({"junit": None}, False)
 
 
 class FakeClock:
