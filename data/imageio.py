@@ -24,9 +24,11 @@ training image looks gray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +110,15 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip((values + 128) // 257, 0, 255).astype(np.uint8), "L")
 
 
-def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike[str], what: str) -> Iterator[Image.Image]:
+    """`Image.open(path)`; a missing, undecodable or too large file (also while the caller reads
+    it) is one `DliError` naming `what` and `path`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                image = _eight_bit(upright(opened))
-                return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+                yield opened
     except FileNotFoundError:
         raise DliError(f"{what} not found: {path}") from None
     except Image.DecompressionBombError:
@@ -123,6 +127,12 @@ def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
         ) from None
     except READ_ERRORS as error:
         raise DliError(f"cannot read {what} {path}: {error}") from None
+
+
+def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
+    with _opened(path, what) as opened:
+        image = _eight_bit(upright(opened))
+        return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
 def defect_pixels(mask: Image.Image) -> np.ndarray:
@@ -150,21 +160,10 @@ def read_image(path: str | os.PathLike[str], channels: int) -> np.ndarray:
     """
     if channels not in (1, 3):
         raise DliError(f"channels {channels}: expected 1 or 3")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                if channels == 1 and stored_gray(opened):
-                    return np.asarray(upright(opened).convert("L"), dtype=np.uint8)[..., None]
-                rgb = np.asarray(_eight_bit(upright(opened)).convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DliError(f"image not found: {path}") from None
-    except Image.DecompressionBombError:
-        raise DliError(
-            f"image {path} is too large to decode (more than {MAX_DECODE_PIXELS / 1e6:.0f} megapixels)"
-        ) from None
-    except READ_ERRORS as error:
-        raise DliError(f"cannot read image {path}: {error}") from None
+    with _opened(path, "image") as opened:
+        if channels == 1 and stored_gray(opened):
+            return np.asarray(upright(opened).convert("L"), dtype=np.uint8)[..., None]
+        rgb = np.asarray(_eight_bit(upright(opened)).convert("RGB"), dtype=np.uint8)
     return rgb if channels == 3 else luma(rgb)[..., None]
 
 
