@@ -58,6 +58,7 @@ from dli.kernels.cupy_costs import (
     record,
     sync,
 )
+from dli.kernels.poisson.direct_cuda import TWINS as DIRECT_TWINS
 from dli.kernels.xp import modelled_device
 
 __all__ = ["CUPY_VERSION", "MODEL", "DeviceCounts", "ModelArray", "cost", "counting", "modelled", "to_model"]
@@ -416,8 +417,23 @@ def _paste_twin(
     return nbytes(mask) + pasted * per_pixel + nbytes(slots)
 
 
-RAW_KERNEL_TWINS = {"paste_kernel": _paste_twin}
-"""Raw CUDA kernels of the kernels modules (by function name) and the NumPy code that does their work."""
+def _counted(twin: Callable[..., None], moved: Callable[..., int]) -> Callable[..., int]:
+    """A twin that does a kernel's work and returns the bytes `moved` says the kernel reads and writes."""
+
+    def run(*args: Any) -> int:
+        twin(*args)
+        return moved(*args)
+
+    return run
+
+
+RAW_KERNEL_TWINS: dict[str, Callable[..., int]] = {
+    "paste_kernel": _paste_twin,
+    **{name: _counted(*twin) for name, twin in DIRECT_TWINS.items()},
+}
+"""Raw CUDA kernels of the kernels modules (by function name) and the NumPy code that does their
+work, returning the bytes the kernel moves: `paste`'s, and the direct Poisson solver's
+(`dli.kernels.poisson.direct_cuda.TWINS`, which states each kernel's bytes beside its code)."""
 
 
 class _Fft:

@@ -2,10 +2,11 @@
 
 NVRTC needs no device: CuPy's binding (`cupy_backends.cuda.libs.nvrtc`) finds the library in the
 CUDA wheels a CPU install already has. Each `CUDA_SOURCES` entry of a `dli.kernels` module is one
-program, with its name expressions instantiated, compiled with the project's `CUDA_OPTIONS` for
-every `CUDA_TEST_ARCHITECTURES` entry; any error or any warning in the log fails the test. A
-module anywhere in the package that builds raw CUDA (`RawModule(`, `RawKernel(`,
-`ElementwiseKernel(`, `ReductionKernel(`) without a `CUDA_SOURCES` in `dli.kernels` fails too, so
+program (subpackages' modules, e.g. `dli.kernels.poisson.direct_cuda`, included), with its name
+expressions instantiated, compiled with the project's `CUDA_OPTIONS` for every
+`CUDA_TEST_ARCHITECTURES` entry; any error or any warning in the log fails the test. A module
+anywhere in the package that builds raw CUDA (`RawModule(`, `RawKernel(`, `ElementwiseKernel(`,
+`ReductionKernel(`) without a `CUDA_SOURCES` in `dli.kernels` fails too, so
 nothing escapes the compile check.
 """
 
@@ -28,8 +29,11 @@ RAW_CUDA = re.compile(r"\b(RawModule|RawKernel|ElementwiseKernel|ReductionKernel
 
 
 def kernel_modules() -> list[ModuleType]:
+    """Every module of `dli.kernels`, its subpackages' (`dli.kernels.poisson`) included."""
     prefix = dli.kernels.__name__ + "."
-    return [importlib.import_module(info.name) for info in pkgutil.iter_modules(dli.kernels.__path__, prefix)]
+    return [
+        importlib.import_module(info.name) for info in pkgutil.walk_packages(dli.kernels.__path__, prefix)
+    ]
 
 
 def package_sources() -> list[Path]:
@@ -64,7 +68,10 @@ def test_every_module_with_raw_cuda_declares_its_sources() -> None:
 
 def test_sources_are_well_formed() -> None:
     programs = cuda_programs()
-    assert {label for label, _, _ in programs} >= {"dli.kernels.paste:paste"}
+    assert {label for label, _, _ in programs} >= {
+        "dli.kernels.paste:paste",
+        "dli.kernels.poisson.direct_cuda:direct",
+    }
     for label, code, names in programs:
         assert isinstance(code, str) and "__global__" in code, label
         assert names and all(isinstance(n, str) and n for n in names), label

@@ -31,7 +31,11 @@ Batching (the same windows and arithmetic, two layouts):
   transform is a product with its own DST-I matrix, zero-padded to that shape, so one batched
   matrix product per side and direction solves every window exactly on its own size. The GPU's
   layout while windows are at most `DENSE_MAX_SIDE`: a fixed handful of launches per batch
-  whatever the mix of window shapes (matrix products are cheap there; launches are not).
+  whatever the mix of window shapes (matrix products are cheap there; launches are not). The
+  work between the products is four fused kernels (`dli.kernels.poisson.direct_cuda`: right-hand
+  sides read from the batch in place, each window's DST-I matrices, the division by the
+  eigenvalues, the write-back of the whole output), whose NumPy twins run this layout on the CPU:
+  11 launches per one-channel batch, whatever its size.
 
 No host synchronization when the caller passes the regions' boxes (host integers, as for the
 CG in `dli.kernels.poisson.blend`): window placement is host arithmetic and the only device-to-host
@@ -46,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from dli.kernels.poisson import direct_cuda
 from dli.kernels.poisson.blend import PoissonInfo
 from dli.kernels.poisson.pcg import _fft_module
 from dli.kernels.poisson.windows import Bucket, Transfers, fast_side, measured_boxes
@@ -143,18 +148,17 @@ def direct_blend(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
     transfers = Transfers(xp)
-    blended = target.copy()
-    # Region pixels off the image border, less those inside a window's interior: what boxes missed.
-    outside_box = count_true(omega[:, 1:-1, 1:-1], axis=(1, 2))
     solved = np.flatnonzero(sides[:, 0] > 0)
     blend = _Blend(target, source, omega, mixed_gradients)
-    if solved.size and layout == "shapes":
+    if solved.size and layout == "padded":
+        blended, outside_box = _solve_padded(xp, transfers, (solved, sides, corners), blend)
+    else:
+        blended = target.copy()
+        # Region pixels off the image border, less those inside a window's interior: what boxes missed.
+        outside_box = count_true(omega[:, 1:-1, 1:-1], axis=(1, 2))
         for bucket in Bucket.group(transfers, sides, corners, h, w):
             inside = _solve_bucket(xp, transfers, bucket, blended, blend)
             outside_box[bucket.images] -= inside
-    elif solved.size:
-        inside = _solve_padded(xp, transfers, (solved, sides, corners), blended, blend)
-        outside_box[transfers.to_device(solved)] -= inside
     transfers.to_host(outside_box=outside_box)
     info = PoissonInfo.direct(transfers.fetch, n=n, channels=c, windows=sides)
     return blended, info
@@ -254,70 +258,42 @@ def _solve_bucket(xp: ModuleType, transfers: Transfers, bucket: Bucket, blended:
 
 
 def _solve_padded(
-    xp: ModuleType,
-    transfers: Transfers,
-    windows: tuple[np.ndarray, np.ndarray, np.ndarray],
-    blended: Any,
-    blend: _Blend,
-) -> Any:
-    """Every window in one (B, C, H', W') array of the largest shape, each solved on its own size.
+    xp: ModuleType, transfers: Transfers, windows: tuple[np.ndarray, np.ndarray, np.ndarray], blend: _Blend
+) -> tuple[Any, Any]:
+    """Every window in one (B, C, m, k) array of the largest interior, each solved on its own size.
 
     `windows` holds the indices of the images that have a window and every image's window side
-    and corner (`direct_windows`). Rows and columns past an image's own window repeat its last
-    one (a Dirichlet edge, which keeps the target's value), so the scatter back writes those
-    pixels with their own values. Returns the (B,) region pixels inside each window's interior.
+    and corner (`direct_windows`). The elementwise steps are `direct_cuda`'s fused kernels (their
+    NumPy twins on the CPU), reading and writing the batch in place; the four transforms are
+    batched matrix products with each image's own DST-I matrices, zero-padded to m and k, so each
+    image is transformed on its own interior and the rest stays zero (the orthonormal DST-I matrix
+    is symmetric and its own inverse). Returns the blend and the (N,) int64 region pixels off the
+    image border that no window interior covers.
     """
     solved, sides, corners = windows
     target, omega = blend.target, blend.omega
-    _, h, w = omega.shape
-    shape = sides[solved].max(axis=0)
+    n, c, h, w = target.shape
     own = sides[solved]
-    rows = corners[solved, :1] + np.minimum(np.arange(shape[0]), own[:, :1] - 1)
-    cols = corners[solved, 1:] + np.minimum(np.arange(shape[1]), own[:, 1:] - 1)
+    m, k = (int(v) for v in own.max(axis=0) - 2)
     table = _DstTable.of(transfers, max(h, w) - 2, target.dtype, own - 2)
-    rows_at, cols_at = table.rows_of(own[:, 0] - 2), table.rows_of(own[:, 1] - 2)
-    at = transfers.to_device(np.stack([rows_at, cols_at]))
-    # On the device the windows move through `Bucket`'s flat index (one gather or scatter per
-    # array); NumPy, which only tests this layout, indexes the repeated rows and columns directly.
-    bucket = Bucket(
-        *(transfers.to_device(a) for a in (solved, rows, cols)),
-        count=len(solved),
-        host_images=solved,
-        corners=corners[solved],
-        transfers=transfers,
-        host_rows=rows,
-        host_cols=cols,
-    )
-    index = solved[:, None, None], rows[:, :, None], cols[:, None, :]
+    rows_at = np.stack([table.rows_of(own[:, 0] - 2), table.rows_of(own[:, 1] - 2)], axis=1)
+    on_device = transfers.to_device(direct_cuda.window_table(solved, sides, corners, rows_at, n))
+    per_window, slots = direct_cuda.split_table(on_device, n)
+    target, source, omega = (xp.ascontiguousarray(a) for a in (target, blend.source, omega))
 
-    def crop(array: Any) -> Any:  # (N, ..., H, W) -> (B, ..., H', W')
-        if xp is not np:
-            return bucket.crop(xp, array)
-        moved = np.moveaxis(array, (-2, -1), (1, 2))[index]
-        return np.ascontiguousarray(np.moveaxis(moved, (1, 2), (-2, -1)))
-
-    def paste(windows: Any) -> None:
-        if xp is not np:
-            bucket.paste(xp, blended, windows)
-        else:
-            blended.transpose(0, 2, 3, 1)[index] = windows.transpose(0, 2, 3, 1)
-
-    target_w, source_w, omega_w = crop(target), crop(blend.source), crop(omega)
-    dx, dy = _edge_corrections(xp, target_w, source_w, omega_w, blend.mixed)
-    rhs = _interior_rhs(dx, dy)  # (B, C, m, k); past an image's own interior: not its problem
-    m, k = rhs.shape[-2:]
-    # Each image's own DST-I matrices and eigenvalues, zero-padded (eigenvalues: +inf) to m and k:
-    # S b S with them transforms each image on its own interior and zeroes the rest, and the
-    # orthonormal DST-I matrix is symmetric and its own inverse.
-    s_rows, s_cols = table.matrices[:, :m, :m][at[0]][:, None], table.matrices[:, :k, :k][at[1]][:, None]
-    inverse = table.eigenvalues[:, :m][at[0]][:, :, None] + table.eigenvalues[:, :k][at[1]][:, None, :]
-    xp.reciprocal(inverse, out=inverse)  # 0 past an image's interior
-    coefficients = s_rows @ rhs @ s_cols
-    coefficients *= inverse[:, None]
-    correction = s_rows @ coefficients @ s_cols
-    target_w[..., 1:-1, 1:-1] += correction
-    paste(target_w)
-    return count_true(omega_w[:, 1:-1, 1:-1] & (inverse > 0), axis=(1, 2))
+    rhs = xp.empty((len(solved), c, m, k), dtype=target.dtype)
+    direct_cuda.build_rhs(xp, rhs, target, source, omega, per_window, blend.mixed)
+    s_rows = xp.empty((len(solved), m, m), dtype=target.dtype)
+    s_cols = xp.empty((len(solved), k, k), dtype=target.dtype)
+    direct_cuda.gather_dst_matrices(xp, s_rows, s_cols, table.matrices, per_window)
+    s_rows, s_cols = s_rows[:, None], s_cols[:, None]  # over the channels
+    coefficients = xp.ascontiguousarray(s_rows @ rhs @ s_cols)  # products come out contiguous: no copy
+    direct_cuda.divide_by_eigenvalues(xp, coefficients, table.eigenvalues, per_window)
+    correction = xp.ascontiguousarray(s_rows @ coefficients @ s_cols)
+    blended = xp.empty_like(target)
+    outside_box = xp.zeros(n, dtype=np.int64)
+    direct_cuda.write_back(xp, blended, target, correction, omega, per_window, slots, outside_box)
+    return blended, outside_box
 
 
 @dataclass
@@ -325,11 +301,12 @@ class _DstTable:
     """Orthonormal DST-I matrices and eigenvalues of the interior lengths met so far, on one device.
 
     `matrices` (L, cap, cap) and `eigenvalues` (L, cap) hold length `lengths[i]` in row i, zero
-    (eigenvalues: +inf) past it; the ``padded`` layout gathers each image's rows from them (one
-    gather per side instead of building them per batch). Made on the host in float64 and copied
-    once with every fast length up to `cap` (`_fast_window_side`'s: about 50 up to 254, 13 MB in
-    float32) and the lengths asked for, so training never rebuilds it; a batch with a length
-    outside those (an image side that is not fast) rebuilds it once.
+    (eigenvalues: +inf) past it; the ``padded`` layout's kernels read each image's rows from them
+    (`direct_cuda.gather_dst_matrices`, `divide_by_eigenvalues`) instead of building them per
+    batch. Made on the host in float64 and copied once with every fast length up to `cap`
+    (`_fast_window_side`'s: about 50 up to 254, 13 MB in float32) and the lengths asked for, so
+    training never rebuilds it; a batch with a length outside those (an image side that is not
+    fast) rebuilds it once.
     """
 
     cap: int
