@@ -62,7 +62,8 @@ from typing import Any
 
 if __package__:
     from dli.bench import gpu_environment, gpu_report
-else:  # run as a script (`python bench/gpu_check.py`): its own folder is on the path, dli may not be
+else:  # run as a script (`python bench/gpu_check.py`), where dli may not be importable yet
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also under `python -P`
     import gpu_environment
     import gpu_report
 

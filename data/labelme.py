@@ -334,7 +334,7 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
             free_sized.append((image, *size))
 
     labels = {shape["label"].strip().lower() for item, _, _ in checked for shape in item.shapes}
-    order, origin = class_order(root, labels, class_names)
+    order, origin = _class_order(root, labels, class_names)
     unknown = sorted(labels - set(order))
     if unknown:
         detail = f"labels {', '.join(unknown)} are not listed in {origin}"
@@ -352,7 +352,7 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
     return AnnotationSet(root, "labelme", order, tuple(images), key_files=tuple(key_files), root=root)
 
 
-def class_order(
+def _class_order(
     root: Path, labels: set[str], class_names: Sequence[str] | None
 ) -> tuple[tuple[str, ...], str]:
     if class_names is not None:

@@ -13,7 +13,9 @@ images (a false positive in another class's channel counts against c). Both are 
 per-channel scores are the primary ones.
 
 Counts accumulate as int64 tensors on the model's device, so evaluation never waits on the
-host per batch; `ConfusionCounter.compute` reads them once.
+host per batch; `ConfusionCounter.compute` reads them once. Across the processes of a
+distributed run counts are summed (`all_reduce_sum`) and means taken over the summed totals
+(`all_mean`).
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ def test_calibration_never_replaces_a_read_only_checkpoint(tmp_path, dataset, ca
 
 @pytest.mark.slow
 def test_calibration_keeps_the_threshold_of_a_class_it_has_nothing_to_calibrate_on(tmp_path, dataset, capsys):
-    from dli.data.manifest import FREE, write_csv
+    from dli.data.csv_manifest import write_csv
+    from dli.data.manifest import FREE
 
     manifest = read_dataset(dataset)
     crack = manifest.class_names.index("crack")

@@ -1,16 +1,17 @@
 """The parts of a training run that follow from its config and data alone: injection, losses, loaders.
 
-`dli.training.trainer.Trainer` builds a run from these, in this order:
-- `pixel_counts_of`: the class pixel counts the weighted losses need (a resumed run reads the
-  ones it saved, so its weights do not move);
-- `image_settings_of`: image channels and normalization (a resumed run keeps its own; a new one
-  decides them after the model, since ``--normalization auto`` depends on whether ImageNet
-  weights loaded);
+`dli.training.trainer.Trainer` builds a run from these, in this order (the order its random
+draws depend on):
 - `injection_of`: the injection settings of `--method dli` (None for every other method), or
   `DliError` when the training set offers DLI nothing to inject into under `--canvas free` or
   `--crop` (both inject into defect-free images only);
+- `pixel_counts_of`: the class pixel counts the weighted losses need (a resumed run reads the
+  ones it saved, so its weights do not move);
 - `losses_of`: the training loss (Dice over the global batch when several processes train) and
   the validation loss (each process's batches alone), with the loss's description;
+- then the model; then `image_settings_of`: image channels and normalization (a resumed run
+  keeps its own; a new one decides them after the model, since ``--normalization auto`` depends
+  on whether ImageNet weights loaded);
 - `loaders_of`: the training loader (crops, injection, donors, the last-batch policy) and the
   validation loader, or, for a model trained on crops, no validation loader and the `Tiling`
   that validates whole images as the model will be used.

@@ -10,6 +10,10 @@ torchrun's elastic agent: when one process fails it stops the others and returns
 status, so a bad input ends with `dli train`'s one-line error instead of torchrun's failure
 report. Everything else (rendezvous on a local port, held for the launch by `reserved_port`, and
 one process per local device) is what `torchrun --standalone` does.
+
+What a multi-process run asks of its flags and shares between its processes: `check_batch_split`
+(the global batch divides evenly), `check_last_batch` (the last incomplete batch is dropped) and
+`rank0_value` (rank 0's value of something, e.g. the default run folder's name, on every process).
 """
 
 from __future__ import annotations

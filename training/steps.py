@@ -4,7 +4,9 @@
 not finite is skipped on the device (no update of weights, optimizer state or BatchNorm
 statistics). `StepMonitor` keeps the loss sum, the finite-step count and the streak of skipped
 steps on the device and reads them one step late, so the host never waits for the step it just
-queued; after `MAX_SKIPPED_IN_A_ROW` skipped steps in a row a run stops as diverged.
+queued; after `MAX_SKIPPED_IN_A_ROW` skipped steps in a row a run stops as diverged
+(`check_divergence`), as does a run none of whose steps was finite or whose last epoch skipped
+most of its steps (`check_mostly_skipped`).
 """
 
 from __future__ import annotations

@@ -58,9 +58,7 @@ from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
 from dli.models.thresholds import ThresholdCalibrator, choose_thresholds
 from dli.models.tiled import TiledModel
 from dli.models.unet import PretrainedStatus, build_model, count_parameters
-from dli.pipeline.normalization import (
-    any_colour_file,
-)
+from dli.pipeline.normalization import any_colour_file
 from dli.training.components import (
     image_settings_of,
     injection_of,
