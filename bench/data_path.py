@@ -3,7 +3,10 @@
 The DALI loader (decode, resize, flips; on the training device) without and with Dynamic Label
 Injection, and the practitioner's alternative (`dli.bench.baseline`: a PyTorch DataLoader with
 worker processes, OpenCV decoding and augmentation, `cv2.seamlessClone` per image) executing the
-very same plans, its batches copied to the device; and the ratios between them.
+very same plans, its batches copied to the device; and the ratios between them. For the DALI
+loaders also where the iterating thread spends a batch (`host_ms_per_batch`: planning, reading
+and feeding the files, waiting for DALI, assembling and issuing the injection; see
+`dli.pipeline.loader.HOST_STAGES`), the host time a GPU training step has to hide.
 """
 
 from __future__ import annotations
@@ -12,6 +15,14 @@ from typing import Any
 
 from dli.bench.state import Bench, endless, progress
 from dli.bench.timing import ratio, summary
+from dli.pipeline.loader import Loader
+
+
+def host_ms_per_batch(loader: Loader) -> dict[str, float]:
+    """The iterating thread's milliseconds per batch in each `HOST_STAGES` stage, over every batch
+    the loader assembled (warm-up included): where the host time of a batch goes."""
+    batches = max(loader.host_batches, 1)
+    return {stage: 1e3 * seconds / batches for stage, seconds in loader.host_seconds.items()}
 
 
 def measure_data_path(bench: Bench) -> dict[str, Any]:
@@ -27,6 +38,7 @@ def measure_data_path(bench: Bench) -> dict[str, Any]:
         finally:
             stream.close()
             loader.close()
+        out[name]["host_ms_per_batch"] = host_ms_per_batch(loader)
         # The baseline runs the same plans; every worker finishes a batch before timing starts.
         progress(f"data path: {baseline} ({workers} workers)")
         plans = bench.plans(bench.loader(inject=injecting), bench.batches_needed(workers))

@@ -72,6 +72,10 @@ def bench_figures(path: Path) -> dict[str, Any]:
             name: median("data_path", name, "images_per_s", "median")
             for name in ("dali", "dali_dli", "baseline", "baseline_dli")
         },
+        "data_host_ms_per_batch": {
+            name: (record.get("data_path") or {}).get(name, {}).get("host_ms_per_batch")
+            for name in ("dali", "dali_dli")
+        },
         "inject_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "inject", "median")),
         "poisson_ms_per_batch": _ms(median("kernels", "seconds_per_batch", "poisson", "median")),
         "training_images_per_s": {},
@@ -189,6 +193,12 @@ def markdown(report: Mapping[str, Any]) -> str:
                     f"{_value(figures.get('inject_us_per_modelled_launch'), 1)} µs measured per "
                     "modelled launch"
                 )
+            for name, stages in (figures.get("data_host_ms_per_batch") or {}).items():
+                if stages:
+                    lines.append(
+                        f"- host ms per batch, {name}: "
+                        + ", ".join(f"{stage} {_value(ms, 2)}" for stage, ms in stages.items())
+                    )
             for encoder, rates in figures.get("training_images_per_s", {}).items():
                 lines.append(
                     f"- training {encoder} (images/s): "

@@ -130,6 +130,12 @@ def table(figures: dict[str, Any]) -> str:
         f"  {'OpenCV ' + workers + ' + DLI':42}{_rate(data['baseline_dli'])}",
         f"  ours / OpenCV: {data['plain_over_baseline']:.2f} without injection, "
         f"{data['dli_over_baseline']:.2f} with DLI",
+        *(
+            f"  host ms per batch, {label}: "
+            + ", ".join(f"{stage} {ms:.2f}" for stage, ms in data[name]["host_ms_per_batch"].items())
+            for name, label in (("dali", "DALI"), ("dali_dli", "DALI + DLI"))
+            if "host_ms_per_batch" in data[name]
+        ),
         "",
         f"{'injection, mean per batch':44}{'ms':>10}   (over {k['batches']} batches with "
         f"{k['injections_per_batch']['poisson']:.1f} Poisson + {k['injections_per_batch']['paste']:.1f} "

@@ -29,6 +29,7 @@ except ImportError as error:  # an optional dependency: say which package brings
 
 from dli.common.errors import DliError
 from dli.data.imageio import LUMA, MASK_THRESHOLD
+from dli.pipeline.file_cache import FileCache, read_file
 
 IMAGES, MASKS, CODES, MATRICES, TAGS = "images", "masks", "codes", "matrices", "tags"
 """Names of the pipeline's external inputs."""
@@ -209,13 +210,6 @@ class Decoded:
     masks: object
 
 
-def _read_bytes(path: str) -> np.ndarray:
-    try:
-        return np.fromfile(path, dtype=np.uint8)
-    except OSError as error:
-        raise DliError(f"cannot read {path}: {error}") from None
-
-
 def _reason(error: Exception) -> str:
     """The line of a DALI error that says what went wrong (it follows "encountered:")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -243,6 +237,7 @@ class DecodePipeline:
         prefetch: the most works in flight at once.
         crop: samples are cut from native-resolution images by their matrices (no resize; needs `warp`).
         fit: resize keeping the aspect ratio and pad (`--aspect fit`) instead of stretching.
+        files: where `submit` reads the files (`dli.pipeline.file_cache`); None: from disk each time.
     """
 
     def __init__(
@@ -260,6 +255,7 @@ class DecodePipeline:
         crop: bool = False,
         decode: str = "gray",
         fit: bool = False,
+        files: FileCache | None = None,
     ) -> None:
         if resize not in RESIZE_MODES:
             raise DliError(f"resize {resize!r}: choose from {', '.join(RESIZE_MODES)}")
@@ -269,6 +265,7 @@ class DecodePipeline:
         mean = tuple(float(v) for v in np.broadcast_to(np.asarray(mean, np.float64), (self.channels,)))
         std = tuple(float(v) for v in np.broadcast_to(np.asarray(std, np.float64), (self.channels,)))
         self.size, self.warp, self.device_id, self.prefetch = size, warp, device_id, prefetch
+        self.files = files
         self.gpu = device_id is not None
         self._pipe = decode_augment(
             size=size,
@@ -311,10 +308,9 @@ class DecodePipeline:
             raise ValueError("matrices must be given exactly when the pipeline warps")
         # Every file is read before anything is fed, so a missing one leaves the pipeline intact.
         zero = zero_mask_png()
-        images = [_read_bytes(p) for p in work.images]
-        masks = [
-            zero if p is None else p if isinstance(p, np.ndarray) else _read_bytes(p) for p in work.masks
-        ]
+        read = read_file if self.files is None else self.files.read
+        images = [read(p) for p in work.images]
+        masks = [zero if p is None else p if isinstance(p, np.ndarray) else read(p) for p in work.masks]
         codes = work.codes if work.codes is not None else np.tile(mask_code(1), (len(work), 1))
         self._pipe.feed_input(IMAGES, images)
         self._pipe.feed_input(MASKS, masks)

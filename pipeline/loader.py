@@ -42,6 +42,7 @@ evaluation sums its counts across processes once, at the end.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from dli.kernels.poisson.blend import PoissonInfo
 from dli.pipeline.augment import compose, defect_augments, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
+from dli.pipeline.file_cache import FileCache, budget_from_environment
 from dli.pipeline.loader_checks import checked_device, checked_image_size, checked_int
 from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics
 from dli.pipeline.planner import DliConfig, Plan, Planner
@@ -66,6 +68,11 @@ CROP_STREAM = 0x63726F70
 
 FLIP_PROBABILITY = 0.5
 """Training flips of batch images: horizontal and vertical, each with this probability."""
+
+HOST_STAGES: tuple[str, ...] = ("plan", "feed", "wait", "assemble")
+"""Where the iterating thread spends a batch (`Loader.host_seconds`): planning it and listing its
+files; reading the files and handing them to DALI; waiting for DALI's outputs; copying them into
+tensors, building labels and issuing the injection."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,12 @@ class Loader:
             equal in the three for a gray loader.
         resize: image resizing, ``linear`` (antialiased) or ``nearest`` (masks: always nearest).
         planner: the DLI planner, or None when injection is off.
+        files: the encoded files read so far, kept in memory up to a budget
+            (`dli.pipeline.file_cache`: ``DLI_FILE_CACHE_MB``), so later epochs read no disk.
+        host_seconds: the iterating thread's seconds per `HOST_STAGES` stage, summed over the
+            `host_batches` batches assembled since the loader was built (`time.perf_counter`
+            around host calls: no device synchronization). On a GPU the device work is queued,
+            so these are host costs a training step must hide; `dli bench` reports them.
 
     `donors` (training with DLI): a `DonorTable` of the defect instances to inject (the
     training default, `dli.training.datasets.Datasets.donors`), or manifest indices whose whole masks are
@@ -229,6 +242,10 @@ class Loader:
         self._pipeline: Any = None
         self._serial = 0
         self._active: object | None = None
+        # Encoded files kept after their first read; it outlives a rebuilt DALI pipeline.
+        self.files = FileCache(budget_from_environment())
+        self.host_seconds = dict.fromkeys(HOST_STAGES, 0.0)
+        self.host_batches = 0
 
     # -- epoch layout -------------------------------------------------------------------------------
 
@@ -318,6 +335,7 @@ class Loader:
                 prefetch=self.prefetch,
                 crop=self.crops is not None,
                 fit=self.fit,
+                files=self.files,
             )
         return self._pipeline
 
@@ -395,10 +413,14 @@ class Loader:
         pending: deque[_Item] = deque()
 
         def submit_next() -> None:
+            started = time.perf_counter()
             item = next(items, None)
+            planned = time.perf_counter()
             if item is not None:
                 pipeline.submit(item.work)
                 pending.append(item)
+            self.host_seconds["plan"] += planned - started
+            self.host_seconds["feed"] += time.perf_counter() - planned
 
         try:
             for _ in range(self.prefetch):
@@ -407,11 +429,17 @@ class Loader:
                 if self._active is not token:
                     raise RuntimeError("the loader was iterated again while this iteration was running")
                 item = pending.popleft()
+                started = time.perf_counter()
                 work, decoded = pipeline.fetch(self._cuda_stream())
+                self.host_seconds["wait"] += time.perf_counter() - started
                 if work is not item.work:
                     raise RuntimeError(f"pipeline returned batch {work.serial} for {item.work.serial}")
                 submit_next()  # DALI works on the next batch while this one is assembled and used
-                yield self._assemble(item, decoded, keep_clean)
+                started = time.perf_counter()
+                assembled = self._assemble(item, decoded, keep_clean)
+                self.host_seconds["assemble"] += time.perf_counter() - started
+                self.host_batches += 1
+                yield assembled
             self._check_poisson_report()  # the epoch's last batch, once it has been used
         finally:
             if self._active is token:

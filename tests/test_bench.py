@@ -37,7 +37,7 @@ from dli.pipeline.augment import (
     random_flips,
     shift_scale_rotate_matrix,
 )
-from dli.pipeline.loader import MT_MEAN, MT_STD, build_loader
+from dli.pipeline.loader import HOST_STAGES, MT_MEAN, MT_STD, build_loader
 from dli.pipeline.planner import DliConfig, Plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,6 +229,10 @@ def check_record(record: dict, dataset: Manifest, device: str) -> dict:
         )
     for ratio in ("dli_over_baseline", "plain_over_baseline", "dli_over_plain"):
         assert data[ratio] > 0
+    for name in ("dali", "dali_dli"):  # where the iterating thread spent each batch
+        stages = data[name]["host_ms_per_batch"]
+        assert list(stages) == list(HOST_STAGES) and all(ms >= 0 for ms in stages.values())
+        assert stages["assemble"] > 0 and stages["feed"] > 0
 
     kernels = record["kernels"]
     assert set(kernels["seconds_per_batch"]) == {

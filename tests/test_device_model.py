@@ -212,14 +212,31 @@ def test_the_benches_report_the_device_model(tmp_path) -> None:
 
 
 def test_the_gpu_check_puts_the_measured_inject_time_beside_the_model(tmp_path) -> None:
-    from dli.bench.gpu_report import bench_figures
+    from dli.bench.gpu_report import bench_figures, markdown
 
+    host = {"plan": 0.9, "feed": 3.5, "wait": 20.0, "assemble": 6.1}
     record = {
         "kernels": {"seconds_per_batch": {"inject": {"median": 0.003}}},
         "device_model": {"launches": 100.0, "bytes": 2e9},
+        "data_path": {"dali_dli": {"host_ms_per_batch": host}},
     }
     path = tmp_path / "bench-cuda.json"
     path.write_text(json.dumps(record))
     figures = bench_figures(path)
     assert figures["inject_device_model"] == {"launches": 100.0, "bytes": 2e9}
     assert figures["inject_us_per_modelled_launch"] == pytest.approx(30.0)
+    assert figures["data_host_ms_per_batch"] == {"dali": None, "dali_dli": host}
+    report = {
+        "date": "2026-12-05T00:00:00+00:00",
+        "seconds": 60.0,
+        "budget_s": 480.0,
+        "data": "bundled synthetic data",
+        "command": "gpu_check",
+        "environment": {},
+        "warnings": [],
+        "skipped": {},
+        "steps": [{"name": "bench", "status": "passed", "seconds": 60.0, "limit_s": 9.0, "figures": figures}],
+    }
+    text = markdown(report)
+    assert "- host ms per batch, dali_dli: plan 0.90, feed 3.50, wait 20.00, assemble 6.10" in text
+    assert "host ms per batch, dali:" not in text  # a loader without figures gets no line

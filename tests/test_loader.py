@@ -13,7 +13,7 @@ from scipy import ndimage
 from dli.common.errors import DliError
 from dli.data.manifest import FREE, Manifest, Sample, read_dataset
 from dli.data.synth import generate
-from dli.pipeline.loader import MT_MEAN, MT_STD, Loader, build_loader
+from dli.pipeline.loader import HOST_STAGES, MT_MEAN, MT_STD, Loader, build_loader
 from dli.pipeline.planner import DliConfig, EmptyClassWarning, Plan
 
 SIZE = 64
@@ -206,6 +206,19 @@ def test_stopping_early_then_iterating_again_and_replay(synthetic: Manifest) -> 
     assert plan is not None
     assert_same_batches([loader.replay(plan)], [reference[3]])
     assert loader.plans()[3].to_dict() == plan.to_dict()
+
+
+def test_the_host_clock_counts_each_assembled_batch_and_every_stage(synthetic: Manifest) -> None:
+    loader = train_loader(synthetic)
+    assert loader.host_batches == 0 and set(loader.host_seconds.values()) == {0.0}
+    batches = list(loader)
+    assert loader.host_batches == len(batches) == len(loader)
+    assert set(loader.host_seconds) == set(HOST_STAGES)
+    assert all(seconds > 0 for seconds in loader.host_seconds.values()), loader.host_seconds
+    for k, _ in enumerate(loader):  # a second epoch stopped early adds what it assembled
+        if k == 1:
+            break
+    assert loader.host_batches == len(batches) + 2
 
 
 def test_training_without_injection_flips_only(synthetic: Manifest) -> None:

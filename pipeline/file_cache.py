@@ -1,0 +1,83 @@
+"""Encoded image and mask files kept in memory, so a training epoch after the first reads no disk.
+
+The DALI pipeline is fed encoded bytes that the iterating thread reads (`dli.pipeline.dali`):
+for a DLI batch of 64 that is the batch's images, the injection sources and their masks, some
+170 files, about 14 ms of that thread's time per batch on a 2-core VM (`dli bench`,
+`host_ms_per_batch.feed`; docs/performance.md), time a GPU training step has to hide. Each
+file's bytes are kept after their first read, least recently used out first, up to a byte
+budget per cache (one per loader): a dataset that fits (Magnetic Tile is 57 MB) is read from
+disk once per run; a larger one keeps what fits, and the rest is read as before.
+
+The budget is `DEFAULT_BUDGET_MB`, or the environment variable ``DLI_FILE_CACHE_MB`` (0 turns
+the cache off). Files are taken as they were at their first read: a dataset is not expected to
+change under a running training (`dli train` records a fingerprint of its files). The arrays
+handed out are shared; their readers (DALI's `feed_input`, which copies) must not write to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from dli.common.errors import DliError
+
+BUDGET_VARIABLE = "DLI_FILE_CACHE_MB"
+DEFAULT_BUDGET_MB = 512
+
+
+def budget_from_environment(environ: os._Environ[str] | dict[str, str] = os.environ) -> int:
+    """The cache budget in bytes: ``DLI_FILE_CACHE_MB`` (a whole number >= 0) or the default."""
+    raw = environ.get(BUDGET_VARIABLE)
+    if raw is None or not raw.strip():
+        return DEFAULT_BUDGET_MB * 2**20
+    try:
+        megabytes = int(raw)
+    except ValueError:
+        megabytes = -1
+    if megabytes < 0:
+        raise DliError(f"environment {BUDGET_VARIABLE}={raw!r}: expected a whole number of MB >= 0")
+    return megabytes * 2**20
+
+
+def read_file(path: str) -> np.ndarray:
+    """The bytes of the file at `path` as a uint8 array; `DliError` naming it when unreadable."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise DliError(f"cannot read {path}: {error}") from None
+
+
+class FileCache:
+    """`read(path)`: a file's bytes, from memory after its first read (LRU, at most `budget` bytes)."""
+
+    def __init__(self, budget: int) -> None:
+        if budget < 0:
+            raise ValueError(f"budget {budget}: must be >= 0")
+        self.budget = budget
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._files: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def read(self, path: str) -> np.ndarray:
+        """The bytes of `path` (kept, or read now and kept when they fit); `DliError` when unreadable."""
+        kept = self._files.get(path)
+        if kept is not None:
+            self._files.move_to_end(path)
+            self.hits += 1
+            return kept
+        self.misses += 1
+        data = read_file(path)
+        if data.nbytes <= self.budget:
+            while self.bytes + data.nbytes > self.budget:
+                _, evicted = self._files.popitem(last=False)
+                self.bytes -= evicted.nbytes
+            data.flags.writeable = False  # shared with every later reader
+            self._files[path] = data
+            self.bytes += data.nbytes
+        return data
