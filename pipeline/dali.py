@@ -314,10 +314,11 @@ class DecodePipeline:
         codes = work.codes if work.codes is not None else np.tile(mask_code(1), (len(work), 1))
         self._pipe.feed_input(IMAGES, images)
         self._pipe.feed_input(MASKS, masks)
-        self._pipe.feed_input(CODES, list(np.ascontiguousarray(codes, dtype=np.uint16)))
-        self._pipe.feed_input(TAGS, [np.array([work.serial], dtype=np.int64)] * len(work))
+        # Inputs of one shape per sample go in as one dense array: DALI converts a list sample by sample.
+        self._pipe.feed_input(CODES, np.ascontiguousarray(codes, dtype=np.uint16))
+        self._pipe.feed_input(TAGS, np.full((len(work), 1), work.serial, dtype=np.int64))
         if work.matrices is not None:
-            self._pipe.feed_input(MATRICES, list(np.ascontiguousarray(work.matrices, dtype=np.float32)))
+            self._pipe.feed_input(MATRICES, np.ascontiguousarray(work.matrices, dtype=np.float32))
         self._pipe.schedule_run()
         self._in_flight.append(work)
 
