@@ -257,6 +257,7 @@ def evaluate_checkpoint(
             mean=info.mean,
             std=info.std,
             fit=info.aspect == "fit",
+            keep_files=False,  # every file is read once
         )
         batches, close = (lambda: loader), loader.close
     else:

@@ -84,8 +84,8 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
         colour_files=colour,
         **place,
     )
+    stream = endless(loader)
     try:
-        stream = endless(loader)
         for _ in range(len(loader)):  # the warm-up epoch
             next(stream)
         loader.host_seconds = dict.fromkeys(loader.host_seconds, 0.0)
@@ -108,6 +108,7 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
             "batches": batches,
         }
     finally:
+        stream.close()
         loader.close()
 
 
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for budget in args.budgets:
         if budget < 0:
             raise DliError(f"--budgets {budget}: must be >= 0")
+    if args.batches < 0:
+        raise DliError(f"--batches {args.batches}: must be >= 0 (0: one epoch)")
+    for budget in args.budgets:
         os.environ[BUDGET_VARIABLE] = str(budget)  # read by each loader as it is built
         for method in ("bce", "dli"):
             base = TrainConfig(

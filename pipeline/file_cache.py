@@ -4,20 +4,24 @@ The DALI pipeline is fed encoded bytes that the iterating thread reads (`dli.pip
 for a DLI batch of 64 that is the batch's images, the injection sources and their masks, some
 170 files, about 14 ms of that thread's time per batch on a 2-core VM (`dli bench`,
 `host_ms_per_batch.feed`; docs/performance.md), time a GPU training step has to hide. Each
-file's bytes are kept after their first read, least recently used out first, up to a byte
-budget per cache (one per loader): a dataset that fits (Magnetic Tile is 57 MB) is read from
-disk once per run; a larger one keeps what fits, and the rest is read as before.
+file's bytes are kept after their first read until the budget is full; later files are read from
+disk every time. A dataset that fits (Magnetic Tile is 46 MB) is read once per loader; of a
+larger one the files met first stay (the first epoch's, the injection sources among them), so a
+budget of a quarter of the dataset saves a quarter of the reads. Nothing is evicted: the loader
+visits the files in a new order every epoch, under which least-recently-used eviction would keep
+far fewer hits than that.
 
-The budget is `DEFAULT_BUDGET_MB`, or the environment variable ``DLI_FILE_CACHE_MB`` (0 turns
-the cache off). Files are taken as they were at their first read: a dataset is not expected to
-change under a running training (`dli train` records a fingerprint of its files). The arrays
-handed out are shared; their readers (DALI's `feed_input`, which copies) must not write to them.
+The budget is per cache, one per training or validation loader in each process (a run on K
+GPUs may hold K times two budgets): `DEFAULT_BUDGET_MB`, or the environment variable
+``DLI_FILE_CACHE_MB`` (0 turns caching off). Loaders that read each file once (evaluation,
+measuring the dataset's statistics) keep nothing. Files are taken as they were at their first
+read: a dataset is expected not to change under a running training. The arrays handed out are
+shared and read-only; their reader (DALI's `feed_input`) copies them.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 
 import numpy as np
 
@@ -50,7 +54,7 @@ def read_file(path: str) -> np.ndarray:
 
 
 class FileCache:
-    """`read(path)`: a file's bytes, from memory after its first read (LRU, at most `budget` bytes)."""
+    """`read(path)`: a file's bytes, from memory after its first read while `budget` bytes last."""
 
     def __init__(self, budget: int) -> None:
         if budget < 0:
@@ -59,7 +63,7 @@ class FileCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._files: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._files: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self._files)
@@ -68,15 +72,11 @@ class FileCache:
         """The bytes of `path` (kept, or read now and kept when they fit); `DliError` when unreadable."""
         kept = self._files.get(path)
         if kept is not None:
-            self._files.move_to_end(path)
             self.hits += 1
             return kept
         self.misses += 1
         data = read_file(path)
-        if data.nbytes <= self.budget:
-            while self.bytes + data.nbytes > self.budget:
-                _, evicted = self._files.popitem(last=False)
-                self.bytes -= evicted.nbytes
+        if 0 < data.nbytes <= self.budget - self.bytes:
             data.flags.writeable = False  # shared with every later reader
             self._files[path] = data
             self.bytes += data.nbytes

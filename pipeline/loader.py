@@ -105,11 +105,14 @@ class Loader:
         resize: image resizing, ``linear`` (antialiased) or ``nearest`` (masks: always nearest).
         planner: the DLI planner, or None when injection is off.
         files: the encoded files read so far, kept in memory up to a budget
-            (`dli.pipeline.file_cache`: ``DLI_FILE_CACHE_MB``), so later epochs read no disk.
+            (`dli.pipeline.file_cache`: ``DLI_FILE_CACHE_MB``), so later epochs read no disk;
+            ``keep_files=False`` (a loader iterated once) keeps none.
         host_seconds: the iterating thread's seconds per `HOST_STAGES` stage, summed over the
             `host_batches` batches assembled since the loader was built (`time.perf_counter`
-            around host calls: no device synchronization). On a GPU the device work is queued,
-            so these are host costs a training step must hide; `dli bench` reports them.
+            around host calls: no device synchronization; ``plan`` and ``feed`` also hold the
+            batches fed ahead that an iteration stopped early never assembled, at most
+            `prefetch`). On a GPU the device work is queued, so these are host costs a training
+            step must hide; `dli bench` reports them.
 
     `donors` (training with DLI): a `DonorTable` of the defect instances to inject (the
     training default, `dli.training.datasets.Datasets.donors`), or manifest indices whose whole masks are
@@ -148,6 +151,7 @@ class Loader:
         std: Sequence[float] | None = None,
         colour_files: bool | None = None,
         fit: bool = False,
+        keep_files: bool = True,
     ) -> None:
         if resize not in ("linear", "nearest"):
             raise DliError(f"resize {resize!r}: choose from linear, nearest")
@@ -243,7 +247,7 @@ class Loader:
         self._serial = 0
         self._active: object | None = None
         # Encoded files kept after their first read; it outlives a rebuilt DALI pipeline.
-        self.files = FileCache(budget_from_environment())
+        self.files = FileCache(budget_from_environment() if keep_files else 0)
         self.host_seconds = dict.fromkeys(HOST_STAGES, 0.0)
         self.host_batches = 0
 
@@ -469,7 +473,9 @@ class Loader:
         """The batch a recorded training `plan` produces (identical on the CPU to the original)."""
         if not self.train:
             raise DliError("only training batches have plans to replay")
+        started = time.perf_counter()
         item = self._item(np.asarray(plan.batch_indices, dtype=np.int64), plan)
+        self.host_seconds["plan"] += time.perf_counter() - started
         batch, _ = next(self._run(iter([item]), keep_clean=False))
         return batch
 

@@ -206,6 +206,7 @@ def measure_statistics(
         mean=(0.0,),
         std=(1.0,),
         colour_files=colour_files,
+        keep_files=False,  # every file is read once
     )
     sums = torch.zeros(3, channels, dtype=torch.float64, device=loader.device)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +37,25 @@ def test_a_file_is_read_once_then_served_from_memory(tmp_path: Path) -> None:
         second[0] = 0  # shared: nobody may write to it
 
 
-def test_least_recently_used_files_leave_first_and_the_budget_holds(tmp_path: Path) -> None:
+def test_files_are_kept_until_the_budget_is_full_and_none_is_evicted(tmp_path: Path) -> None:
     paths = [str(tmp_path / f"{name}.png") for name in "abcd"]
     for k, path in enumerate(paths):
         write(Path(path), 100, seed=k)
     cache = FileCache(budget=250)  # two files fit, not three
     a, b, c, d = paths
-    for path in (a, b, a, c):  # reading a again makes b the least recently used
+    for path in (a, b, c, a, b):
         cache.read(path)
         assert cache.bytes <= cache.budget
-    assert (cache.hits, cache.misses, len(cache)) == (1, 3, 2)
-    cache.read(a)
-    assert cache.hits == 2  # still there
-    cache.read(b)
-    assert cache.misses == 4  # evicted before, read again (and c leaves now)
+    # a and b were kept and served again; c did not fit and was not kept.
+    assert (cache.hits, cache.misses, len(cache), cache.bytes) == (2, 3, 2, 200)
     cache.read(c)
-    assert cache.misses == 5 and cache.bytes == 200
-    write(Path(d), 400, seed=9)  # larger than the whole budget: read, never kept
-    assert len(cache.read(d)) == 400 and cache.bytes == 200 and len(cache) == 2
+    assert cache.misses == 4  # read from disk again, every time
+    write(Path(d), 40, seed=9)  # the room left (50 bytes) takes a small file
+    cache.read(d)
+    cache.read(d)
+    assert cache.hits == 3 and cache.bytes == 240 and len(cache) == 3
+    write(Path(d), 400, seed=10)  # served as first read: a running dataset is not expected to change
+    assert len(cache.read(d)) == 40
 
 
 def test_a_zero_budget_keeps_nothing_and_sees_every_change(tmp_path: Path) -> None:
@@ -63,6 +65,8 @@ def test_a_zero_budget_keeps_nothing_and_sees_every_change(tmp_path: Path) -> No
     cache.read(str(path))
     changed = write(path, 60, seed=2)
     assert cache.read(str(path)).tobytes() == changed and len(cache) == 0 and cache.misses == 2
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert len(cache.read(str(tmp_path / "empty.png"))) == 0 and len(cache) == 0  # not even an empty file
 
 
 def test_an_unreadable_file_is_named_and_not_kept(tmp_path: Path) -> None:
@@ -118,6 +122,13 @@ def test_the_loader_reads_each_file_once_and_its_batches_do_not_change(
     assert files.hits + files.misses == off.misses  # type: ignore[attr-defined]
 
 
+def test_a_loader_read_once_keeps_no_file(synthetic: Manifest) -> None:
+    loader = build_loader(synthetic, batch_size=8, image_size=48, train=False, keep_files=False)
+    list(loader)
+    loader.close()
+    assert len(loader.files) == 0 and loader.files.misses > 0 and loader.files.hits == 0
+
+
 def test_a_bad_budget_stops_dli_train_with_one_line_before_writing(
     synthetic: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -130,7 +141,7 @@ def test_a_bad_budget_stops_dli_train_with_one_line_before_writing(
 
 
 def test_the_host_stage_bench_reports_every_stage_with_and_without_the_cache(
-    synthetic: Manifest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    synthetic: Manifest, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dli.bench import loader_host
     from dli.pipeline.loader import HOST_STAGES
@@ -146,5 +157,10 @@ def test_the_host_stage_bench_reports_every_stage_with_and_without_the_cache(
             assert run["batches"] > 0 and run["wall_ms"] > 0
             assert all(run[stage] >= 0 for stage in HOST_STAGES) and run["feed"] > 0
     assert "dli@16MB" in capsys.readouterr().out
-    assert loader_host.main([*common, "--budgets", "-1"]) == 2
-    assert "--budgets -1" in capsys.readouterr().err
+    monkeypatch.setenv(BUDGET_VARIABLE, "7")
+    assert loader_host.main([*common, "--budgets", "0", "-1"]) == 2  # refused before measuring anything
+    captured = capsys.readouterr()
+    assert "--budgets -1" in captured.err and "budget 0 MB" not in captured.err and not captured.out
+    assert loader_host.main([*common, "--batches", "-2"]) == 2
+    assert "--batches -2" in capsys.readouterr().err
+    assert os.environ[BUDGET_VARIABLE] == "7"  # the caller's setting, as it was
