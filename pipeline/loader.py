@@ -526,9 +526,13 @@ class Loader:
         if self._class_values is None:
             values = np.arange(1, self.num_classes + 1, dtype=np.uint8).reshape(1, -1, 1, 1)
             self._class_values = to_device(values, self.device)
-        # Label channel c is where the class-index map holds c + 1: one comparison.
-        labels = (masks[:n, None] == self._class_values).to(torch.float32)
-        source_masks = (masks[n:] != 0).to(torch.float32)
+        # Label channel c is where the class-index map holds c + 1: one comparison, written as
+        # float32 where it lands (no bool temporary to convert).
+        height, width = masks.shape[1:]
+        labels = torch.empty((n, self.num_classes, height, width), dtype=torch.float32, device=masks.device)
+        torch.eq(masks[:n, None], self._class_values, out=labels)
+        source_masks = torch.empty((len(masks) - n, height, width), dtype=torch.float32, device=masks.device)
+        torch.ne(masks[n:], 0, out=source_masks)
         clean = batch_images.clone() if keep_clean else None
         after = before
         if item.plan is not None and self.dli is not None and item.plan.injections:
