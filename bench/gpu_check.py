@@ -10,7 +10,9 @@ Steps, in this order, each in a process of its own, timed, its output kept in DI
 2. pytest-gpu: `pytest -m gpu` over this checkout's tests (JUnit XML in DIR/pytest-gpu.xml);
 3. bench: `dli bench --device cuda` (the data at `--data`, else the bundled synthetic set),
    figures in DIR/bench-cuda.json;
-4. train-bce, 5. train-dli: a short real training of l-ResNet18 with `bce` and with `dli`, the
+4. loader-host: `python -m dli.bench.loader_host --device cuda`: the training loader's host time
+   per stage after a warm-up epoch, without and with the file cache, in DIR/loader-host.json;
+5. train-bce, 6. train-dli: a short real training of l-ResNet18 with `bce` and with `dli`, the
    same epochs, run folders DIR/train-<method>/, reporting images/s and the best validation IoU.
 
 Then DIR/gpu-report.md and DIR/gpu-report.json hold every figure, what was skipped and why, and
@@ -74,17 +76,20 @@ DEFAULT_EPOCHS = 10
 TRAIN_BATCH, TRAIN_IMAGE_SIZE = 32, 256
 BENCH_FLAGS = ("--repeats", "3", "--batches", "5", "--warmup", "2")
 """`dli bench` windows sized to fit its share (medians of 3 windows of 5 batches)."""
+LOADER_HOST_FLAGS = ("--budgets", "0", "512", "--batches", "8")
+"""`bench.loader_host` without and with the file cache, 8 timed batches after each warm-up epoch."""
 STOP_GRACE_S = 10.0
 REPORT_RESERVE_S = 5.0
 """Kept back from the steps for writing the report."""
 
-STEPS = ("environment", "pytest-gpu", "bench", "train-bce", "train-dli")
+STEPS = ("environment", "pytest-gpu", "bench", "loader-host", "train-bce", "train-dli")
 SHARES: dict[str, float] = {
     "environment": 0.05,
     "pytest-gpu": 0.25,
-    "bench": 0.25,
-    "train-bce": 0.225,
-    "train-dli": 0.225,
+    "bench": 0.22,
+    "loader-host": 0.1,
+    "train-bce": 0.19,
+    "train-dli": 0.19,
 }
 MIN_SECONDS: dict[str, float] = {"environment": 30.0}
 """Floors under a step's share (importing torch, CuPy and DALI takes a while on a busy machine)."""
@@ -94,6 +99,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "environment": (),
     "pytest-gpu": ("gpu", "pytest", *_DLI_CORE),
     "bench": ("gpu", "cupy", "dali", "smp", "timm", "opencv", *_DLI_CORE),
+    "loader-host": ("gpu", "cupy", "dali", "smp", "timm", *_DLI_CORE),
     "train-bce": ("gpu", "cupy", "dali", "smp", "timm", "tensorboard", "matplotlib", *_DLI_CORE),
     "train-dli": ("gpu", "cupy", "dali", "smp", "timm", "tensorboard", "matplotlib", *_DLI_CORE),
 }
@@ -173,6 +179,12 @@ class Plan:
             return [
                 *(python, "-m", "dli", "bench", "--device", "cuda", *data, *BENCH_FLAGS),
                 *("--json", str(self.out / "bench-cuda.json")),
+            ]
+        if step == "loader-host":
+            data = ["--data", str(self.data) if self.data else "synthetic"]  # as the bench step
+            return [
+                *(python, "-m", "dli.bench.loader_host", "--device", "cuda", *data, *LOADER_HOST_FLAGS),
+                *("--json", str(self.out / "loader-host.json")),
             ]
         method = step.removeprefix("train-")
         return [python, "-m", "dli", "train", *self.train_flags(method)]
@@ -267,6 +279,8 @@ def run_step(step: str, plan: Plan, limit_s: float, env: Mapping[str, str], have
         ok = ok or (code == 1 and tests_ok)  # collection errors for missing packages only
     elif step == "bench":
         result.figures = gpu_report.bench_figures(plan.out / "bench-cuda.json")
+    elif step == "loader-host":
+        result.figures = gpu_report.loader_host_figures(plan.out / "loader-host.json")
     elif step.startswith("train-"):
         result.figures = gpu_report.training_figures(plan.out / step)
     result.status = "timed_out" if timed_out else "passed" if ok else "failed"

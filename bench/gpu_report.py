@@ -94,6 +94,15 @@ def bench_figures(path: Path) -> dict[str, Any]:
     return figures
 
 
+def loader_host_figures(path: Path) -> dict[str, Any]:
+    """`bench.loader_host`'s JSON: per loader and cache budget, wall and host-stage ms per batch."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {name: value for name, value in record.items() if isinstance(value, dict)}
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
@@ -204,6 +213,14 @@ def markdown(report: Mapping[str, Any]) -> str:
                     f"- training {encoder} (images/s): "
                     + ", ".join(f"{k} {_value(v)}" for k, v in rates.items())
                 )
+            lines.append("")
+        elif step["name"] == "loader-host" and figures:
+            lines.append("**loader host time** (ms per batch after a warm-up epoch):")
+            for name, run in figures.items():
+                stages = ", ".join(
+                    f"{k} {_value(v, 2)}" for k, v in run.items() if k not in ("wall_ms", "batches")
+                )
+                lines.append(f"- {name}: wall {_value(run.get('wall_ms'), 1)}; {stages}")
             lines.append("")
         elif step["name"].startswith("train-") and figures:
             lines += [

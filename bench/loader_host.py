@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from dli.bench import magnetic_tile_root
+from dli.bench.poisson import SYNTHETIC
 from dli.bench.state import endless
 from dli.common.atomic import atomic_write_text
 from dli.common.errors import DliError
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         default=str(found) if found is not None else None,
-        help="dataset (default: the Magnetic Tile data beside the repository, else synthetic)",
+        help="dataset, or 'synthetic' for the bundled synthetic data (default: the Magnetic Tile data "
+        "beside the repository, else synthetic)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -113,6 +115,8 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.data == SYNTHETIC:
+        args.data = None
     figures: dict[str, Any] = {"data": args.data or "bundled synthetic data"}
     for budget in args.budgets:
         if budget < 0:

@@ -145,7 +145,8 @@ class FakeClock:
 
 
 def _fake_commands(out: Path) -> dict[str, list[str]]:
-    """Stand-ins for the steps: pytest fails, the bench hangs, bce trains two epochs, dli fails."""
+    """Stand-ins for the steps: pytest fails, the bench hangs, the loader's host figures are written,
+    bce trains two epochs, dli fails."""
     python = sys.executable
     epochs = [
         {"epoch": 1, "images_per_s": 100.0, "iou": 0.1},
@@ -155,9 +156,13 @@ def _fake_commands(out: Path) -> dict[str, list[str]]:
     metrics = "\n".join(json.dumps(e) for e in epochs)
     write = f"import pathlib; p = pathlib.Path({str(out / 'train-bce')!r}); p.mkdir(); "
     write += f"(p / 'metrics.jsonl').write_text({metrics!r}); print('trained')"
+    host = {"wall_ms": 20.0, "plan": 0.5, "feed": 4.0, "wait": 9.0, "assemble": 6.0, "batches": 8}
+    host_json = json.dumps({"data": "synthetic", "bce@0MB": host})
+    measure = f"import pathlib; pathlib.Path({str(out / 'loader-host.json')!r}).write_text({host_json!r})"
     return {
         "pytest-gpu": [python, "-c", "import sys; print('1 failed'); sys.exit(1)"],
         "bench": [python, "-c", "import time; print('measuring', flush=True); time.sleep(120)"],
+        "loader-host": [python, "-c", measure],
         "train-bce": [python, "-c", write],
         "train-dli": [python, "-c", "raise SystemExit('dli train: error: something')"],
     }
@@ -168,6 +173,7 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
 ) -> None:
     out = tmp_path / "check"
     commands = _fake_commands(out)
+    host_figures = {"wall_ms": 20.0, "plan": 0.5, "feed": 4.0, "wait": 9.0, "assemble": 6.0, "batches": 8}
     environment = {
         "gpus": [{"name": "Fake GPU", "capability": "9.0", "memory_gib": 80.0}],
         "packages": {name: {"version": "1.0", "error": None} for name in gpu_environment.PACKAGES},
@@ -211,7 +217,9 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     left -= 2.0
     assert limits["bench"] == pytest.approx(gpu_check.limit_for("bench", gpu_check.STEPS[2:], left))
     left -= limits["bench"]
-    assert limits["train-dli"] == pytest.approx(left - 2.0)  # the last step takes all that is left
+    expected = gpu_check.limit_for("loader-host", gpu_check.STEPS[3:], left)
+    assert limits["loader-host"] == pytest.approx(expected)
+    assert limits["train-dli"] == pytest.approx(left - 4.0)  # the last step takes all that is left
     steps = {s["name"]: s for s in report["steps"]}
     assert [s["name"] for s in report["steps"]] == list(gpu_check.STEPS)
     assert steps["environment"]["status"] == "passed"
@@ -232,6 +240,9 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     text = (out / "gpu-report.md").read_text()
     assert "WARNING: CUDA MAJORS MIX" in text and "| bench | timed_out |" in text
     assert "best IoU 0.2500 at epoch 2" in text
+    assert steps["loader-host"]["status"] == "passed"
+    assert steps["loader-host"]["figures"] == {"bce@0MB": host_figures}
+    assert "- bce@0MB: wall 20.0; plan 0.50, feed 4.00, wait 9.00, assemble 6.00" in text
     for step in gpu_check.STEPS[1:]:
         assert (out / "logs" / f"{gpu_check.STEPS.index(step) + 1}-{step}.log").is_file()
 
@@ -272,7 +283,7 @@ def test_a_step_skipped_for_a_missing_package_fails_the_check_and_leaves_its_tim
 
     steps = {s["name"]: s for s in report["steps"]}
     assert report["failed"] == [] and steps["pytest-gpu"]["status"] == "passed"
-    assert status == 1 and set(report["skipped"]) == {"bench", "train-bce", "train-dli"}
+    assert status == 1 and set(report["skipped"]) == {"bench", "loader-host", "train-bce", "train-dli"}
     assert "matplotlib" in report["skipped"]["train-dli"] and "matplotlib" not in report["skipped"]["bench"]
     # The skipped steps' shares went to the one that ran: all the time left after the environment.
     left = plan.budget_s - gpu_check.REPORT_RESERVE_S - steps["environment"]["limit_s"]
