@@ -30,7 +30,7 @@ images' and table's float type is one of float32 and float64, the region bool.
 Each function runs the CUDA kernel when `xp` is CuPy (or the device model's module,
 `dli.kernels.device_model`, which counts the launch and runs the twin) and the twin when `xp` is
 NumPy: the twin is the same computation in plain NumPy, a loop over the windows. The arithmetic
-is the array path's (`direct._edge_corrections`, `_interior_rhs`), operation for operation, so the
+is the array path's (`direct._edge_corrections`, `_interior_rhs`, which `rhs_twin` calls), so the
 kernels and twins agree bit for bit and match the ``shapes`` layout to rounding of the transforms.
 `TWINS` gives each kernel's twin and the bytes it reads and writes (what the device model counts).
 Nothing here reads a device value on the host.
@@ -304,12 +304,6 @@ def _windows(windows: np.ndarray) -> list[tuple[int, ...]]:
     return [tuple(row) for row in np.asarray(windows).tolist()]
 
 
-def _corrections(s: np.ndarray, t: np.ndarray, region: np.ndarray, mixed: bool) -> np.ndarray:
-    """Per edge: source difference `s` minus target difference `t` where it is guidance, else 0."""
-    used = region & ~(np.abs(t) > np.abs(s)) if mixed else region
-    return np.where(used, s - t, s.dtype.type(0))
-
-
 def rhs_twin(
     rhs: np.ndarray,
     target: np.ndarray,
@@ -319,19 +313,15 @@ def rhs_twin(
     mixed: Any,
     *_shape: Any,
 ) -> None:
-    """`direct_rhs` in NumPy: each window's edges' corrections, summed into its interior pixels."""
+    """`direct_rhs` in NumPy: the array path's own expressions (`direct._edge_corrections`,
+    `direct._interior_rhs`) on each window in turn, written into its corner of `rhs`."""
+    from dli.kernels.poisson.direct import _edge_corrections, _interior_rhs  # it imports this module
+
     rhs[...] = 0
     for b, (image, top, left, height, width, _, _) in enumerate(_windows(windows)):
-        rows, cols = slice(top, top + height), slice(left, left + width)
-        t, s, o = target[image, :, rows, cols], source[image, :, rows, cols], region[image, rows, cols]
-        dx = _corrections(
-            s[:, :, 1:] - s[:, :, :-1], t[:, :, 1:] - t[:, :, :-1], o[:, 1:] | o[:, :-1], bool(mixed)
-        )
-        dy = _corrections(s[:, 1:] - s[:, :-1], t[:, 1:] - t[:, :-1], o[1:] | o[:-1], bool(mixed))
-        # Per interior pixel: left edge - right edge + upper edge - lower edge, in that order.
-        rhs[b, :, : height - 2, : width - 2] = (
-            dx[:, 1:-1, :-1] - dx[:, 1:-1, 1:] + dy[:, :-1, 1:-1] - dy[:, 1:, 1:-1]
-        )
+        cut = (slice(image, image + 1), ..., slice(top, top + height), slice(left, left + width))
+        dx, dy = _edge_corrections(np, target[cut], source[cut], region[cut], bool(mixed))
+        rhs[b, :, : height - 2, : width - 2] = _interior_rhs(dx, dy)[0]
 
 
 def dst_matrices_twin(
