@@ -15,14 +15,6 @@ from typing import Any
 
 from dli.bench.state import Bench, endless, progress
 from dli.bench.timing import ratio, summary
-from dli.pipeline.loader import Loader
-
-
-def host_ms_per_batch(loader: Loader) -> dict[str, float]:
-    """The iterating thread's milliseconds per batch in each `HOST_STAGES` stage, over every batch
-    the loader assembled (warm-up included): where the host time of a batch goes."""
-    batches = max(loader.host_batches, 1)
-    return {stage: 1e3 * seconds / batches for stage, seconds in loader.host_seconds.items()}
 
 
 def measure_data_path(bench: Bench) -> dict[str, Any]:
@@ -38,7 +30,7 @@ def measure_data_path(bench: Bench) -> dict[str, Any]:
         finally:
             stream.close()
             loader.close()
-        out[name]["host_ms_per_batch"] = host_ms_per_batch(loader)
+        out[name]["host_ms_per_batch"] = loader.host_ms_per_batch()  # warm-up included
         # The baseline runs the same plans; every worker finishes a batch before timing starts.
         progress(f"data path: {baseline} ({workers} workers)")
         plans = bench.plans(bench.loader(inject=injecting), bench.batches_needed(workers))

@@ -90,8 +90,7 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
     try:
         for _ in range(len(loader)):  # the warm-up epoch
             next(stream)
-        loader.host_seconds = dict.fromkeys(loader.host_seconds, 0.0)
-        loader.host_batches = 0
+        loader.reset_host_times()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         batches = batches or len(loader)  # a whole epoch amortizes its planning, done at its start
@@ -101,10 +100,9 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = (time.perf_counter() - started) / batches
-        stages = {stage: 1e3 * s / loader.host_batches for stage, s in loader.host_seconds.items()}
         return {
             "wall_ms": 1e3 * wall,
-            **stages,
+            **loader.host_ms_per_batch(),
             "cached_files": len(loader.files),
             "cached_mb": loader.files.bytes / 2**20,
             "batches": batches,

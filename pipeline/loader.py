@@ -248,8 +248,7 @@ class Loader:
         self._active: object | None = None
         # Encoded files kept after their first read; it outlives a rebuilt DALI pipeline.
         self.files = FileCache(budget_from_environment() if keep_files else 0)
-        self.host_seconds = dict.fromkeys(HOST_STAGES, 0.0)
-        self.host_batches = 0
+        self.reset_host_times()
 
     # -- epoch layout -------------------------------------------------------------------------------
 
@@ -265,6 +264,16 @@ class Loader:
             steps = n / self.global_batch_size
             return int(steps) if self.drop_last else math.ceil(steps)
         return math.ceil(len(range(self.shard_id, n, self.num_shards)) / self.batch_size)
+
+    def reset_host_times(self) -> None:
+        """Start `host_seconds` and `host_batches` over (e.g. after a warm-up)."""
+        self.host_seconds = dict.fromkeys(HOST_STAGES, 0.0)
+        self.host_batches = 0
+
+    def host_ms_per_batch(self) -> dict[str, float]:
+        """Milliseconds per assembled batch in each `HOST_STAGES` stage since the last reset."""
+        batches = max(self.host_batches, 1)
+        return {stage: 1e3 * seconds / batches for stage, seconds in self.host_seconds.items()}
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration runs (its shuffle, flips and plans)."""
