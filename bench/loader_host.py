@@ -34,7 +34,6 @@ from dli.common.errors import DliError
 from dli.data.splits import REFERENCE_SPLIT_DIR
 from dli.pipeline.file_cache import BUDGET_VARIABLE
 from dli.pipeline.loader import HOST_STAGES
-from dli.pipeline.normalization import any_colour_file
 from dli.training.components import image_settings_of, injection_of, loaders_of
 from dli.training.config import TrainConfig
 from dli.training.datasets import datasets_of
@@ -67,7 +66,7 @@ def measure(config: TrainConfig, batches: int) -> dict[str, float]:
     """Wall and host-stage milliseconds per batch of the config's training loader, after one epoch."""
     datasets = datasets_of(config)
     device = resolve_device(config.device)
-    colour = any_colour_file(s.image for s in (*datasets.train.samples, *datasets.val.samples))
+    colour = datasets.colour_files()
     place: dict[str, Any] = {
         "device": device,
         "rank": 0,

@@ -26,6 +26,7 @@ from dli.models.losses import (
     ClassPixelCounts,
     count_class_pixels,
 )
+from dli.pipeline.normalization import any_colour_file
 from dli.training.config import (
     SPLIT_CSV_NAMES,
     TrainConfig,
@@ -70,6 +71,10 @@ class Datasets:
             for i, s in enumerate(self.train.samples)
             if s.class_id != FREE and self.mask_fractions.get(s, 1.0) > 0
         ]
+
+    def colour_files(self) -> bool:
+        """Whether some training or validation image file is not stored gray (`any_colour_file`)."""
+        return any_colour_file(s.image for s in (*self.train.samples, *self.val.samples))
 
     def train_looks_gray(self) -> list[bool]:
         """Whether each training image looks gray (True where not measured)."""

@@ -58,7 +58,6 @@ from dli.models.thresholds import CHECKPOINT_KEY as THRESHOLDS_KEY
 from dli.models.thresholds import ThresholdCalibrator, choose_thresholds
 from dli.models.tiled import TiledModel
 from dli.models.unet import PretrainedStatus, build_model, count_parameters
-from dli.pipeline.normalization import any_colour_file
 from dli.training.components import (
     image_settings_of,
     injection_of,
@@ -152,9 +151,7 @@ class Trainer:
 
         # Channels and normalization: a resumed run keeps its own; a new one decides them here,
         # after the model, since ``--normalization auto`` depends on whether ImageNet weights loaded.
-        self.colour_files = any_colour_file(
-            s.image for s in (*self.datasets.train.samples, *self.datasets.val.samples)
-        )
+        self.colour_files = self.datasets.colour_files()
         self.channels, self.normalization = image_settings_of(
             config,
             self.datasets,
