@@ -363,11 +363,14 @@ def run(args: argparse.Namespace) -> int:
     With `--devices K` (K > 1) this process only checks the inputs and launches K training
     processes; under torchrun (or in one of those) it trains as its rank.
     """
+    from dli.pipeline import donor_cache
     from dli.pipeline.file_cache import budget_from_environment
     from dli.training.distributed import ProcessPlace
 
     config = config_from_args(args)
-    budget_from_environment()  # a bad DLI_FILE_CACHE_MB: one error before any file is read or written
+    # A bad DLI_FILE_CACHE_MB or DLI_DONOR_CACHE_MB: one error before any file is read or written.
+    budget_from_environment()
+    budget_from_environment(variable=donor_cache.BUDGET_VARIABLE, default_mb=donor_cache.DEFAULT_BUDGET_MB)
     place = ProcessPlace.from_env()
     if place is None or place.world_size == 1:
         if args.devices != 1:

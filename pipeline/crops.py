@@ -31,6 +31,7 @@ from PIL import Image
 
 from dli.common.errors import DliError
 from dli.data.imageio import READ_ERRORS, upright_size
+from dli.pipeline.augment import compose
 
 DEFAULT_DEFECT_PROB = 0.5
 """`--crop-defect-prob`: share of defect images whose crop is made to contain the defect."""
@@ -121,3 +122,38 @@ class CropSampler:
             return np.full(4, np.nan)
         top, left = corner
         return (box - np.array([top, left, top, left])) / self.config.size
+
+
+def crop_matrices(
+    matrices: np.ndarray,
+    rng: np.random.Generator,
+    crops: CropSampler,
+    batch: tuple[Sequence[int], np.ndarray],
+    donors: Sequence[int],
+    donor_crops: CropSampler | None,
+    donor_boxes: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A batch's (M, 2, 3) matrices composed after each sample's crop, and the donors' boxes as
+    fractions of their crops (for the Poisson windows; None without `donor_boxes`).
+
+    `batch` is (manifest indices, whether each image holds a defect) of the N batch images, the
+    first N of `matrices`; the others are the sources of the injections of `donors`, one crop per
+    donor (each holding its defect). Corners are drawn from `rng` in that order.
+    """
+    corners = []
+    for index, defective in zip(*batch, strict=True):
+        defect = bool(defective) and rng.random() < crops.config.defect_prob
+        corners.append(crops.corner(index, rng, with_defect=defect))
+    donor_corners: dict[int, tuple[float, float]] = {}
+    for donor in donors:
+        if donor not in donor_corners:
+            assert donor_crops is not None
+            donor_corners[donor] = donor_crops.corner(donor, rng, with_defect=True)
+        corners.append(donor_corners[donor])
+    composed = np.stack([compose(m, crops.matrix(c)) for m, c in zip(matrices, corners, strict=True)])
+    boxes = None
+    if donor_boxes is not None and donor_crops is not None:
+        boxes = donor_boxes.copy()
+        for donor, corner in donor_corners.items():
+            boxes[donor] = donor_crops.box_in_crop(donor, corner)
+    return composed.astype(np.float32), boxes

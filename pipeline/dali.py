@@ -17,8 +17,10 @@ import functools
 import io
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -206,8 +208,27 @@ class Decoded:
         masks: M class-index maps (H, W, 1) uint8 (0 background, k + 1 where class k).
     """
 
-    images: object
-    masks: object
+    images: Any
+    masks: Any
+
+    def to_torch(
+        self, channels: int, size: tuple[int, int], device: torch.device, cuda_stream: object = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs copied into (M, channels, H, W) normalized images and (M, H, W) uint8
+        class-index maps on `device` (ordered on `cuda_stream` for a GPU pipeline)."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        height, width = size
+        count = len(self.images)
+        if channels == 3:  # DALI writes them channel-first
+            images = torch.empty((count, 3, height, width), dtype=torch.float32, device=device)
+        else:
+            images = torch.empty((count, height, width, 1), dtype=torch.float32, device=device)
+        masks = torch.empty((count, height, width, 1), dtype=torch.uint8, device=device)
+        feed_ndarray(self.images.as_tensor(), images, cuda_stream=cuda_stream)
+        feed_ndarray(self.masks.as_tensor(), masks, cuda_stream=cuda_stream)
+        # Channel-last with a single channel has the memory layout of channel-first: views, no copies.
+        return images.view(count, channels, height, width), masks.view(count, height, width)
 
 
 def _reason(error: Exception) -> str:

@@ -31,17 +31,22 @@ BUDGET_VARIABLE = "DLI_FILE_CACHE_MB"
 DEFAULT_BUDGET_MB = 512
 
 
-def budget_from_environment(environ: os._Environ[str] | dict[str, str] = os.environ) -> int:
-    """The cache budget in bytes: ``DLI_FILE_CACHE_MB`` (a whole number >= 0) or the default."""
-    raw = environ.get(BUDGET_VARIABLE)
+def budget_from_environment(
+    environ: os._Environ[str] | dict[str, str] = os.environ,
+    *,
+    variable: str = BUDGET_VARIABLE,
+    default_mb: int = DEFAULT_BUDGET_MB,
+) -> int:
+    """A cache budget in bytes: environment `variable` (a whole number of MB >= 0) or `default_mb`."""
+    raw = environ.get(variable)
     if raw is None or not raw.strip():
-        return DEFAULT_BUDGET_MB * 2**20
+        return default_mb * 2**20
     try:
         megabytes = int(raw)
     except ValueError:
         megabytes = -1
     if megabytes < 0:
-        raise DliError(f"environment {BUDGET_VARIABLE}={raw!r}: expected a whole number of MB >= 0")
+        raise DliError(f"environment {variable}={raw!r}: expected a whole number of MB >= 0")
     return megabytes * 2**20
 
 

@@ -5,15 +5,18 @@ One iteration, in order:
 1. the host picks the batch's manifest indices (this epoch's shuffled order, this shard's part);
 2. for training, the planner draws the global batch's flips and its DLI plan from a generator
    seeded by (seed, epoch, batch): labels only, no pixels; the shard keeps its part of the plan;
-3. DALI decodes the N batch images and the K planned sources with their masks, resizes them
-   to H x W and warps each by its matrix (`dli.pipeline.dali`), a few batches ahead;
+3. DALI decodes the N batch images with their masks, resizes them to H x W and warps each by
+   its matrix (`dli.pipeline.dali`), a few batches ahead; with them, unwarped, each donor the
+   plan injects that the loader does not keep yet (`dli.pipeline.donor_cache`);
 4. on the training device, label channels are built from the decoded class-index maps (channel
-   c = pixels of value c + 1, one comparison), the plan's defects are injected
-   (`dli.pipeline.inject`), and gray images are repeated into the model's 3 input channels.
+   c = pixels of value c + 1, one comparison), the K sources are the kept donors warped by the
+   plan's matrices, the plan's defects are injected (`dli.pipeline.inject`), and gray images
+   are repeated into the model's 3 input channels.
 
 A donor (`dli.data.instances.DonorTable`) is one defect instance: its mask, fed to DALI as
 an in-memory PNG of its own pixels, is decoded and warped with its image, so an injection
-carries one class and that instance's pixels only.
+carries one class and that instance's pixels only. With crops a donor's crop changes with
+each injection: DALI then decodes the K sources with the batch, each warped by its matrix.
 
 Channels. A loader has 1 (gray) or 3 (RGB) image channels (`channels`; `dli train --channels`).
 Gray loaders decode files stored gray with the decoder's gray output, and convert colour files
@@ -55,12 +58,15 @@ from dli.common.errors import DliError
 from dli.data.instances import DonorTable
 from dli.data.manifest import FREE, Manifest, Sample
 from dli.kernels.poisson.blend import PoissonInfo
-from dli.pipeline.augment import compose, defect_augments, random_flips
+from dli.pipeline.augment import defect_augments, identities, random_flips
 from dli.pipeline.batch import Batch
-from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, image_sizes
+from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, crop_matrices, image_sizes
+from dli.pipeline.donor_cache import BUDGET_VARIABLE as DONOR_BUDGET_VARIABLE
+from dli.pipeline.donor_cache import DEFAULT_BUDGET_MB as DONOR_BUDGET_MB
+from dli.pipeline.donor_cache import DonorCache
 from dli.pipeline.file_cache import FileCache, budget_from_environment
 from dli.pipeline.loader_checks import checked_device, checked_image_size, checked_int
-from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics
+from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics, normalized_range
 from dli.pipeline.planner import DliConfig, Plan, Planner
 
 CROP_STREAM = 0x63726F70
@@ -83,6 +89,7 @@ class _Item:
     indices: np.ndarray
     plan: Plan | None
     source_boxes: np.ndarray | None = None  # with crops: the sources' boxes as fractions of their crops
+    decoded_donors: tuple[int, ...] = ()  # with a donor cache: the donors decoded after the batch
 
 
 class Loader:
@@ -248,6 +255,13 @@ class Loader:
         self._active: object | None = None
         # Encoded files kept after their first read; it outlives a rebuilt DALI pipeline.
         self.files = FileCache(budget_from_environment() if keep_files else 0)
+        # Decoded donors kept on the device (`dli.pipeline.donor_cache`); with crops a donor's
+        # pixels change with each injection, so DALI warps the sources with their batch.
+        self.donor_cache: DonorCache | None = None
+        if self.donors is not None and self.crops is None:
+            budget = budget_from_environment(variable=DONOR_BUDGET_VARIABLE, default_mb=DONOR_BUDGET_MB)
+            size = self.image_size
+            self.donor_cache = DonorCache(len(self.donors), self.channels, size, self.device, budget)
         self.reset_host_times()
 
     # -- epoch layout -------------------------------------------------------------------------------
@@ -357,6 +371,11 @@ class Loader:
 
         samples = self.manifest.samples
         injections = plan.injections if plan is not None else ()
+        decoded_donors: tuple[int, ...] = ()
+        if self.donor_cache is not None:  # each donor not kept yet, once, unwarped
+            decoded_donors = self.donor_cache.missing([i.donor_id for i in injections])
+            first = {i.donor_id: i for i in reversed(injections)}
+            injections = tuple(first[d] for d in decoded_donors)
         batch = [samples[i] for i in indices]
         images = [str(s.image) for s in batch] + [str(samples[i.source].image) for i in injections]
         # A defect-free image has no label channel, so its mask is never read (zeros are fed).
@@ -374,40 +393,20 @@ class Loader:
                 codes.append(mask_code(injection.class_id + 1))
         matrices, crop_boxes = None, None
         if plan is not None:
-            matrices = np.concatenate([plan.image_matrices, plan.source_matrices()]).astype(np.float32)
-            if self.crops is not None:
-                matrices, crop_boxes = self._crop_matrices(plan, matrices)
+            sources = plan.source_matrices() if self.donor_cache is None else identities(len(injections))
+            matrices = np.concatenate([plan.image_matrices, sources]).astype(np.float32)
+            if self.crops is not None:  # seeded by the batch's own indices: `replay(plan)` cuts the same
+                rng = np.random.default_rng([self.seed, CROP_STREAM, *plan.batch_indices])
+                defective = self._class_ids[np.asarray(plan.batch_indices, dtype=np.int64)] != FREE
+                donors = [i.donor_id for i in plan.injections]
+                boxes = None if self.donors is None else self.donors.boxes
+                canvases = (plan.batch_indices, defective)
+                matrices, crop_boxes = crop_matrices(
+                    matrices, rng, self.crops, canvases, donors, self.donor_crops, boxes
+                )
         self._serial += 1
         work = Work(self._serial, tuple(images), tuple(masks), matrices, np.stack(codes))
-        return _Item(work, indices, plan, crop_boxes)
-
-    def _crop_matrices(self, plan: Plan, matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The plan's matrices composed after each sample's crop (`dli.pipeline.crops`), and the
-        donors' boxes as fractions of their crops (for the Poisson windows)."""
-        assert self.crops is not None and self.crop is not None
-        # Seeded by the batch's own indices, so `replay(plan)` cuts the same crops.
-        rng = np.random.default_rng([self.seed, CROP_STREAM, *plan.batch_indices])
-        class_ids = self._class_ids[np.asarray(plan.batch_indices, dtype=np.int64)]
-        corners = []
-        for index, class_id in zip(plan.batch_indices, class_ids, strict=True):
-            defect = class_id != FREE and rng.random() < self.crop.defect_prob
-            corners.append(self.crops.corner(index, rng, with_defect=bool(defect)))
-        donor_corners: dict[int, tuple[float, float]] = {}
-        for injection in plan.injections:
-            donor = injection.donor_id
-            if donor not in donor_corners:
-                assert self.donor_crops is not None
-                donor_corners[donor] = self.donor_crops.corner(donor, rng, with_defect=True)
-            corners.append(donor_corners[donor])
-        composed = np.stack(
-            [compose(m, self.crops.matrix(c)) for m, c in zip(matrices, corners, strict=True)]
-        )
-        boxes = None
-        if self.donors is not None and self.donor_crops is not None:
-            boxes = self.donors.boxes.copy()
-            for donor, corner in donor_corners.items():
-                boxes[donor] = self.donor_crops.box_in_crop(donor, corner)
-        return composed.astype(np.float32), boxes
+        return _Item(work, indices, plan, crop_boxes, decoded_donors)
 
     def _items(self, epoch: int) -> Iterator[_Item]:
         if not self.train:
@@ -493,32 +492,6 @@ class Loader:
     def _cuda_stream(self) -> Any:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-    def _to_torch(self, decoded: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """DALI outputs copied into (M, channels, H, W) normalized images and (M, H, W) uint8
-        class-index maps on the device."""
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        height, width = self.image_size
-        count = len(decoded.images)
-        if self.channels == 3:  # DALI writes them channel-first
-            images = torch.empty((count, 3, height, width), dtype=torch.float32, device=self.device)
-        else:
-            images = torch.empty((count, height, width, 1), dtype=torch.float32, device=self.device)
-        masks = torch.empty((count, height, width, 1), dtype=torch.uint8, device=self.device)
-        stream = self._cuda_stream()
-        feed_ndarray(decoded.images.as_tensor(), images, cuda_stream=stream)
-        feed_ndarray(decoded.masks.as_tensor(), masks, cuda_stream=stream)
-        # Channel-last with a single channel has the memory layout of channel-first: views, no copies.
-        return images.view(count, self.channels, height, width), masks.view(count, height, width)
-
-    def _normalized_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Where [0, 1] intensities land after normalization, per image channel: (lows, highs)."""
-        channels = range(self.channels)
-        return (
-            tuple((0.0 - self.mean[c]) / self.std[c] for c in channels),
-            tuple((1.0 - self.mean[c]) / self.std[c] for c in channels),
-        )
-
     def _check_poisson_report(self) -> None:
         """Warn about the previous batch's Poisson solve if it did not converge (its copy is long done)."""
         if self._poisson_report is not None:
@@ -528,9 +501,9 @@ class Loader:
     def _assemble(self, item: _Item, decoded: Any, keep_clean: bool) -> tuple[Batch, torch.Tensor | None]:
         from dli.pipeline.inject import inject, keep_off_defects, region_boxes, to_device
 
-        images, masks = self._to_torch(decoded)
+        images, masks = decoded.to_torch(self.channels, self.image_size, self.device, self._cuda_stream())
         n = len(item.indices)
-        batch_images, sources = images[:n], images[n:]
+        batch_images = images[:n]
         before = self._class_ids[item.indices]
         if self._class_values is None:
             values = np.arange(1, self.num_classes + 1, dtype=np.uint8).reshape(1, -1, 1, 1)
@@ -540,8 +513,7 @@ class Loader:
         height, width = masks.shape[1:]
         labels = torch.empty((n, self.num_classes, height, width), dtype=torch.float32, device=masks.device)
         torch.eq(masks[:n, None], self._class_values, out=labels)
-        source_masks = torch.empty((len(masks) - n, height, width), dtype=torch.float32, device=masks.device)
-        torch.ne(masks[n:], 0, out=source_masks)
+        sources, source_masks = self._sources(item, images[n:], masks[n:])
         clean = batch_images.clone() if keep_clean else None
         after = before
         if item.plan is not None and self.dli is not None and item.plan.injections:
@@ -564,7 +536,7 @@ class Loader:
                 source_masks,
                 item.plan,
                 self.dli,
-                value_range=self._normalized_range(),
+                value_range=normalized_range(self.mean, self.std, self.channels),
                 boxes=boxes,
             )
             after = np.asarray(item.plan.class_ids_after, dtype=np.int64)
@@ -573,6 +545,18 @@ class Loader:
         if self.channels == 1:
             batch_images = batch_images.expand(-1, 3, -1, -1).contiguous()
         return Batch(batch_images, labels, class_ids, plan), clean
+
+    def _sources(
+        self, item: _Item, images: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's injection sources, (K, channels, H, W), and their float32 0/1 masks (K, H, W),
+        from the decoded samples after the batch images (warped by DALI, or by the donor cache)."""
+        if self.donor_cache is not None and item.plan is not None and item.plan.injections:
+            donors = [i.donor_id for i in item.plan.injections]
+            matrices = item.plan.source_matrices()
+            return self.donor_cache.sources(donors, matrices, item.decoded_donors, images, masks)
+        source_masks = torch.empty(masks.shape, dtype=torch.float32, device=masks.device)
+        return images, torch.ne(masks, 0, out=source_masks)
 
     def close(self) -> None:
         """Release the DALI pipeline (it is rebuilt if the loader is iterated again)."""

@@ -106,6 +106,16 @@ def model_statistics(
     return values[0], values[1]
 
 
+def normalized_range(
+    mean: Sequence[float], std: Sequence[float], channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Where [0, 1] intensities land after normalization, per image channel: (lows, highs)."""
+    return (
+        tuple((0.0 - mean[c]) / std[c] for c in range(channels)),
+        tuple((1.0 - mean[c]) / std[c] for c in range(channels)),
+    )
+
+
 def channels_from_setting(setting: str | int, looks_gray: Iterable[bool]) -> int:
     """1 or 3 for `--channels` `setting`; ``auto``: 1 when every image of `looks_gray` is gray."""
     setting = str(setting)

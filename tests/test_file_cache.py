@@ -14,6 +14,7 @@ from dli.cli import main
 from dli.common.errors import DliError
 from dli.data.manifest import Manifest
 from dli.data.synth import generate
+from dli.pipeline.donor_cache import BUDGET_VARIABLE as DONOR_BUDGET_VARIABLE
 from dli.pipeline.file_cache import BUDGET_VARIABLE, DEFAULT_BUDGET_MB, FileCache, budget_from_environment
 from dli.pipeline.loader import build_loader
 from dli.pipeline.planner import DliConfig
@@ -129,14 +130,19 @@ def test_a_loader_read_once_keeps_no_file(synthetic: Manifest) -> None:
     assert len(loader.files) == 0 and loader.files.misses > 0 and loader.files.hits == 0
 
 
+@pytest.mark.parametrize("variable", [BUDGET_VARIABLE, DONOR_BUDGET_VARIABLE])
 def test_a_bad_budget_stops_dli_train_with_one_line_before_writing(
-    synthetic: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    synthetic: Manifest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
 ) -> None:
-    monkeypatch.setenv(BUDGET_VARIABLE, "lots")
+    monkeypatch.setenv(variable, "lots")
     out = tmp_path / "run"
     assert main(["train", "--data", str(synthetic.root), "--out", str(out), "--epochs", "1"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(lines) == 1 and f"{BUDGET_VARIABLE}='lots'" in lines[0], lines
+    assert len(lines) == 1 and f"{variable}='lots'" in lines[0], lines
     assert not out.exists()
 
 
