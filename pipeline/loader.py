@@ -114,6 +114,9 @@ class Loader:
         files: the encoded files read so far, kept in memory up to a budget
             (`dli.pipeline.file_cache`: ``DLI_FILE_CACHE_MB``), so later epochs read no disk;
             ``keep_files=False`` (a loader iterated once) keeps none.
+        donor_cache: training with DLI and no crops: the donors decoded so far, kept on the
+            device up to a budget (`dli.pipeline.donor_cache`: ``DLI_DONOR_CACHE_MB``); None
+            otherwise (DALI then decodes and warps each source with its batch).
         host_seconds: the iterating thread's seconds per `HOST_STAGES` stage, summed over the
             `host_batches` batches assembled since the loader was built (`time.perf_counter`
             around host calls: no device synchronization; ``plan`` and ``feed`` also hold the
