@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # A bad DLI_FILE_CACHE_MB or DLI_DONOR_CACHE_MB: one error before any file is read or written.
     budget_from_environment()
-    budget_from_environment(variable=donor_cache.BUDGET_VARIABLE, default_mb=donor_cache.DEFAULT_BUDGET_MB)
+    donor_cache.budget()
     place = ProcessPlace.from_env()
     if place is None or place.world_size == 1:
         if args.devices != 1:

@@ -33,10 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from dli.pipeline.augment import as_3x3
+from dli.pipeline.file_cache import budget_from_environment
 from dli.pipeline.inject import to_device
 
 BUDGET_VARIABLE = "DLI_DONOR_CACHE_MB"
 DEFAULT_BUDGET_MB = 1024
+
+
+def budget() -> int:
+    """The cache budget in bytes: ``DLI_DONOR_CACHE_MB`` or `DEFAULT_BUDGET_MB`; `DliError` when malformed."""
+    return budget_from_environment(variable=BUDGET_VARIABLE, default_mb=DEFAULT_BUDGET_MB)
 
 
 def grid_matrices(matrices: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -61,9 +61,8 @@ from dli.kernels.poisson.blend import PoissonInfo
 from dli.pipeline.augment import defect_augments, identities, random_flips
 from dli.pipeline.batch import Batch
 from dli.pipeline.crops import CropConfig, CropSampler, check_crop_fits, crop_matrices, image_sizes
-from dli.pipeline.donor_cache import BUDGET_VARIABLE as DONOR_BUDGET_VARIABLE
-from dli.pipeline.donor_cache import DEFAULT_BUDGET_MB as DONOR_BUDGET_MB
 from dli.pipeline.donor_cache import DonorCache
+from dli.pipeline.donor_cache import budget as donor_budget
 from dli.pipeline.file_cache import FileCache, budget_from_environment
 from dli.pipeline.loader_checks import checked_device, checked_image_size, checked_int
 from dli.pipeline.normalization import MT_MEAN, MT_STD, any_colour_file, model_statistics, normalized_range
@@ -262,9 +261,8 @@ class Loader:
         # pixels change with each injection, so DALI warps the sources with their batch.
         self.donor_cache: DonorCache | None = None
         if self.donors is not None and self.crops is None:
-            budget = budget_from_environment(variable=DONOR_BUDGET_VARIABLE, default_mb=DONOR_BUDGET_MB)
             size = self.image_size
-            self.donor_cache = DonorCache(len(self.donors), self.channels, size, self.device, budget)
+            self.donor_cache = DonorCache(len(self.donors), self.channels, size, self.device, donor_budget())
         self.reset_host_times()
 
     # -- epoch layout -------------------------------------------------------------------------------
