@@ -114,3 +114,63 @@ def test_ctrl_c_to_the_launch_stops_every_process_and_exits_130(tmp_path):
         stop_all(launcher, markers)
     assert launcher.returncode == 130
     assert all(gone(pid) for pid in pids)
+
+
+def launch_with_event_at_second_start(monkeypatch, event) -> tuple[int, list]:
+    """`launch` of 2 sleeping processes where `event(started)` runs inside the second
+    `subprocess.Popen` call, after its process has started and before the call returns."""
+    from dli.training import distributed
+
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def popen(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        started.append(process)
+        if len(started) == 2:
+            event(started)
+        return process
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", popen)
+    try:
+        status = distributed.launch([sys.executable, "-c", "import time; time.sleep(600)"], 2, cpu=True)
+        return status, [p.poll() for p in started]
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_a_process_is_being_started_still_stops_that_process(monkeypatch, signum, status):
+    # Without holding the signal, its exception would leave Popen before the launcher lists the
+    # process it had just started: that process would run on, unstopped.
+    outcome, codes = launch_with_event_at_second_start(monkeypatch, lambda _: signal.raise_signal(signum))
+    assert outcome == status
+    assert None not in codes, "a started process was left running"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_an_error_starting_a_process_stops_the_ones_already_started(monkeypatch):
+    from dli.training import distributed
+
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def popen(*args, **kwargs):
+        if started:
+            raise OSError("no more processes")  # as Popen does when the second cannot start
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", popen)
+    try:
+        with pytest.raises(OSError, match="no more processes"):
+            distributed.launch([sys.executable, "-c", "import time; time.sleep(600)"], 2, cpu=True)
+        assert started[0].poll() is not None, "the first process was left running"
+    finally:
+        if started[0].poll() is None:
+            started[0].kill()
+            started[0].wait()

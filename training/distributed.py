@@ -147,27 +147,57 @@ def _run_processes(command: Sequence[str], envs: Sequence[Mapping[str, str]]) ->
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     children: list[subprocess.Popen] = []
     try:
-        for env in envs:
-            children.append(subprocess.Popen(list(command), env=env))
-        while True:
-            codes = [child.poll() for child in children]
-            failed = [code for code in codes if code not in (None, 0)]
-            if failed:
-                _stop(children)
-                return failed[0] if failed[0] > 0 else 128 - failed[0]  # -N: killed by signal N
-            if all(code == 0 for code in codes):
-                return 0
-            time.sleep(0.2)
+        with _signals_held(in_main_thread):
+            for env in envs:
+                children.append(subprocess.Popen(list(command), env=env))
+        return _wait_for(children)
     except KeyboardInterrupt:
-        _stop(children)
         return 130
     except _Terminated:
-        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM acts as it would have
-        _stop(children)
         return 128 + signal.SIGTERM
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous)  # a second signal while stopping acts as it would have
+        _stop(
+            children
+        )  # whatever ended the launch (a failure, a signal, an error starting one) stops them all
+
+
+def _wait_for(children: Sequence[subprocess.Popen]) -> int:
+    """0 once every process exited with 0; the first failure's status as soon as one fails."""
+    while True:
+        codes = [child.poll() for child in children]
+        failed = [code for code in codes if code not in (None, 0)]
+        if failed:
+            return failed[0] if failed[0] > 0 else 128 - failed[0]  # -N: killed by signal N
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _signals_held(active: bool) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block runs, then act on the first one as it ends.
+
+    Raised inside `subprocess.Popen` (between the fork and its return), a signal's exception would
+    leave that process started but unknown to the launcher, which could then not stop it. Held,
+    the signal is raised again once the block has listed every process. Handlers are the main
+    thread's to set (`active`); exec resets caught signals, so the processes start with the
+    defaults.
+    """
+    if not active:
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    saved = {signum: signal.signal(signum, lambda signum, _: caught.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # now handled as if it had arrived here
 
 
 def _stop(children: Sequence[subprocess.Popen]) -> None:
