@@ -58,6 +58,7 @@ from dli.kernels.cupy_costs import (
     record,
     sync,
 )
+from dli.kernels.morphology import TWINS as DILATE_TWINS
 from dli.kernels.poisson.direct_cuda import TWINS as DIRECT_TWINS
 from dli.kernels.xp import modelled_device
 
@@ -429,11 +430,11 @@ def _counted(twin: Callable[..., None], moved: Callable[..., int]) -> Callable[.
 
 RAW_KERNEL_TWINS: dict[str, Callable[..., int]] = {
     "paste_kernel": _paste_twin,
-    **{name: _counted(*twin) for name, twin in DIRECT_TWINS.items()},
+    **{name: _counted(*twin) for name, twin in (DIRECT_TWINS | DILATE_TWINS).items()},
 }
 """Raw CUDA kernels of the kernels modules (by function name) and the NumPy code that does their
-work, returning the bytes the kernel moves: `paste`'s, and the direct Poisson solver's
-(`dli.kernels.poisson.direct_cuda.TWINS`, which states each kernel's bytes beside its code)."""
+work, returning the bytes the kernel moves: `paste`'s, the direct Poisson solver's and the
+dilation's (their modules' `TWINS` state each kernel's bytes beside its code)."""
 
 
 class _Fft:

@@ -81,11 +81,12 @@ class InjectionIndex:
         classes = np.array([i.class_id for i in plan.injections], dtype=np.int64)
         poisson = np.array([i.method == "poisson" for i in plan.injections], dtype=bool)
         channels = slots * plan.num_classes + classes
-        return cls(
-            poisson,
-            *(to_device(a[poisson], device) for a in (items, slots, channels)),
-            *(to_device(a[~poisson], device) for a in (items, slots, classes)),
-        )
+        columns = [a[poisson] for a in (items, slots, channels)] + [
+            a[~poisson] for a in (items, slots, classes)
+        ]
+        # One upload for the six columns (each a copy the host issues), split into views on the device.
+        packed = to_device(np.concatenate(columns), device)
+        return cls(poisson, *torch.split(packed, [len(c) for c in columns]))
 
     @property
     def poisson_count(self) -> int:

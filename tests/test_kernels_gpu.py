@@ -147,9 +147,17 @@ def test_paste_cupy_matches_numpy_exactly(cupy, mask_dtype) -> None:
     np.testing.assert_array_equal(plain.get(), want_images)
 
 
-def test_dilate_cupy_matches_numpy(cupy) -> None:
-    mask = np.random.default_rng(4).random((4, 50, 60)) > 0.98
-    np.testing.assert_array_equal(dilate(cupy.asarray(mask), 2).get(), dilate(mask, 2))
+@pytest.mark.parametrize("dtype", [np.bool_, np.uint8, np.float32, np.int16])
+@pytest.mark.parametrize(
+    ("shape", "radius"), [((4, 50, 60), 2), ((2, 3, 9, 5), 1), ((1, 1, 7), 3), ((3, 4, 4), 6)]
+)
+def test_dilate_cupy_matches_numpy(cupy, dtype, shape, radius) -> None:
+    """The one-kernel CUDA dilation (bool, uint8, float32; int16 takes the array path) against the
+    NumPy path, on fresh random masks: rows and columns of one pixel, a radius past the image."""
+    rng = np.random.default_rng(4)
+    values = rng.random(shape)
+    mask = (values > 0.95) if dtype is np.bool_ else (values * 200).astype(dtype)
+    np.testing.assert_array_equal(dilate(cupy.asarray(mask), radius).get(), dilate(mask, radius))
 
 
 def test_torch_cuda_tensors_cross_without_copies(cupy) -> None:
