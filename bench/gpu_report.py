@@ -94,6 +94,10 @@ def bench_figures(path: Path) -> dict[str, Any]:
     return figures
 
 
+_NOT_STAGES = frozenset({"wall_ms", "batches", "cached_files", "cached_mb"})
+"""`bench.loader_host`'s keys per loader that are not host stages."""
+
+
 def loader_host_figures(path: Path) -> dict[str, Any]:
     """`bench.loader_host`'s JSON: per loader and cache budget, wall and host-stage ms per batch."""
     try:
@@ -217,10 +221,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         elif step["name"] == "loader-host" and figures:
             lines.append("**loader host time** (ms per batch after a warm-up epoch):")
             for name, run in figures.items():
-                stages = ", ".join(
-                    f"{k} {_value(v, 2)}" for k, v in run.items() if k not in ("wall_ms", "batches")
-                )
-                lines.append(f"- {name}: wall {_value(run.get('wall_ms'), 1)}; {stages}")
+                stages = ", ".join(f"{k} {_value(v, 2)}" for k, v in run.items() if k not in _NOT_STAGES)
+                cached = f"{run.get('cached_files')} files ({_value(run.get('cached_mb'), 1)} MB) cached"
+                lines.append(f"- {name}: wall {_value(run.get('wall_ms'), 1)}; host: {stages}; {cached}")
             lines.append("")
         elif step["name"].startswith("train-") and figures:
             lines += [

@@ -157,6 +157,7 @@ def _fake_commands(out: Path) -> dict[str, list[str]]:
     write = f"import pathlib; p = pathlib.Path({str(out / 'train-bce')!r}); p.mkdir(); "
     write += f"(p / 'metrics.jsonl').write_text({metrics!r}); print('trained')"
     host = {"wall_ms": 20.0, "plan": 0.5, "feed": 4.0, "wait": 9.0, "assemble": 6.0, "batches": 8}
+    host |= {"cached_files": 120, "cached_mb": 3.25}
     host_json = json.dumps({"data": "synthetic", "bce@0MB": host})
     measure = f"import pathlib; pathlib.Path({str(out / 'loader-host.json')!r}).write_text({host_json!r})"
     return {
@@ -174,6 +175,7 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     out = tmp_path / "check"
     commands = _fake_commands(out)
     host_figures = {"wall_ms": 20.0, "plan": 0.5, "feed": 4.0, "wait": 9.0, "assemble": 6.0, "batches": 8}
+    host_figures |= {"cached_files": 120, "cached_mb": 3.25}
     environment = {
         "gpus": [{"name": "Fake GPU", "capability": "9.0", "memory_gib": 80.0}],
         "packages": {name: {"version": "1.0", "error": None} for name in gpu_environment.PACKAGES},
@@ -242,7 +244,8 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(
     assert "best IoU 0.2500 at epoch 2" in text
     assert steps["loader-host"]["status"] == "passed"
     assert steps["loader-host"]["figures"] == {"bce@0MB": host_figures}
-    assert "- bce@0MB: wall 20.0; plan 0.50, feed 4.00, wait 9.00, assemble 6.00" in text
+    stages = "host: plan 0.50, feed 4.00, wait 9.00, assemble 6.00"
+    assert f"- bce@0MB: wall 20.0; {stages}; 120 files (3.2 MB) cached" in text
     for step in gpu_check.STEPS[1:]:
         assert (out / "logs" / f"{gpu_check.STEPS.index(step) + 1}-{step}.log").is_file()
 
