@@ -131,20 +131,20 @@ def _dilate_function(xp: Any, name: str, device: int) -> Any:
     return module.get_function(name)
 
 
-def dilate_twin(mask: np.ndarray, out: np.ndarray, height: Any, width: Any, radius: Any, count: Any) -> None:
+def _dilate_twin(mask: np.ndarray, out: np.ndarray, height: Any, width: Any, radius: Any, count: Any) -> None:
     """`dilate_square` on the host: the array path's result written into `out`."""
     planes = mask.reshape(-1, int(height), int(width))
     grown = _grow(_grow(planes, int(radius), 2), int(radius), 1)
     out.reshape(planes.shape)[...] = grown
 
 
-def dilate_bytes(mask: np.ndarray, out: np.ndarray, *_: Any) -> int:
+def _dilate_bytes(mask: np.ndarray, out: np.ndarray, *_: Any) -> int:
     """What `dilate_square` moves: each mask element read once (neighbours come from the cache) and
     each output element written once."""
     return int(mask.nbytes + out.nbytes)
 
 
 TWINS: dict[str, tuple[Callable[..., None], Callable[..., int]]] = {
-    "dilate_square": (dilate_twin, dilate_bytes),
+    "dilate_square": (_dilate_twin, _dilate_bytes),
 }
 """Per kernel name: its NumPy twin (the kernel's arguments, results in place) and the bytes it moves."""
