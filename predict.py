@@ -353,6 +353,8 @@ def predict_folder(
         raise DliError(f"--batch-size {batch_size}: must be an integer >= 1")
     if threshold is not None:
         check_threshold(threshold)
+    if Path(out).resolve() == Path(images).resolve():  # the outputs would be read back as images
+        raise DliError(f"--out {out}: is the --images folder; give another folder")
     paths = list_images(Path(images))
     predictor: Predictor
     options = {"threshold": threshold, "tile": tile, "overlap": overlap, "window": window}

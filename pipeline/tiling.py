@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 from dli.common.errors import DliError
+from dli.common.model_checks import MAX_IMAGE_SIZE
 
 WINDOWS: tuple[str, ...] = ("hann", "gaussian", "uniform")
 """Tile weightings: down-weight borders by a Hann or a Gaussian window, or average uniformly."""
@@ -75,6 +76,8 @@ class Tiling:
         """`DliError` naming the flag and the value when a setting is invalid; returns self."""
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
             raise DliError(f"--tile {self.tile}: must be a positive integer")
+        if self.tile > MAX_IMAGE_SIZE:  # a tile is one model input: bounded like --image-size
+            raise DliError(f"--tile {self.tile}: must be at most {MAX_IMAGE_SIZE}")
         if self.tile % stride:
             raise DliError(f"--tile {self.tile}: must be a multiple of the encoder's stride {stride}")
         check_overlap(self.overlap)

@@ -147,6 +147,7 @@ def test_scale_resizes_first_and_returns_the_image_size():
         (Tiling(64, overlap=0.95), 8, "--overlap 0.95: must be in [0, 0.9]"),
         (Tiling(64, overlap=-0.1), 8, "--overlap -0.1"),
         (Tiling(60), 8, "--tile 60: must be a multiple of the encoder's stride 8"),
+        (Tiling(100000), 8, "--tile 100000: must be at most 4096"),  # before any memory is asked for
         (Tiling(64, window="box"), 8, "--window box"),
     ],
 )
@@ -218,8 +219,12 @@ def test_predict_tile_flags_override_and_bad_values_are_one_line_errors(tiny_mod
         for flags, message in (
             (["--overlap", "0.95"], "--overlap 0.95: must be in [0, 0.9]"),
             (["--tile", "100"], "--tile 100: must be a multiple of the encoder's stride 8"),
+            (["--tile", "100000"], "--tile 100000: must be at most 4096"),
+            (["--out", str(tmp_path / "images")], "is the --images folder"),
         ):
+            before = sorted(p.name for p in (tmp_path / "images").iterdir())
             assert main(["predict", *model, *base, *flags]) == 2
+            assert sorted(p.name for p in (tmp_path / "images").iterdir()) == before
             err = capsys.readouterr().err.strip()
             assert message in err and "\n" not in err
         assert (
