@@ -102,6 +102,13 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (width, height) if orientation(image) >= 5 else (height, width)
 
 
+def check_integer_pixels(image: Image.Image) -> None:
+    """ValueError for floating-point pixels (PIL mode F, e.g. a 32-bit float TIFF): their range is
+    unknown (0-1? 0-255?), and converting them to 8 bits would silently turn 0-1 values black."""
+    if image.mode.startswith("F"):
+        raise ValueError("32-bit floating-point pixels; store the image with 8- or 16-bit integers")
+
+
 def _eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit (or 32-bit integer) gray image scaled to 8 bits as DALI scales it; others as they are."""
     if image.mode != "I" and not image.mode.startswith("I;16"):
@@ -131,6 +138,7 @@ def _opened(path: str | os.PathLike[str], what: str) -> Iterator[Image.Image]:
 
 def _read_l(path: str | os.PathLike[str], what: str) -> np.ndarray:
     with _opened(path, what) as opened:
+        check_integer_pixels(opened)
         image = _eight_bit(upright(opened))
         return np.array(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
@@ -161,6 +169,7 @@ def read_image(path: str | os.PathLike[str], channels: int) -> np.ndarray:
     if channels not in (1, 3):
         raise DliError(f"channels {channels}: expected 1 or 3")
     with _opened(path, "image") as opened:
+        check_integer_pixels(opened)
         if channels == 1 and stored_gray(opened):
             return np.asarray(upright(opened).convert("L"), dtype=np.uint8)[..., None]
         rgb = np.asarray(_eight_bit(upright(opened)).convert("RGB"), dtype=np.uint8)

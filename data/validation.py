@@ -26,6 +26,7 @@ from PIL import Image
 from dli.common.errors import DliError
 from dli.data.imageio import (
     READ_ERRORS,
+    check_integer_pixels,
     defect_pixels,
     looks_gray,
     orientation,
@@ -113,6 +114,7 @@ def _open_image(path: Path, check_pixels: bool) -> tuple[tuple[int, int], bool, 
     with Image.open(path) as image:
         width, height = image.size
         size, turned = upright_size(image), orientation(image)
+        check_integer_pixels(image)
         if not check_pixels:
             return size, stored_gray(image), turned
         if image.format == "JPEG":

@@ -304,6 +304,19 @@ def test_truncated_image_is_caught_only_when_decoding(mt_like: Path):
         validate(manifest)
 
 
+def test_a_float_image_is_refused_by_name_not_read_as_black(mt_like: Path, tmp_path: Path):
+    """A 32-bit float TIFF of values in [0, 1] would convert to an all-black 8-bit image."""
+    path = mt_like / "MT_Crack" / "Imgs" / "mt_crack_0.tif"
+    values = np.random.default_rng(0).uniform(0.2, 0.8, (160, 200)).astype(np.float32)
+    Image.fromarray(values).save(path)
+    for old in path.parent.glob("mt_crack_0.jpg"):
+        old.unlink()
+    with pytest.raises(DliError, match=r"1 unreadable image\n.*mt_crack_0.tif.*floating-point pixels"):
+        validate(read_dataset(mt_like), check_pixels=False)
+    with pytest.raises(DliError, match=r"cannot read image .*mt_crack_0.tif: 32-bit floating-point"):
+        read_gray(path)
+
+
 def test_size_mismatch_is_found_from_headers_alone(mt_like: Path):
     write_mask(mt_like / "MT_Crack" / "Imgs" / "mt_crack_0.png", size=(24, 10))
     report = validate(read_dataset(mt_like), check_pixels=False, raise_errors=False)
