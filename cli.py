@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -63,7 +64,12 @@ def run_command(command: str, argv: Sequence[str]) -> int:
     try:
         parser = build_parser(command)
         args = parser.parse_args(list(argv))
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            # A user of the command needs the message, not the source line that warned.
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"dli {command}: warning: {message}", file=sys.stderr
+            )
+            return int(args._run(args) or 0)
     except DliError as error:
         print(f"dli {command}: error: {error}", file=sys.stderr)
         return 2

@@ -208,3 +208,15 @@ def test_predict_onnx_masks_are_the_checkpoints(checkpoint, same_size, tmp_path)
             b = read_png(by_onnx / f"{source.stem}_{cls}.png")
             near = np.abs(probabilities[c] - threshold) < PARITY
             assert np.array_equal(a[~near], b[~near]), (protocol, source.name, cls)
+
+
+def test_preprocessing_a_read_only_decoded_image_does_not_warn(checkpoint):
+    import warnings
+
+    info = CheckpointPredictor(checkpoint[1], device="cpu").info
+    image = np.full((40, 30), 120, np.uint8)
+    image.flags.writeable = False  # as an array viewing a decoded PIL image is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = preprocess(image, info)
+    assert tensor.shape[0] == 3 and bool(torch.isfinite(tensor).all())
