@@ -335,10 +335,12 @@ def read_labelme(folder: str | Path, *, class_names: Sequence[str] | None = None
 
     labels = {shape["label"].strip().lower() for item, _, _ in checked for shape in item.shapes}
     order, origin = _class_order(root, labels, class_names)
-    unknown = sorted(labels - set(order))
-    if unknown:
-        detail = f"labels {', '.join(unknown)} are not listed in {origin}"
-        problems.append(Problem(root, "unknown class", detail))
+    for item, _, _ in checked:  # each file that uses a label not listed, by name
+        used = [(k, shape["label"].strip().lower()) for k, shape in enumerate(item.shapes)]
+        unknown = [(k, label) for k, label in used if label not in order]
+        if unknown:
+            listed = ", ".join(f"{label!r} (shape {k})" for k, label in unknown)
+            problems.append(Problem(item.json_path, "unknown class", f"{listed}: not listed in {origin}"))
     if problems:
         raise problems_error(problems, root)
 

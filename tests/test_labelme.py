@@ -129,8 +129,12 @@ def test_classes_txt_fixes_the_order_and_rejects_unlisted_labels(tmp_path: Path)
     (root / "classes.txt").write_text("scratch\npit\ndent\nfray\n")
     assert read_labelme(root).class_names == ("scratch", "pit", "dent", "fray")
     (root / "classes.txt").write_text("scratch\npit\n")
-    with pytest.raises(DliError, match="labels dent are not listed in"):
+    with pytest.raises(
+        DliError, match=r"\.json: unknown class \('dent' \(shape \d+\): not listed in .*classes.txt"
+    ) as caught:
         read_labelme(root)
+    named = [line for line in str(caught.value).splitlines() if "'dent'" in line]
+    assert named and all(".json" in line for line in named)  # each file that uses it, by its path
 
 
 def test_every_bad_file_is_named_at_once(tmp_path: Path) -> None:
