@@ -258,3 +258,12 @@ def test_patience_flag_is_checked(capsys):
     assert main(["train", "--patience", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "dli train: error: --patience 0: must be an integer >= 1"
+
+
+def test_classes_without_a_validation_image_are_named_in_a_warning(data, tmp_path):
+    with pytest.warns(RuntimeWarning, match="no validation image of class") as caught:
+        trainer = Trainer(tiny(data, tmp_path / "run"))
+    unscored = trainer.datasets.val.empty_classes()
+    assert unscored, "the fixture's 4 held-out defect images should leave some class out"
+    message = next(str(w.message) for w in caught if "no validation image" in str(w.message))
+    assert message.startswith(f"no validation image of class(es) {', '.join(unscored)}:")

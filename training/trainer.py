@@ -122,6 +122,14 @@ class Trainer:
         empty = self.datasets.train.empty_classes()
         if empty and self.writer_rank:
             warnings.warn(f"no training image of class(es) {', '.join(empty)}", RuntimeWarning, stacklevel=3)
+        unscored = self.datasets.val.empty_classes()
+        if unscored and self.writer_rank:
+            warnings.warn(
+                f"no validation image of class(es) {', '.join(unscored)}: their IoU cannot be measured "
+                "(only their false positives count) and their thresholds stay uncalibrated at 0.5",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
         if world_size > 1 and config.out is None:
             config = replace(config, out=rank0_value(str(Path("runs") / default_run_name(config))))
