@@ -74,8 +74,13 @@ class Thresholds:
         return any(self.calibrated)
 
     def describe(self) -> str:
-        """`crack 0.420, fray 0.500, ...` (for tables and logs)."""
-        return ", ".join(f"{n} {v:.3f}" for n, v in zip(self.class_names, self.values, strict=True))
+        """`crack 0.420, fray 0.500 (not calibrated), ...` (for tables and logs): a class whose value
+        did not come from calibration (no defect pixels of it to calibrate on) says so."""
+        calibrating = self.rule.startswith("max-f1")
+        marks = [" (not calibrated)" if calibrating and not c else "" for c in self.calibrated]
+        return ", ".join(
+            f"{n} {v:.3f}{mark}" for n, v, mark in zip(self.class_names, self.values, marks, strict=True)
+        )
 
     def to_state(self) -> dict[str, Any]:
         return {

@@ -101,6 +101,7 @@ def test_a_class_without_defect_pixels_keeps_one_half_and_unreachable_recall_is_
     calibrator.update(*_batch([0.2, 0.7], [0, 0]))
     chosen = choose_thresholds(calibrator.curves(), min_recall=0.9)
     assert chosen.values == (0.5,) and chosen.calibrated == (False,)
+    assert chosen.describe() == "absent 0.500 (not calibrated)"  # not passed off as calibrated
     # A defect pixel at p = 0.0005 is below every grid threshold: recall 1 is out of reach.
     calibrator = ThresholdCalibrator(["crack"])
     calibrator.update(*_batch([0.0005, 0.9], [1, 1]))
@@ -113,6 +114,10 @@ def test_thresholds_round_trip_and_override_order():
     document = {CHECKPOINT_KEY: chosen.to_state()}
     assert thresholds_of(document, ("a", "b")) == chosen
     assert thresholds_of(document, ("a", "b"), override=0.7).values == (0.7, 0.7)
+    assert chosen.describe() == "a 0.300, b 0.600"
+    assert (
+        thresholds_of(document, ("a", "b"), override=0.7).describe() == "a 0.700, b 0.700"
+    )  # given, not calibrated
     assert thresholds_of({}, ("a", "b")).values == (0.5, 0.5)
     with pytest.raises(DliError, match=r"--threshold 1\.5"):
         thresholds_of(document, ("a", "b"), override=1.5)
