@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -382,6 +383,8 @@ def write_replacing(out: Path, is_ours: Callable[[Path], bool], write: Callable[
             raise DliError(f"output exists and is not a folder: {out}")
         if any(out.iterdir()) and not is_ours(out):
             raise DliError(f"output folder {out} is not empty and does not hold a dataset from dli synth")
+        if any(out.iterdir()):  # said aloud: runs trained on the old dataset would now read the new one
+            warnings.warn(f"replacing the earlier dli synth dataset in {out}", UserWarning, stacklevel=3)
     tmp = _fresh_folder(out.parent, out.name)
     try:
         result = write(tmp)

@@ -135,7 +135,8 @@ def test_replaces_its_own_previous_output(tmp_path: Path):
     out = tmp_path / "data"
     out.mkdir()  # an empty folder is fine too
     generate(out, images=30, seed=0)
-    manifest = generate(out, images=12, seed=1)
+    with pytest.warns(UserWarning, match="replacing the earlier dli synth dataset in .*data"):
+        manifest = generate(out, images=12, seed=1)
     assert len(manifest) == 12 and len(read_dataset(out)) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp folders left
 

@@ -101,7 +101,8 @@ def test_same_arguments_give_identical_files_and_output_is_replaced(tmp_path: Pa
     _generate(tmp_path / "a", fmt="coco", classes_per_image=2, rgb=True)
     _generate(tmp_path / "b", fmt="coco", classes_per_image=2, rgb=True)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    _generate(tmp_path / "a", fmt="labelme")  # a previous output is replaced
+    with pytest.warns(UserWarning, match="replacing the earlier dli synth dataset"):
+        _generate(tmp_path / "a", fmt="labelme")  # a previous output is replaced, said aloud
     assert not (tmp_path / "a" / "annotations.json").exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
