@@ -122,14 +122,6 @@ class Trainer:
         empty = self.datasets.train.empty_classes()
         if empty and self.writer_rank:
             warnings.warn(f"no training image of class(es) {', '.join(empty)}", RuntimeWarning, stacklevel=3)
-        unscored = self.datasets.val.empty_classes()
-        if unscored and self.writer_rank:
-            warnings.warn(
-                f"no validation image of class(es) {', '.join(unscored)}: their IoU cannot be measured "
-                "(only their false positives count) and their thresholds stay uncalibrated at 0.5",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
         if world_size > 1 and config.out is None:
             config = replace(config, out=rank0_value(str(Path("runs") / default_run_name(config))))
@@ -183,6 +175,15 @@ class Trainer:
             normalization=self.normalization,
             colour_files=self.colour_files,
         )
+        # Once the flags have been checked (the loaders check crops): a bad flag stays the only line.
+        unscored = self.datasets.val.empty_classes()
+        if unscored and self.writer_rank:
+            warnings.warn(
+                f"no validation image of class(es) {', '.join(unscored)}: their IoU cannot be measured "
+                "(only their false positives count) and their thresholds stay uncalibrated at 0.5",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
