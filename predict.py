@@ -104,9 +104,8 @@ def preprocess(image: np.ndarray, info: ModelInfo) -> torch.Tensor:
     import torch.nn.functional as F
 
     pixels = image if image.ndim == 3 else image[..., None]
-    planes = np.require(
-        pixels.transpose(2, 0, 1), requirements=["C", "W"]
-    )  # a decoded PIL array is read-only
+    # Copied only when it must be: torch warns on a read-only array, as a decoded PIL image's is.
+    planes = np.require(pixels.transpose(2, 0, 1), requirements=["C", "W"])
     tensor = torch.from_numpy(planes).float().div_(255.0)[None]
     size = resized_size(image.shape, info.image_size, info.aspect)
     if info.resize == "nearest":  # as the model was trained (pixel-centre nearest, as DALI's)

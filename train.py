@@ -353,10 +353,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return replace(saved, **given.explicit())
 
 
-def _one_line_warnings(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    print(f"dli train: warning: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     """`dli train`: train, then print the best epoch's per-class table.
 
@@ -424,9 +420,7 @@ def _train_as(place: ProcessPlace, config: TrainConfig) -> int:
 
 
 def _train_and_report(config: TrainConfig, **placement: Any) -> int:
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warnings  # a CLI user needs the message, not our source line
-        result = train(config, **placement)
+    result = train(config, **placement)  # its warnings: one line each (`dli.cli.run_command`)
     print(f"run folder: {result.run_dir}")
     pictures = [p for p in (result.run_dir / CURVES_FILE, result.run_dir / PREDICTIONS_FILE) if p.is_file()]
     if pictures:

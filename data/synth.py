@@ -381,9 +381,10 @@ def write_replacing(out: Path, is_ours: Callable[[Path], bool], write: Callable[
     if out.exists():
         if not out.is_dir():
             raise DliError(f"output exists and is not a folder: {out}")
-        if any(out.iterdir()) and not is_ours(out):
-            raise DliError(f"output folder {out} is not empty and does not hold a dataset from dli synth")
-        if any(out.iterdir()):  # said aloud: runs trained on the old dataset would now read the new one
+        if any(out.iterdir()):
+            if not is_ours(out):
+                raise DliError(f"output folder {out} is not empty and does not hold a dataset from dli synth")
+            # Said aloud: runs trained on the old dataset would now read the new one.
             warnings.warn(f"replacing the earlier dli synth dataset in {out}", UserWarning, stacklevel=3)
     tmp = _fresh_folder(out.parent, out.name)
     try:
